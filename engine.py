@@ -1,0 +1,215 @@
+"""Training and evaluation loops (DeiT's ``engine.py`` layout): ``train_one_epoch`` and ``evaluate``.
+
+The loops are the same for distillation, for the undistilled baseline and for training a teacher:
+the criterion (``losses.VkDLoss``) owns the frozen teacher and returns the already-weighted terms.
+"""
+import datetime
+import math
+import resource
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+LOSS_TERMS = ("loss", "ce", "kd", "vkd")
+TOP_K = 5
+
+
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss once ``--skip-nonfinite`` is used up; the message holds every loss term's value."""
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if _is_distributed():
+        dist.all_reduce(values)
+    return values
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class _Progress:
+    """A tqdm bar on an interactive rank 0, else a log line every ``print_freq`` iterations (rank 0 only)."""
+
+    def __init__(self, header: str, total: int, print_freq: int, enabled: bool):
+        self.header, self.total, self.print_freq, self.enabled = header, total, print_freq, enabled
+        self.start = time.time()
+        use_bar = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=header, dynamic_ncols=True) if use_bar else None
+
+    def update(self, index: int, fields: Dict[str, str]) -> None:
+        if not self.enabled:
+            return
+        text = "  ".join(f"{name} {value}" for name, value in fields.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        elif index % self.print_freq == 0 or index == self.total - 1:
+            elapsed = time.time() - self.start
+            eta = datetime.timedelta(seconds=int(elapsed / (index + 1) * (self.total - index - 1)))
+            print(f"{self.header} [{index + 1}/{self.total}]  eta {eta}  {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _logits(outputs) -> torch.Tensor:
+    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
+
+
+def _binary_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    # DeiT III's --bce-loss: every class present in the (possibly mixed) target is a positive.
+    if targets.ndim == 1:
+        targets = F.one_hot(targets, num_classes)
+    return targets.gt(0.0).float()
+
+
+def _any_rank_empty(batch: int, device: torch.device) -> bool:
+    """Whether some rank's batch lost every image (all unreadable). The step is then skipped on all
+    ranks together: a DDP step that one rank leaves out would hang the others."""
+    if not _is_distributed():
+        return batch == 0
+    empty = torch.tensor([1.0 if batch == 0 else 0.0], device=device)
+    return _sum_over_ranks(empty).item() > 0
+
+
+def _all_ranks_finite(loss: torch.Tensor) -> bool:
+    # Every rank must take the same decision, or DDP's next gradient all-reduce would hang.
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
+    return _sum_over_ranks(bad).item() == 0
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, *, lr_scheduler, scaler: torch.amp.GradScaler,
+                    amp_dtype: Optional[torch.dtype] = None, mixup_fn=None, clip_grad: Optional[float] = None,
+                    ema=None, skips_allowed: int = 0, bce_targets: bool = False, set_training_mode: bool = True,
+                    print_freq: int = 10, is_main: bool = True, world_size: int = 1, tb_writer=None) -> Dict[str, float]:
+    """One pass over ``data_loader``; returns the epoch's mean loss terms (over all ranks) and counters.
+
+    The LR is set from the global iteration before every step, so the curve depends on the
+    iteration index alone (a resumed run follows the uninterrupted one). A non-finite loss skips
+    the step while fewer than ``skips_allowed`` were skipped this epoch, else raises
+    ``NonFiniteLossError`` before any weight changes.
+    """
+    model.train(set_training_mode)
+    criterion.train()
+    steps = len(data_loader)
+    sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)
+    seen = unreadable = skipped = 0
+    progress = _Progress(f"Epoch: [{epoch}]", steps, print_freq, is_main)
+    start = time.time()
+    for index, (samples, targets, num_unreadable) in enumerate(data_loader):
+        global_step = epoch * steps + index
+        lr_scheduler.step_update(global_step)
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        unreadable += int(num_unreadable)
+        batch = samples.shape[0]
+        if _any_rank_empty(batch, device):
+            continue
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(samples, with_projection=True) if criterion.needs_student_features else model(samples)
+            if bce_targets:
+                targets = _binary_targets(targets, _logits(outputs).shape[-1])
+            terms = criterion(samples, outputs, targets)
+        loss = terms["loss"]
+        finite = _all_ranks_finite(loss)
+        if not finite and skipped >= skips_allowed:
+            values = ", ".join(f"{name}={terms[name].item():.6g}" for name in LOSS_TERMS)
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, iteration {index} (global step {global_step}): {values}; "
+                f"{skipped} step(s) already skipped of --skip-nonfinite {skips_allowed}")
+        # Backward runs even for a skipped step so that DDP's reducer stays in step on every rank.
+        scaler.scale(loss).backward()
+        if not finite:
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            if is_main:
+                print(f"warning: non-finite loss at epoch {epoch}, iteration {index}: step skipped "
+                      f"({skipped}/{skips_allowed})", file=sys.stderr, flush=True)
+            continue
+        if clip_grad is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model, global_step)
+
+        seen += batch
+        sums += torch.stack([terms[name].detach().double() for name in LOSS_TERMS]) * batch
+        lr = optimizer.param_groups[0]["lr"]
+        means = (sums / max(seen, 1)).tolist()
+        fields = {"lr": f"{lr:.3e}"}
+        fields.update({name: f"{value:.4f}" for name, value in zip(LOSS_TERMS, means)})
+        fields["img/s"] = f"{seen * world_size / (time.time() - start):.1f}"
+        fields["mem"] = f"{_peak_memory_mb(device):.0f}MB"
+        progress.update(index, fields)
+        if tb_writer is not None:
+            tb_writer.add_scalar("train/lr", lr, global_step)
+            for name in LOSS_TERMS:
+                tb_writer.add_scalar(f"train/{name}", terms[name].item(), global_step)
+    progress.close()
+
+    totals = _sum_over_ranks(torch.cat([sums, torch.tensor([seen, unreadable], dtype=torch.float64, device=device)]))
+    images = totals[-2].item()
+    stats = {name: (totals[i].item() / images if images else math.nan) for i, name in enumerate(LOSS_TERMS)}
+    stats.update(lr=optimizer.param_groups[0]["lr"], images=int(images), unreadable_images=int(totals[-1].item()),
+                 nonfinite_skipped=skipped, seconds=time.time() - start)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+             print_freq: int = 10, is_main: bool = True, sharded: bool = True) -> Dict[str, float]:
+    """Top-1/top-5 accuracy and mean CE of ``model`` (not DDP-wrapped: its buffer broadcasts would
+    hang ranks that hold fewer batches).
+
+    ``sharded``: each rank holds an unpadded shard, and correct and total counts are summed over
+    ranks once at the end, so every image counts exactly once and 1 or N processes give the same
+    numbers; otherwise each rank evaluated the whole set itself. Prints the original's
+    `` * Acc@1 X Acc@5 Y`` line on rank 0.
+    """
+    model.eval()
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # top1, top5, CE sum, images, unreadable
+    progress = _Progress("Test:", len(data_loader), print_freq, is_main)
+    for index, (images, targets, num_unreadable) in enumerate(data_loader):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        hits = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1).indices.eq(targets[:, None])
+        batch_totals = [hits[:, 0].sum(), hits.any(dim=-1).sum(), F.cross_entropy(logits, targets, reduction="sum")]
+        totals += torch.tensor([value.item() for value in batch_totals] + [len(targets), int(num_unreadable)],
+                               dtype=torch.float64, device=device)
+        count = totals[3].item()
+        progress.update(index, {"acc1": f"{100 * totals[0].item() / count:.3f}",
+                                "acc5": f"{100 * totals[1].item() / count:.3f}"})
+    progress.close()
+    if sharded:
+        _sum_over_ranks(totals)
+    top1, top5, loss_sum, count, unreadable = totals.tolist()
+    if count == 0:
+        raise ValueError("the validation set holds no readable image")
+    results = {"acc1": 100 * top1 / count, "acc5": 100 * top5 / count, "loss": loss_sum / count,
+               "images": int(count), "unreadable_images": int(unreadable)}
+    if is_main:
+        print(f" * Acc@1 {results['acc1']:.3f} Acc@5 {results['acc5']:.3f}", flush=True)
+    return results

@@ -1,0 +1,139 @@
+"""DeiT students of the VkD classification recipe (SPEC section 2).
+
+The distilled variants replace the 16x16 patch embedding with co-advise's convolutional stem and
+use the mean of the stem tokens as the distillation token (it is not a parameter). Names are
+registered with timm (``deit_ti_distilled`` ...) so ``timm.create_model`` builds them after
+``import models``; timm's own ``deit_*_patch16_224`` names are left untouched.
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+STEM_STRIDE = 16
+DEIT_SIZES = {  # name -> (embed_dim, num_heads); all depth 12, mlp ratio 4
+    "ti": (192, 3),
+    "s": (384, 6),
+    "b": (768, 12),
+}
+
+
+class ConvStem(nn.Module):
+    """Three 3x3-ish convs (total stride 2) then an 8x8 stride-8 projection: stride 16 overall."""
+
+    def __init__(self, embed_dim: int, width: int = 64):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False), nn.BatchNorm2d(width), nn.ReLU(True),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(True),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(True),
+        )
+        self.proj = nn.Conv2d(width, embed_dim, kernel_size=8, stride=8)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.conv(x)).flatten(2).transpose(1, 2)
+
+
+class DistilledVisionTransformer(VisionTransformer):
+    """ViT with a conv stem, a learned cls token and a dist token equal to the mean stem token.
+
+    Tokens are [cls, dist, patches] plus a learned position embedding. ``forward_features``
+    returns ``(cls, dist, patch_tokens)`` after the final norm; train mode returns
+    ``(cls_logits, dist_logits)`` (and the projected pooled patch feature when asked), eval mode
+    the mean of the two heads' logits.
+    """
+
+    def __init__(self, img_size: int = 224, **kwargs):
+        if img_size % STEM_STRIDE:
+            raise ValueError(f"img_size must be a multiple of {STEM_STRIDE}, got {img_size}")
+        super().__init__(img_size=img_size, patch_size=STEM_STRIDE, class_token=True, **kwargs)
+        del self.patch_embed
+        self.img_size = img_size
+        self.num_patches = (img_size // STEM_STRIDE) ** 2
+        self.conv_embed = ConvStem(self.embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 2, self.embed_dim))
+        trunc_normal_(self.pos_embed, std=.02)
+        self.head_dist = nn.Linear(self.embed_dim, self.num_classes)
+        trunc_normal_(self.head_dist.weight, std=.02)
+        nn.init.zeros_(self.head_dist.bias)
+        self.projector = None
+
+    def forward_features(self, x: torch.Tensor):
+        stem_tokens = self.conv_embed(x)
+        if stem_tokens.shape[1] != self.num_patches:
+            raise ValueError(f"input {tuple(x.shape[-2:])} gives {stem_tokens.shape[1]} tokens; "
+                             f"this model was built for {self.num_patches} (img_size {self.img_size})")
+        cls_token = self.cls_token.expand(x.shape[0], -1, -1)
+        dist_token = stem_tokens.mean(1, keepdim=True)
+        tokens = torch.cat((cls_token, dist_token, stem_tokens), dim=1) + self.pos_embed
+        tokens = self.norm(self.blocks(self.pos_drop(tokens)))
+        return tokens[:, 0], tokens[:, 1], tokens[:, 2:]
+
+    def project(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """VkD's student feature: the projector applied to the mean patch token (cls/dist excluded)."""
+        if self.projector is None:
+            raise ValueError("this student has no projector: build it with teacher_dim=...")
+        return self.projector(patch_tokens.mean(1))
+
+    def forward(self, x: torch.Tensor, with_projection: bool = False):
+        cls, dist, patch_tokens = self.forward_features(x)
+        cls_logits, dist_logits = self.head(cls), self.head_dist(dist)
+        if not self.training:
+            return (cls_logits + dist_logits) / 2
+        if with_projection:
+            return cls_logits, dist_logits, self.project(patch_tokens)
+        return cls_logits, dist_logits
+
+
+def _deit_kwargs(size: str, **kwargs):
+    embed_dim, num_heads = DEIT_SIZES[size]
+    return dict(embed_dim=embed_dim, depth=12, num_heads=num_heads, mlp_ratio=4, qkv_bias=True,
+                norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+def _strip_timm_kwargs(kwargs):
+    # timm.create_model passes these; our models never load hub weights.
+    if kwargs.pop("pretrained", False):
+        raise ValueError("VkD students have no hub weights: load a checkpoint with --student-ckpt instead")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+@register_model
+def deit_ti_distilled(**kwargs):
+    return DistilledVisionTransformer(**_deit_kwargs("ti", **_strip_timm_kwargs(kwargs)))
+
+
+@register_model
+def deit_s_distilled(**kwargs):
+    return DistilledVisionTransformer(**_deit_kwargs("s", **_strip_timm_kwargs(kwargs)))
+
+
+@register_model
+def deit_b_distilled(**kwargs):
+    return DistilledVisionTransformer(**_deit_kwargs("b", **_strip_timm_kwargs(kwargs)))
+
+
+@register_model
+def deit_ti(**kwargs):
+    return VisionTransformer(patch_size=16, **_deit_kwargs("ti", **_strip_timm_kwargs(kwargs)))
+
+
+@register_model
+def deit_s(**kwargs):
+    return VisionTransformer(patch_size=16, **_deit_kwargs("s", **_strip_timm_kwargs(kwargs)))
+
+
+@register_model
+def deit_b(**kwargs):
+    return VisionTransformer(patch_size=16, **_deit_kwargs("b", **_strip_timm_kwargs(kwargs)))
+
+
+STUDENT_MODELS = ("deit_ti_distilled", "deit_s_distilled", "deit_b_distilled", "deit_ti", "deit_s", "deit_b")

@@ -1,0 +1,136 @@
+"""Checkpoint loading (safe and strict) shared by training, evaluation, benchmarks and tests."""
+import os
+import pickle
+import zipfile
+from typing import Dict, Iterable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+DDP_PREFIX = "module."
+PROJECTOR_PREFIX = "projector."
+MAX_KEYS_IN_MESSAGE = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe, or of the wrong architecture."""
+
+
+def safe_torch_load(path: str, allowed_globals: Iterable[type] = ()) -> object:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code.
+
+    ``allowed_globals`` names the extra classes a known file format needs (e.g. argparse.Namespace).
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint file is empty: {path}")
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"refused to load {path}: it holds objects other than tensors and plain "
+                              f"containers, which could run code ({first_line})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"could not read checkpoint {path} (corrupt or truncated?): {first_line}") from None
+
+
+def load_state_dict_file(path: str, preferred_keys: Iterable[str] = ("student", "model", "state_dict"),
+                         allowed_globals: Iterable[type] = ()) -> Dict[str, torch.Tensor]:
+    """The state dict inside a file: under the first of ``preferred_keys`` present, else the file itself."""
+    content = safe_torch_load(path, allowed_globals)
+    if not isinstance(content, Mapping):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(content).__name__})")
+    for key in preferred_keys:
+        if key in content and isinstance(content[key], Mapping):
+            content = content[key]
+            break
+    if not all(isinstance(value, torch.Tensor) for value in content.values()):
+        raise CheckpointError(f"{path} holds no state dict under any of {list(preferred_keys)}")
+    return dict(content)
+
+
+def strip_ddp_prefix(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {key[len(DDP_PREFIX):] if key.startswith(DDP_PREFIX) else key: value for key, value in state_dict.items()}
+
+
+def _describe(keys, shapes: Mapping[str, torch.Size]) -> str:
+    listed = [f"{key} {list(shapes[key])}" for key in keys[:MAX_KEYS_IN_MESSAGE]]
+    more = f" (+{len(keys) - MAX_KEYS_IN_MESSAGE} more)" if len(keys) > MAX_KEYS_IN_MESSAGE else ""
+    return ", ".join(listed) + more
+
+
+def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """A description of how ``state_dict`` differs from ``model``'s keys and shapes, or None if it fits."""
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    found = {key: value.shape for key, value in state_dict.items()}
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    wrong_shape = [key for key in expected if key in found and expected[key] != found[key]]
+    problems = []
+    if wrong_shape:
+        problems.append("shape mismatch: " + ", ".join(
+            f"{key} file {list(found[key])} vs model {list(expected[key])}" for key in wrong_shape[:MAX_KEYS_IN_MESSAGE])
+            + (f" (+{len(wrong_shape) - MAX_KEYS_IN_MESSAGE} more)" if len(wrong_shape) > MAX_KEYS_IN_MESSAGE else ""))
+    if missing:
+        problems.append("missing from file: " + _describe(missing, expected))
+    if unexpected:
+        problems.append("unexpected in file: " + _describe(unexpected, found))
+    return "; ".join(problems) or None
+
+
+def strict_load(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+    """``load_state_dict(strict=True)`` with an error that names the first offending keys and shapes."""
+    mismatch = state_dict_mismatch(model, state_dict)
+    if mismatch:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {mismatch}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_student_checkpoint(student: nn.Module, path: str) -> Dict[str, torch.Tensor]:
+    """Load a released VkD checkpoint (``'student'`` with ``module.`` keys), one of ours, or a bare state dict.
+
+    Strict: the only keys skipped are ``projector.*`` when the student has no projector (evaluation
+    does not need it). Returns the state dict that was loaded.
+    """
+    state_dict = strip_ddp_prefix(load_state_dict_file(path, preferred_keys=("student", "model", "state_dict")))
+    if getattr(student, "projector", None) is None:
+        state_dict = {key: value for key, value in state_dict.items() if not key.startswith(PROJECTOR_PREFIX)}
+    strict_load(student, state_dict, path)
+    return state_dict
+
+
+def add_ddp_prefix(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keys as a DDP-wrapped model names them (``module.``), the layout of the released checkpoints."""
+    return {DDP_PREFIX + key: value for key, value in state_dict.items()}
+
+
+def all_finite(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(value).all() for value in state_dict.values() if value.is_floating_point())
+
+
+def save_atomically(obj: object, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the previous complete file or the new one, never a
+    truncated file (os.replace is atomic within one file system).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    # Persist the rename itself, so a power loss right after cannot bring back the old entry.
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,161 @@
+"""Command-line flags of ViDT/VkD (VIDT_SPEC section 1), plus the small-image flags of this tree.
+
+Boolean flags take a value, as in the original (``--eval True``); only 'true'/'false' are accepted.
+Flags that the original defines but never uses are kept so the seed's commands parse; setting one to
+a non-default value is an error (see ``check_supported``) instead of being silently ignored.
+"""
+import argparse
+
+from vidt.models.build import TEACHER_BACKBONES
+from vidt.models.swin_ram import SWIN_VARIANTS
+
+DEFAULT_TRAIN_SIZES = list(range(480, 801, 16))
+
+
+def true_or_false(value) -> bool:
+    text = str(value).lower()
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got '{value}'")
+    return text == "true"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("ViDT + VkD detection", add_help=False)
+    add = parser.add_argument
+
+    # Optimisation and schedule (VIDT_SPEC section 6)
+    add("--lr", default=1e-4, type=float, help="lr of every parameter group (default 1e-4)")
+    add("--lr_backbone", default=1e-5, type=float, help="unused by ViDT (the backbone trains at --lr); default 1e-5")
+    add("--lr_drop", default=40, type=int, help="StepLR period with --sched step; also names extra checkpoints (default 40)")
+    add("--batch_size", default=16, type=int, help="images per process (default 16)")
+    add("--weight_decay", default=1e-4, type=float, help="AdamW weight decay (default 1e-4)")
+    add("--epochs", default=50, type=int, help="training epochs and cosine period (default 50)")
+    add("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm, 0 disables (default 0.1)")
+    add("--sched", default="warmupcos", choices=["warmupcos", "step"], help="lr schedule (default warmupcos)")
+    add("--lr-noise", type=float, nargs="+", default=None, help="cosine lr noise on/off epoch fractions (default off)")
+    add("--lr-noise-pct", type=float, default=0.67, help="lr noise limit percent (default 0.67)")
+    add("--lr-noise-std", type=float, default=1.0, help="lr noise std-dev (default 1.0)")
+    add("--warmup-lr", type=float, default=1e-6, help="warmup start lr (default 1e-6)")
+    add("--min-lr", type=float, default=1e-7, help="cosine floor (default 1e-7)")
+    add("--warmup-epochs", type=int, default=0, help="warmup epochs (default 0)")
+    add("--decay-rate", "--dr", type=float, default=0.1, help="cosine cycle decay (default 0.1)")
+    add("--n_iter_to_acc", default=1, type=int, help="gradient accumulation steps; must divide --batch_size (default 1)")
+
+    # Model
+    add("--method", default="vidt", choices=["vidt", "vidt_wo_neck"], help="detector (default vidt)")
+    add("--backbone_name", default="swin_tiny", type=str, help="swin_nano, swin_tiny, swin_small, swin_base_win7_22k")
+    add("--pre_trained", default="imagenet", type=str,
+        help="'imagenet' (file under ckpts/backbones/), 'none', or a backbone checkpoint path (default imagenet)")
+    add("--position_embedding", default="sine", type=str, help="unused by ViDT (default sine)")
+    add("--pos_dim", default=256, type=int, help="unused by ViDT: --reduced_dim is the [DET] position width (default 256)")
+    add("--reduced_dim", default=256, type=int, help="neck width, [DET] position width, last backbone level (default 256)")
+    add("--dec_layers", default=6, type=int, help="decoder layers (default 6)")
+    add("--dim_feedforward", default=1024, type=int, help="decoder FFN width; ViDT fixes it at 1024")
+    add("--dropout", default=0.1, type=float, help="decoder dropout (default 0.1)")
+    add("--nheads", default=8, type=int, help="decoder heads (default 8)")
+    add("--dec_n_points", default=4, type=int, help="deformable sampling points per head and level (default 4)")
+    add("--num_feature_levels", default=4, type=int, help="feature levels fed to the neck; ViDT uses 4")
+    add("--det_token_num", default=100, type=int, help="number of [DET] tokens / queries (default 100)")
+    add("--cross_indices", default=[3], type=int, nargs="+", help="stages with [DET x PATCH] attention (default 3)")
+    add("--aux_loss", default=False, type=true_or_false, help="auxiliary per-layer losses (default False)")
+    add("--with_box_refine", default=False, type=true_or_false, help="iterative box refinement (default False)")
+    add("--cross_scale_fusion", default=False, type=true_or_false, help="FPN fusion instead of input_proj: not supported")
+    add("--iou_aware", default=False, type=true_or_false, help="IoU-aware head: not supported")
+    add("--iouaware_loss_coef", default=2, type=float, help="weight of the IoU-aware loss (needs --iou_aware)")
+    add("--token_label", default=False, type=true_or_false, help="token labelling loss: not supported")
+    add("--token_loss_coef", default=2, type=float, help="weight of the token-label loss (needs --token_label)")
+
+    # Matcher and losses
+    add("--set_cost_class", default=2, type=float, help="matching cost weight of the class term (default 2)")
+    add("--set_cost_bbox", default=5, type=float, help="matching cost weight of the L1 term (default 5)")
+    add("--set_cost_giou", default=2, type=float, help="matching cost weight of the GIoU term (default 2)")
+    add("--cls_loss_coef", default=2, type=float, help="focal class loss weight (default 2)")
+    add("--bbox_loss_coef", default=5, type=float, help="L1 box loss weight (default 5)")
+    add("--giou_loss_coef", default=2, type=float, help="GIoU loss weight (default 2)")
+    add("--focal_alpha", default=0.25, type=float, help="focal alpha of the class loss (default 0.25)")
+    add("--dice_loss_coef", default=1, type=float, help="unused (no masks); default 1")
+    add("--mask_loss_coef", default=1, type=float, help="unused (no masks); default 1")
+    add("--eos_coef", default=0.1, type=float, help="unused with the focal loss; default 0.1")
+    add("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str, nargs="+",
+        help="unused by ViDT (no reduced lr for offsets)")
+    add("--lr_linear_proj_mult", default=0.1, type=float, help="unused by ViDT (default 0.1)")
+
+    # VkD distillation (VIDT_SPEC section 5)
+    add("--distil_model", default=None, type=str, help="teacher: vidt_nano, vidt_tiny, vidt_small or vidt_base (default none)")
+    add("--distil_model_path", default=None, type=str, help="teacher checkpoint (DETR form, loaded strictly)")
+    add("--distil_loss_coef", default=4.0, type=float, help="weight of loss_distil (default 4.0)")
+
+    # Data
+    add("--dataset_file", default="coco", choices=["coco", "voc"], help="dataset (only coco is supported)")
+    add("--coco_path", default="/home/Research/MyData/COCO2017", type=str, help="COCO root")
+    add("--coco_panoptic_path", default=None, type=str, help="unused")
+    add("--remove_difficult", default=False, type=true_or_false, help="unused (VOC only)")
+    add("--eval_size", default=800, type=int, help="validation short side (default 800)")
+    add("--train_sizes", default=DEFAULT_TRAIN_SIZES, type=int, nargs="+", help="training short sides (default 480..800 step 16)")
+    add("--max_size", default=1333, type=int, help="training long-side cap; validation uses eval_size*max_size//800 (default 1333)")
+    add("--num_workers", default=2, type=int, help="data loader workers per process (default 2)")
+
+    # Run control
+    add("--output_dir", default="", help="run folder under logs/ (default: <method>_<backbone_name>)")
+    add("--device", default="cuda", help="cuda or cpu (default cuda)")
+    add("--seed", default=42, type=int, help="base seed; each process uses seed + rank (default 42)")
+    add("--resume", default="", help="checkpoint to resume from or to evaluate (loaded strictly)")
+    add("--start_epoch", default=0, type=int, help="first epoch (overwritten on resume)")
+    add("--eval", default=False, type=true_or_false, help="evaluate only (default False)")
+    add("--print_freq", default=100, type=int, help="log every N iterations (default 100)")
+
+    # Distributed (overwritten by torchrun / torch.distributed.launch --use_env / SLURM variables)
+    add("--dist-url", default="tcp://127.0.0.1:3457", help="process group init method")
+    add("--dist-backend", default="nccl", help="process group backend; CPU runs use gloo")
+    add("--rank", default=0, type=int, help="set from the environment")
+    add("--world_size", default=1, type=int, help="set from the environment")
+    add("--distributed", default=False, type=true_or_false, help="set from the environment")
+    add("--local_rank", "--local-rank", default=0, type=int,
+        help="passed by torch.distributed.launch without --use_env; the rank is read from the environment")
+    return parser
+
+
+# (flag, default, reason): accepted for command-line compatibility, but with no effect in ViDT.
+INERT_FLAGS = (
+    ("lr_backbone", 1e-5, "the backbone trains at --lr in ViDT"),
+    ("position_embedding", "sine", "ViDT has no configurable position embedding"),
+    ("pos_dim", 256, "ViDT uses --reduced_dim as the [DET] position width"),
+    ("dim_feedforward", 1024, "ViDT fixes the decoder FFN at 1024"),
+    ("dice_loss_coef", 1, "there are no mask losses"),
+    ("mask_loss_coef", 1, "there are no mask losses"),
+    ("eos_coef", 0.1, "the focal loss has no no-object weight"),
+    ("lr_linear_proj_names", ["reference_points", "sampling_offsets"], "ViDT applies no reduced lr"),
+    ("lr_linear_proj_mult", 0.1, "ViDT applies no reduced lr"),
+    ("coco_panoptic_path", None, "panoptic data is not used"),
+    ("remove_difficult", False, "it only applies to VOC"),
+    ("iouaware_loss_coef", 2, "--iou_aware is not supported"),
+    ("token_loss_coef", 2, "--token_label is not supported"),
+)
+UNSUPPORTED_OPTIONS = (
+    ("method", "vidt", "--method vidt_wo_neck is not supported; use --method vidt"),
+    ("dataset_file", "coco", "--dataset_file voc is not supported; use coco"),
+    ("cross_scale_fusion", False, "--cross_scale_fusion is not supported (it also crashes in the original teacher builder)"),
+    ("iou_aware", False, "--iou_aware is not supported"),
+    ("token_label", False, "--token_label is not supported"),
+    ("num_feature_levels", 4, "--num_feature_levels must be 4 (the four Swin levels)"),
+)
+
+
+def check_supported(args) -> None:
+    """Stop with one clear line for options that cannot take effect here."""
+    for name, default, message in UNSUPPORTED_OPTIONS:
+        if getattr(args, name) != default:
+            raise SystemExit(f"error: {message}")
+    for name, default, reason in INERT_FLAGS:
+        if getattr(args, name) != default:
+            raise SystemExit(f"error: --{name} has no effect ({reason}); leave it at its default {default}")
+    if args.backbone_name not in SWIN_VARIANTS:
+        raise SystemExit(f"error: --backbone_name {args.backbone_name} is not supported; choose from {sorted(SWIN_VARIANTS)}")
+    if args.distil_model is not None and args.distil_model not in TEACHER_BACKBONES:
+        raise SystemExit(f"error: --distil_model {args.distil_model} is not supported; choose from {sorted(TEACHER_BACKBONES)}")
+    if args.batch_size % args.n_iter_to_acc:
+        raise SystemExit(f"error: --n_iter_to_acc {args.n_iter_to_acc} must divide --batch_size {args.batch_size}")
+    if args.distil_model is not None and not args.distil_model_path:
+        raise SystemExit("error: --distil_model needs --distil_model_path")
+    if min(args.train_sizes) < 16 or args.eval_size < 16:
+        raise SystemExit("error: --train_sizes and --eval_size must be at least 16 (sides are floored to x16)")

@@ -1,0 +1,103 @@
+"""train_one_epoch and evaluate (DETR's engine; the criterion owns the VkD teacher)."""
+import math
+import sys
+import time
+from collections import defaultdict
+from typing import Dict, Iterable, List
+
+import torch
+
+from vidt.datasets.coco_eval import CocoEvaluator
+from vidt.util.misc import NestedTensor, reduce_dict
+
+
+class MetricLogger:
+    """Running means of scalar metrics, printed every ``print_freq`` iterations."""
+
+    def __init__(self, header: str, print_freq: int, total: int):
+        self.header, self.print_freq, self.total = header, print_freq, total
+        self.sums: Dict[str, float] = defaultdict(float)
+        self.counts: Dict[str, int] = defaultdict(int)
+        self.start = time.time()
+
+    def update(self, **values) -> None:
+        for name, value in values.items():
+            self.sums[name] += float(value)
+            self.counts[name] += 1
+
+    def averages(self) -> Dict[str, float]:
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
+
+    def maybe_print(self, iteration: int) -> None:
+        if iteration % self.print_freq == 0 or iteration == self.total - 1:
+            shown = "  ".join(f"{k}: {v:.4f}" for k, v in self.averages().items() if not k[-1].isdigit())
+            elapsed = time.time() - self.start
+            print(f"{self.header} [{iteration}/{self.total}]  {shown}  time: {elapsed:.1f}s", flush=True)
+
+
+def _chunks(samples: NestedTensor, targets: List[Dict], parts: int):
+    """Split a batch into ``parts`` equal micro-batches for gradient accumulation."""
+    size = len(targets) // parts
+    for start in range(0, len(targets), size):
+        yield (NestedTensor(samples.tensors[start:start + size], samples.mask[start:start + size]),
+               targets[start:start + size])
+
+
+def _weighted_sum(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]) -> torch.Tensor:
+    return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+
+def _log_values(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]):
+    """(total, scaled terms, unscaled terms), averaged over processes, for logging."""
+    reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+    scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
+    unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
+    return sum(scaled.values()), scaled, unscaled
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, max_norm: float,
+                    n_iter_to_acc: int = 1, print_freq: int = 100) -> Dict[str, float]:
+    model.train()
+    criterion.train()
+    logger = MetricLogger(f"Epoch: [{epoch}]", print_freq, len(data_loader))
+    for iteration, (samples, targets) in enumerate(data_loader):
+        samples = samples.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        optimizer.zero_grad()
+        for micro_samples, micro_targets in _chunks(samples, targets, n_iter_to_acc):
+            outputs = model(micro_samples)
+            loss_dict = criterion(outputs, micro_targets, micro_samples)
+            loss = _weighted_sum(loss_dict, criterion.weight_dict)
+            total_loss, scaled, unscaled = _log_values(loss_dict, criterion.weight_dict)
+            if not math.isfinite(total_loss.item()):
+                print(f"Loss is {total_loss.item()}, stopping training; terms: {scaled}", flush=True)
+                sys.exit(1)
+            (loss / n_iter_to_acc).backward()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0
+                     else torch.zeros(()))
+        optimizer.step()
+        logger.update(loss=total_loss, **scaled, **unscaled, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
+        logger.maybe_print(iteration)
+    return logger.averages()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
+             coco_gt, device: torch.device, print_freq: int = 100):
+    """Returns (averaged loss terms, the 12 COCO stats on rank 0 or None elsewhere)."""
+    model.eval()
+    criterion.eval()
+    evaluator = CocoEvaluator(coco_gt)
+    logger = MetricLogger("Test:", print_freq, len(data_loader))
+    for iteration, (samples, targets) in enumerate(data_loader):
+        samples = samples.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        outputs = model(samples)
+        total_loss, scaled, unscaled = _log_values(criterion(outputs, targets), criterion.weight_dict)
+        logger.update(loss=total_loss, **scaled, **unscaled)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        results = postprocessors["bbox"](outputs, orig_sizes)
+        evaluator.update({int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)})
+        logger.maybe_print(iteration)
+    return logger.averages(), evaluator.summarize()

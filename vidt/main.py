@@ -1,0 +1,153 @@
+"""Train or evaluate ViDT with VkD feature distillation on COCO (VIDT_SPEC).
+
+Run from inside vidt/: ``python main.py ...``, ``torchrun --nproc_per_node=N main.py ...`` or
+``python -m torch.distributed.launch --nproc_per_node=N --nnodes=1 --use_env main.py ...``.
+"""
+import os
+import sys
+
+# Run as a script, Python puts vidt/ first on the path, where vidt/models would shadow the root's
+# models/ package. Put the repository root there instead: `vidt` imports as a package and the shared
+# losses.py is found.
+_VIDT_DIR = os.path.dirname(os.path.abspath(__file__))
+_REPO_ROOT = os.path.dirname(_VIDT_DIR)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _VIDT_DIR]
+sys.path.insert(0, _REPO_ROOT)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler  # noqa: E402
+
+from vidt.arguments import check_supported, get_args_parser  # noqa: E402
+from vidt.datasets.coco import build_coco  # noqa: E402
+from vidt.datasets.coco_eval import STAT_NAMES  # noqa: E402
+from vidt.engine import evaluate, train_one_epoch  # noqa: E402
+from vidt.models import build  # noqa: E402
+from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E402
+from vidt.util.checkpoint import (CheckpointError, load_checkpoint, load_state_dict_strictly,  # noqa: E402
+                                  model_state_from, save_checkpoint)
+from vidt.util.misc import (collate_fn, device_of, get_rank, init_distributed_mode, is_main_process,  # noqa: E402
+                            setup_for_distributed_printing)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loaders(args, eval_only: bool):
+    """(train loader or None, val loader, val dataset)."""
+    dataset_val = build_coco("val", args)
+    sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
+                   else SequentialSampler(dataset_val))
+    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                            collate_fn=collate_fn, num_workers=args.num_workers)
+    if eval_only:
+        return None, loader_val, dataset_val
+    dataset_train = build_coco("train", args)
+    sampler_train = DistributedSampler(dataset_train) if args.distributed else RandomSampler(dataset_train)
+    batch_sampler = BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    if len(batch_sampler) == 0:
+        raise SystemExit(f"error: {len(dataset_train)} training images are fewer than one batch of "
+                         f"{args.batch_size} per process")
+    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
+                              num_workers=args.num_workers)
+    return loader_train, loader_val, dataset_val
+
+
+def resume(args, model, optimizer, lr_scheduler) -> None:
+    """Strict load of the model; optimizer, scheduler and epoch too when training on."""
+    checkpoint = load_checkpoint(args.resume)
+    load_state_dict_strictly(model, model_state_from(checkpoint, args.resume), f"--resume {args.resume}")
+    if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        args.start_epoch = checkpoint["epoch"] + 1
+    print(f"| resumed from {args.resume}")
+
+
+def save_json(path: str, payload) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+def named_stats(stats):
+    return dict(zip(STAT_NAMES, stats))
+
+
+def main(args) -> None:
+    init_distributed_mode(args)
+    setup_for_distributed_printing(is_main_process())
+    check_supported(args)
+    device = device_of(args)
+    seed_everything(args.seed + get_rank())
+    output_dir = os.path.join("logs", args.output_dir or f"{args.method}_{args.backbone_name}")
+    if is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        save_json(os.path.join(output_dir, "args.json"), vars(args))
+    print(args)
+
+    model, criterion, postprocessors = build(args)
+    model.to(device)
+    criterion.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        # Some parameters never get gradients (level_embed, the unused merge/norm layers, the
+        # projectors without a teacher), hence find_unused_parameters. The teacher is not wrapped.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=True)
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    print(f"number of params: {n_parameters}")
+
+    optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    lr_scheduler = build_scheduler(optimizer, args)
+    loader_train, loader_val, dataset_val = make_loaders(args, eval_only=args.eval)
+    if args.resume:
+        resume(args, model_without_ddp, optimizer, lr_scheduler)
+
+    if args.eval:
+        _, coco_stats = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device, args.print_freq)
+        if is_main_process():
+            save_json(os.path.join(output_dir, "eval_stats.json"),
+                      {"checkpoint": args.resume, "stats": named_stats(coco_stats)})
+        return
+
+    print("Start training")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            loader_train.batch_sampler.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
+                                      args.clip_max_norm, args.n_iter_to_acc, args.print_freq)
+        step_scheduler(lr_scheduler, epoch)
+        if is_main_process():
+            checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args)}
+            save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"))
+            if (epoch + 1) % args.lr_drop == 0:
+                save_checkpoint(checkpoint, os.path.join(output_dir, f"checkpoint{epoch:04}.pth"))
+        test_stats, coco_stats = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device,
+                                          args.print_freq)
+        if is_main_process():
+            log = {**{f"train_{k}": v for k, v in train_stats.items()},
+                   **{f"test_{k}": v for k, v in test_stats.items()},
+                   "coco_eval_bbox": coco_stats, "epoch": epoch, "n_parameters": n_parameters}
+            with open(os.path.join(output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(log) + "\n")
+            save_json(os.path.join(output_dir, "eval_stats.json"), {"epoch": epoch, "stats": named_stats(coco_stats)})
+    print(f"Training time {time.time() - start_time:.0f}s")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("ViDT + VkD training and evaluation", parents=[get_args_parser()])
+    try:
+        main(parser.parse_args())
+    except (CheckpointError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")

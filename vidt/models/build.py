@@ -1,0 +1,62 @@
+"""build(args) -> (model, criterion, postprocessors), and the VkD teacher (VIDT_SPEC sections 3-5)."""
+from typing import Dict
+
+import torch.nn as nn
+
+from vidt.models.criterion import SetCriterion
+from vidt.models.deformable_transformer import DeformableTransformer
+from vidt.models.detector import Detector, PostProcess
+from vidt.models.matcher import HungarianMatcher
+from vidt.models.swin_ram import build_swin_ram
+from vidt.util.checkpoint import load_checkpoint, load_state_dict_strictly, model_state_from
+
+NUM_CLASSES = {"coco": 91}  # COCO category ids run to 90; labels are the raw ids
+TEACHER_BACKBONES = {"vidt_nano": "swin_nano", "vidt_tiny": "swin_tiny", "vidt_small": "swin_small",
+                     "vidt_base": "swin_base_win7_22k"}
+
+
+def build_detector(args, backbone_name: str, pre_trained: str, distil: bool, with_projectors: bool) -> Detector:
+    backbone = build_swin_ram(backbone_name, pre_trained, det_token_num=args.det_token_num,
+                              pos_dim=args.reduced_dim, cross_indices=args.cross_indices)
+    transformer = DeformableTransformer(d_model=args.reduced_dim, nhead=args.nheads, num_decoder_layers=args.dec_layers,
+                                        dim_feedforward=args.dim_feedforward, dropout=args.dropout,
+                                        num_feature_levels=args.num_feature_levels, dec_n_points=args.dec_n_points)
+    return Detector(backbone, transformer, num_classes=NUM_CLASSES[args.dataset_file], aux_loss=args.aux_loss,
+                    with_box_refine=args.with_box_refine, distil=distil, with_projectors=with_projectors)
+
+
+def build_teacher(args) -> Detector:
+    """The teacher uses the student's flags with the --distil_model body, loaded strictly and frozen."""
+    if args.distil_model not in TEACHER_BACKBONES:
+        raise ValueError(f"--distil_model must be one of {sorted(TEACHER_BACKBONES)}, got {args.distil_model}")
+    if not args.distil_model_path:
+        raise ValueError("--distil_model needs --distil_model_path (the teacher checkpoint)")
+    teacher = build_detector(args, TEACHER_BACKBONES[args.distil_model], "none", distil=True, with_projectors=False)
+    state = model_state_from(load_checkpoint(args.distil_model_path), args.distil_model_path)
+    load_state_dict_strictly(teacher, state, f"teacher checkpoint {args.distil_model_path}")
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def build_weight_dict(args) -> Dict[str, float]:
+    weight_dict = {"loss_ce": args.cls_loss_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    if args.aux_loss:
+        weight_dict.update({f"{name}_{level}": weight for level in range(args.dec_layers)
+                            for name, weight in list(weight_dict.items())})
+    if args.distil_model is not None:
+        weight_dict["loss_distil"] = args.distil_loss_coef
+    return weight_dict
+
+
+def build(args):
+    """The student always carries the six projectors (checkpoints hold them); it returns distil
+    tokens, and the criterion owns a teacher, only when --distil_model is given."""
+    distil = args.distil_model is not None
+    model = build_detector(args, args.backbone_name, args.pre_trained, distil=distil, with_projectors=True)
+    matcher = HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
+                               cost_giou=args.set_cost_giou)
+    teacher = build_teacher(args) if distil else None
+    criterion = SetCriterion(NUM_CLASSES[args.dataset_file], matcher, build_weight_dict(args),
+                             focal_alpha=args.focal_alpha, teacher=teacher)
+    postprocessors: Dict[str, nn.Module] = {"bbox": PostProcess()}
+    return model, criterion, postprocessors

@@ -1,0 +1,136 @@
+"""Padded image batches and the few torch.distributed helpers the training loop needs."""
+import os
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class NestedTensor:
+    """A zero-padded image batch [B,3,H,W] with its padding mask [B,H,W] (True = padding)."""
+
+    def __init__(self, tensors: torch.Tensor, mask: torch.Tensor):
+        self.tensors = tensors
+        self.mask = mask
+
+    def to(self, device, non_blocking: bool = False) -> "NestedTensor":
+        return NestedTensor(self.tensors.to(device, non_blocking=non_blocking),
+                            self.mask.to(device, non_blocking=non_blocking))
+
+
+def nested_tensor_from_images(images: List[torch.Tensor]) -> NestedTensor:
+    """Pad to the per-batch maximum height and width (no extra multiple-of-32 padding, as ViDT)."""
+    max_h = max(img.shape[1] for img in images)
+    max_w = max(img.shape[2] for img in images)
+    batch = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
+    mask = torch.ones((len(images), max_h, max_w), dtype=torch.bool, device=images[0].device)
+    for img, padded, pad_mask in zip(images, batch, mask):
+        padded[:, :img.shape[1], :img.shape[2]].copy_(img)
+        pad_mask[:img.shape[1], :img.shape[2]] = False
+    return NestedTensor(batch, mask)
+
+
+def collate_fn(batch):
+    images, targets = zip(*batch)
+    return nested_tensor_from_images(list(images)), list(targets)
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_gather_object(obj) -> list:
+    """Every process's ``obj``, in rank order (just ``[obj]`` without a process group)."""
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def reduce_dict(values: dict, average: bool = True) -> dict:
+    """All-reduce a dict of scalar tensors (same keys on every process) for logging."""
+    world_size = get_world_size()
+    if world_size < 2:
+        return values
+    with torch.no_grad():
+        names = sorted(values)
+        stacked = torch.stack([values[k] for k in names])
+        dist.all_reduce(stacked)
+        if average:
+            stacked /= world_size
+        return dict(zip(names, stacked))
+
+
+def init_distributed_mode(args) -> None:
+    """Join the process group announced by torchrun / torch.distributed.launch --use_env / SLURM.
+
+    Sets args.distributed, args.rank, args.world_size and args.gpu. Without those variables the run
+    is a single process with no process group. CPU runs use the gloo backend (nccl needs CUDA).
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ["SLURM_NTASKS"])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        args.distributed = False
+        args.gpu = 0
+        return
+    args.distributed = True
+    backend = args.dist_backend
+    if args.device == "cuda":
+        torch.cuda.set_device(args.gpu)
+    elif backend != "gloo":
+        print(f"| --device {args.device}: using the gloo backend instead of {backend}", flush=True)
+        backend = "gloo"
+    print(f"| distributed init (rank {args.rank} of {args.world_size}): {args.dist_url}", flush=True)
+    dist.init_process_group(backend=backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+
+
+def setup_for_distributed_printing(is_master: bool) -> None:
+    """Silence print() on every process but rank 0 (force=True still prints)."""
+    import builtins
+    builtin_print = builtins.print
+
+    def rank_aware_print(*args, **kwargs):
+        if kwargs.pop("force", False) or is_master:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = rank_aware_print
+
+
+def resize_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-neighbour resize of a boolean [B,H,W] padding mask."""
+    return torch.nn.functional.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def device_of(args) -> Optional[torch.device]:
+    """The torch device for this process; a clear error when CUDA is asked for but missing."""
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but CUDA is not available; pass --device cpu")
+        return torch.device("cuda", args.gpu) if args.device == "cuda" else torch.device(args.device)
+    return torch.device(args.device)
