@@ -10,6 +10,7 @@ from vidt.models.build import TEACHER_BACKBONES
 from vidt.models.swin_ram import SWIN_VARIANTS
 
 DEFAULT_TRAIN_SIZES = list(range(480, 801, 16))
+MIN_IMAGE_SIDE = 32
 
 
 def true_or_false(value) -> bool:
@@ -26,7 +27,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     # Optimisation and schedule (VIDT_SPEC section 6)
     add("--lr", default=1e-4, type=float, help="lr of every parameter group (default 1e-4)")
     add("--lr_backbone", default=1e-5, type=float, help="unused by ViDT (the backbone trains at --lr); default 1e-5")
-    add("--lr_drop", default=40, type=int, help="StepLR period with --sched step; also names extra checkpoints (default 40)")
+    add("--lr_drop", default=40, type=int,
+        help="StepLR period with --sched step; also names extra checkpoints (default 40)")
     add("--batch_size", default=16, type=int, help="images per process (default 16)")
     add("--weight_decay", default=1e-4, type=float, help="AdamW weight decay (default 1e-4)")
     add("--epochs", default=50, type=int, help="training epochs and cosine period (default 50)")
@@ -39,7 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--min-lr", type=float, default=1e-7, help="cosine floor (default 1e-7)")
     add("--warmup-epochs", type=int, default=0, help="warmup epochs (default 0)")
     add("--decay-rate", "--dr", type=float, default=0.1, help="cosine cycle decay (default 0.1)")
-    add("--n_iter_to_acc", default=1, type=int, help="gradient accumulation steps; must divide --batch_size (default 1)")
+    add("--n_iter_to_acc", default=1, type=int,
+        help="gradient accumulation steps; must divide --batch_size (default 1)")
 
     # Model
     add("--method", default="vidt", choices=["vidt", "vidt_wo_neck"], help="detector (default vidt)")
@@ -47,8 +50,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--pre_trained", default="imagenet", type=str,
         help="'imagenet' (file under ckpts/backbones/), 'none', or a backbone checkpoint path (default imagenet)")
     add("--position_embedding", default="sine", type=str, help="unused by ViDT (default sine)")
-    add("--pos_dim", default=256, type=int, help="unused by ViDT: --reduced_dim is the [DET] position width (default 256)")
-    add("--reduced_dim", default=256, type=int, help="neck width, [DET] position width, last backbone level (default 256)")
+    add("--pos_dim", default=256, type=int,
+        help="unused by ViDT: --reduced_dim is the [DET] position width (default 256)")
+    add("--reduced_dim", default=256, type=int,
+        help="neck width, [DET] position width, last backbone level (default 256)")
     add("--dec_layers", default=6, type=int, help="decoder layers (default 6)")
     add("--dim_feedforward", default=1024, type=int, help="decoder FFN width; ViDT fixes it at 1024")
     add("--dropout", default=0.1, type=float, help="decoder dropout (default 0.1)")
@@ -59,7 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--cross_indices", default=[3], type=int, nargs="+", help="stages with [DET x PATCH] attention (default 3)")
     add("--aux_loss", default=False, type=true_or_false, help="auxiliary per-layer losses (default False)")
     add("--with_box_refine", default=False, type=true_or_false, help="iterative box refinement (default False)")
-    add("--cross_scale_fusion", default=False, type=true_or_false, help="FPN fusion instead of input_proj: not supported")
+    add("--cross_scale_fusion", default=False, type=true_or_false,
+        help="FPN fusion instead of input_proj: not supported")
     add("--iou_aware", default=False, type=true_or_false, help="IoU-aware head: not supported")
     add("--iouaware_loss_coef", default=2, type=float, help="weight of the IoU-aware loss (needs --iou_aware)")
     add("--token_label", default=False, type=true_or_false, help="token labelling loss: not supported")
@@ -81,7 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--lr_linear_proj_mult", default=0.1, type=float, help="unused by ViDT (default 0.1)")
 
     # VkD distillation (VIDT_SPEC section 5)
-    add("--distil_model", default=None, type=str, help="teacher: vidt_nano, vidt_tiny, vidt_small or vidt_base (default none)")
+    add("--distil_model", default=None, type=str,
+        help="teacher: vidt_nano, vidt_tiny, vidt_small or vidt_base (default none)")
     add("--distil_model_path", default=None, type=str, help="teacher checkpoint (DETR form, loaded strictly)")
     add("--distil_loss_coef", default=4.0, type=float, help="weight of loss_distil (default 4.0)")
 
@@ -91,8 +98,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--coco_panoptic_path", default=None, type=str, help="unused")
     add("--remove_difficult", default=False, type=true_or_false, help="unused (VOC only)")
     add("--eval_size", default=800, type=int, help="validation short side (default 800)")
-    add("--train_sizes", default=DEFAULT_TRAIN_SIZES, type=int, nargs="+", help="training short sides (default 480..800 step 16)")
-    add("--max_size", default=1333, type=int, help="training long-side cap; validation uses eval_size*max_size//800 (default 1333)")
+    add("--train_sizes", default=DEFAULT_TRAIN_SIZES, type=int, nargs="+",
+        help="training short sides (default 480..800 step 16)")
+    add("--max_size", default=1333, type=int,
+        help="training long-side cap; validation caps at eval_size*max_size//max(train_sizes) (default 1333)")
     add("--num_workers", default=2, type=int, help="data loader workers per process (default 2)")
 
     # Run control
@@ -134,7 +143,8 @@ INERT_FLAGS = (
 UNSUPPORTED_OPTIONS = (
     ("method", "vidt", "--method vidt_wo_neck is not supported; use --method vidt"),
     ("dataset_file", "coco", "--dataset_file voc is not supported; use coco"),
-    ("cross_scale_fusion", False, "--cross_scale_fusion is not supported (it also crashes in the original teacher builder)"),
+    ("cross_scale_fusion", False,
+     "--cross_scale_fusion is not supported (it also crashes in the original teacher builder)"),
     ("iou_aware", False, "--iou_aware is not supported"),
     ("token_label", False, "--token_label is not supported"),
     ("num_feature_levels", 4, "--num_feature_levels must be 4 (the four Swin levels)"),
@@ -150,12 +160,15 @@ def check_supported(args) -> None:
         if getattr(args, name) != default:
             raise SystemExit(f"error: --{name} has no effect ({reason}); leave it at its default {default}")
     if args.backbone_name not in SWIN_VARIANTS:
-        raise SystemExit(f"error: --backbone_name {args.backbone_name} is not supported; choose from {sorted(SWIN_VARIANTS)}")
+        raise SystemExit(f"error: --backbone_name {args.backbone_name} is not supported; "
+                         f"choose from {sorted(SWIN_VARIANTS)}")
     if args.distil_model is not None and args.distil_model not in TEACHER_BACKBONES:
-        raise SystemExit(f"error: --distil_model {args.distil_model} is not supported; choose from {sorted(TEACHER_BACKBONES)}")
+        raise SystemExit(f"error: --distil_model {args.distil_model} is not supported; "
+                         f"choose from {sorted(TEACHER_BACKBONES)}")
     if args.batch_size % args.n_iter_to_acc:
         raise SystemExit(f"error: --n_iter_to_acc {args.n_iter_to_acc} must divide --batch_size {args.batch_size}")
     if args.distil_model is not None and not args.distil_model_path:
         raise SystemExit("error: --distil_model needs --distil_model_path")
-    if min(args.train_sizes) < 16 or args.eval_size < 16:
-        raise SystemExit("error: --train_sizes and --eval_size must be at least 16 (sides are floored to x16)")
+    if min(args.train_sizes) < MIN_IMAGE_SIDE or args.eval_size < MIN_IMAGE_SIDE:
+        raise SystemExit(f"error: --train_sizes and --eval_size must be at least {MIN_IMAGE_SIDE} "
+                         f"(the [DET x PATCH] mask has stride 32)")

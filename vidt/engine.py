@@ -1,5 +1,6 @@
 """train_one_epoch and evaluate (DETR's engine; the criterion owns the VkD teacher)."""
 import math
+import re
 import sys
 import time
 from collections import defaultdict
@@ -9,6 +10,8 @@ import torch
 
 from vidt.datasets.coco_eval import CocoEvaluator
 from vidt.util.misc import NestedTensor, reduce_dict
+
+AUX_SUFFIX = re.compile(r"_\d+$")
 
 
 class MetricLogger:
@@ -30,9 +33,14 @@ class MetricLogger:
 
     def maybe_print(self, iteration: int) -> None:
         if iteration % self.print_freq == 0 or iteration == self.total - 1:
-            shown = "  ".join(f"{k}: {v:.4f}" for k, v in self.averages().items() if not k[-1].isdigit())
+            shown = "  ".join(f"{k}: {v:.4g}" for k, v in self.averages().items() if _printed(k))
             elapsed = time.time() - self.start
             print(f"{self.header} [{iteration}/{self.total}]  {shown}  time: {elapsed:.1f}s", flush=True)
+
+
+def _printed(name: str) -> bool:
+    """Console lines show the final-level terms; unscaled and auxiliary terms go to log.txt only."""
+    return not (name.endswith("_unscaled") or AUX_SUFFIX.search(name))
 
 
 def _chunks(samples: NestedTensor, targets: List[Dict], parts: int):
@@ -48,11 +56,11 @@ def _weighted_sum(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, flo
 
 
 def _log_values(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]):
-    """(total, scaled terms, unscaled terms), averaged over processes, for logging."""
+    """(total, scaled terms, unscaled terms plus class_error), averaged over processes, for logging."""
     reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
     scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
-    unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
-    return sum(scaled.values()), scaled, unscaled
+    unscaled = {f"{k}_unscaled": v for k, v in reduced.items() if k != "class_error"}
+    return sum(scaled.values()), scaled, dict(unscaled, class_error=reduced["class_error"])
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,

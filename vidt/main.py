@@ -21,7 +21,8 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler  # noqa: E402
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, RandomSampler,  # noqa: E402
+                              SequentialSampler)
 
 from vidt.arguments import check_supported, get_args_parser  # noqa: E402
 from vidt.datasets.coco import build_coco  # noqa: E402
@@ -113,7 +114,8 @@ def main(args) -> None:
         resume(args, model_without_ddp, optimizer, lr_scheduler)
 
     if args.eval:
-        _, coco_stats = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device, args.print_freq)
+        _, coco_stats = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device,
+                                 args.print_freq)
         if is_main_process():
             save_json(os.path.join(output_dir, "eval_stats.json"),
                       {"checkpoint": args.resume, "stats": named_stats(coco_stats)})

@@ -23,9 +23,10 @@ class CocoEvaluator:
             boxes = prediction["boxes"].clone()
             boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
             # Keyed by image: the distributed sampler repeats images to even out the shards.
+            rows = zip(boxes.tolist(), prediction["labels"].tolist(), prediction["scores"].tolist())
             self.detections[image_id] = [
                 {"image_id": image_id, "category_id": int(label), "bbox": box, "score": float(score)}
-                for box, label, score in zip(boxes.tolist(), prediction["labels"].tolist(), prediction["scores"].tolist())]
+                for box, label, score in rows]
 
     def summarize(self) -> Optional[List[float]]:
         """Prints pycocotools' 12-line summary and returns its stats on rank 0; None elsewhere."""

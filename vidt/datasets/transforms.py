@@ -62,7 +62,8 @@ def hflip(image, target):
     image = F.hflip(image)
     target = dict(target)
     boxes = target["boxes"]
-    target["boxes"] = boxes[:, [2, 1, 0, 3]] * torch.as_tensor([-1, 1, -1, 1]) + torch.as_tensor([image.width, 0, image.width, 0])
+    flipped = boxes[:, [2, 1, 0, 3]] * torch.as_tensor([-1, 1, -1, 1])
+    target["boxes"] = flipped + torch.as_tensor([image.width, 0, image.width, 0])
     return image, target
 
 
@@ -141,7 +142,8 @@ def scaled(value: int, scale: float) -> int:
 
 def make_coco_transforms(image_set: str, train_sizes: Sequence[int], max_size: int, eval_size: int):
     """ViDT's COCO pipelines. The crop branch's fixed sizes (400/500/600, crop 384-600) are scaled by
-    max(train_sizes)/800, so the defaults reproduce the original and small-image runs stay valid."""
+    max(train_sizes)/800 and validation keeps training's long/short cap, so the defaults reproduce the
+    original exactly and small-image runs stay valid."""
     normalize = Compose([ToTensor(), Normalize()])
     if image_set == "train":
         scale = max(train_sizes) / 800
@@ -156,5 +158,6 @@ def make_coco_transforms(image_set: str, train_sizes: Sequence[int], max_size: i
             normalize,
         ])
     if image_set == "val":
-        return Compose([RandomResize([eval_size], max_size=eval_size * max_size // 800), normalize])
+        # The original caps validation at eval_size*1333//800: training's long/short ratio.
+        return Compose([RandomResize([eval_size], max_size=eval_size * max_size // max(train_sizes)), normalize])
     raise ValueError(f"unknown image set '{image_set}' (train or val)")

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
+from vidt.util.checkpoint import load_checkpoint
 from vidt.util.misc import resize_mask
 
 WINDOW_SIZE = 7
@@ -74,7 +75,8 @@ def masked_sine_embedding(mask: torch.Tensor, dim: int, temperature: float = 100
     y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * (2 * math.pi)
     x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * (2 * math.pi)
     num_feats = dim // 2
-    dim_t = temperature ** (2 * torch.div(torch.arange(num_feats, device=mask.device), 2, rounding_mode="floor") / num_feats)
+    pair_index = torch.div(torch.arange(num_feats, device=mask.device), 2, rounding_mode="floor")
+    dim_t = temperature ** (2 * pair_index / num_feats)
     pos_x = x_embed[..., None] / dim_t
     pos_y = y_embed[..., None] / dim_t
     pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
@@ -290,6 +292,9 @@ class SwinRAM(nn.Module):
         B = x.shape[0]
         det = self.det_token.expand(B, -1, -1)
         img_h, img_w = images.shape[-2:]
+        if min(img_h, img_w) < 4 * 2 ** (len(self.layers) - 1):
+            raise ValueError(f"image batch {img_h}x{img_w} is too small: each side needs at least "
+                             f"{4 * 2 ** (len(self.layers) - 1)} px for the stride-32 [DET x PATCH] mask")
         stage_mask = resize_mask(mask, ((img_h // 4) // self.mask_divisor, (img_w // 4) // self.mask_divisor))
 
         features: List[torch.Tensor] = []
@@ -324,7 +329,7 @@ def load_imagenet_weights(model: SwinRAM, path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ImageNet Swin weights not found at {path} (no download is attempted); "
                                 f"place the file there, pass its path to --pre_trained, or use --pre_trained none")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(path)
     state = checkpoint.get("model", checkpoint)
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

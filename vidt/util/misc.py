@@ -1,6 +1,6 @@
 """Padded image batches and the few torch.distributed helpers the training loop needs."""
 import os
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -127,7 +127,7 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def device_of(args) -> Optional[torch.device]:
+def device_of(args) -> torch.device:
     """The torch device for this process; a clear error when CUDA is asked for but missing."""
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():

@@ -1,0 +1,391 @@
+"""CPU tests of the ViDT + VkD detection tree (vidt/), VIDT_SPEC sections 2-9.
+
+Unit tests assert numbers on tiny inputs; the key-manifest tests build the real default models; the
+end-to-end tests run vidt/main.py on a synthetic COCO set (images of 128x160 px).
+"""
+import argparse
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vidt.arguments import check_supported, get_args_parser
+from vidt.datasets.transforms import make_coco_transforms, resized_shape
+from vidt.models.build import build_detector, build_weight_dict
+from vidt.models.criterion import SetCriterion, distillation_loss
+from vidt.models.detector import PostProcess
+from vidt.models.matcher import HungarianMatcher
+from vidt.models.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
+from vidt.optim import build_scheduler, param_groups, step_scheduler
+from vidt.tools.make_synthetic_coco import make_synthetic_coco
+from vidt.util.checkpoint import CheckpointError, load_state_dict_strictly
+from vidt.util.misc import nested_tensor_from_images
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VIDT_DIR = REPO_ROOT / "vidt"
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+COCO_SUMMARY_LINE = "Average Precision  (AP) @[ IoU=0.50:0.95"
+PAPER_FLAGS = ["--method", "vidt", "--aux_loss", "True", "--with_box_refine", "True", "--pre_trained", "none"]
+SMALL_IMAGE_FLAGS = ["--train_sizes", "96", "112", "128", "--max_size", "213", "--eval_size", "128",
+                     "--num_workers", "0", "--device", "cpu", "--print_freq", "1"]
+
+
+def parse_args(*extra):
+    return get_args_parser().parse_args(PAPER_FLAGS + list(extra))
+
+
+def read_manifest(name):
+    return [tuple(line.split("\t")) for line in (REFERENCE_DIR / f"{name}_keys.tsv").read_text().splitlines()]
+
+
+def state_manifest(state):
+    return [(k, str(list(v.shape))) for k, v in state.items()]
+
+
+@pytest.fixture(scope="module")
+def nano():
+    torch.manual_seed(0)
+    return build_detector(parse_args(), "swin_nano", "none", distil=True, with_projectors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matcher and criterion
+# ---------------------------------------------------------------------------------------------
+
+def random_targets(generator, counts, num_classes=5):
+    targets = []
+    for n in counts:
+        centres = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(n, 2, generator=generator) * 0.2 + 0.05
+        targets.append({"labels": torch.randint(0, num_classes, (n,), generator=generator),
+                        "boxes": torch.cat([centres, sizes], dim=1)})
+    return targets
+
+
+def random_outputs(generator, batch, queries, num_classes=5):
+    boxes = torch.cat([torch.rand(batch, queries, 2, generator=generator),
+                       torch.rand(batch, queries, 2, generator=generator) * 0.3 + 0.02], dim=-1)
+    return {"pred_logits": torch.randn(batch, queries, num_classes, generator=generator), "pred_boxes": boxes}
+
+
+def test_matcher_batched_equals_one_image_at_a_time():
+    generator = torch.Generator().manual_seed(0)
+    outputs = random_outputs(generator, batch=3, queries=7)
+    targets = random_targets(generator, counts=[3, 0, 5])
+    matcher = HungarianMatcher()
+    batched = matcher(outputs, targets)
+    for image, (rows, cols) in enumerate(batched):
+        single = matcher({k: v[image:image + 1] for k, v in outputs.items()}, [targets[image]])[0]
+        assert torch.equal(rows, single[0]) and torch.equal(cols, single[1])
+        assert len(rows) == len(targets[image]["labels"])
+    assert len(batched[1][0]) == 0
+
+
+def test_matcher_with_only_empty_targets():
+    generator = torch.Generator().manual_seed(1)
+    indices = HungarianMatcher()(random_outputs(generator, 2, 4), random_targets(generator, [0, 0]))
+    assert [(len(r), len(c)) for r, c in indices] == [(0, 0), (0, 0)]
+
+
+def test_matcher_picks_the_overlapping_query():
+    outputs = {"pred_logits": torch.zeros(1, 3, 2),
+               "pred_boxes": torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.2, 0.2], [0.5, 0.5, 0.3, 0.3]]])}
+    targets = [{"labels": torch.tensor([1, 0]), "boxes": torch.tensor([[0.69, 0.7, 0.2, 0.2], [0.2, 0.21, 0.1, 0.1]])}]
+    rows, cols = HungarianMatcher()(outputs, targets)[0]
+    assert dict(zip(cols.tolist(), rows.tolist())) == {0: 1, 1: 0}
+
+
+def test_criterion_on_known_inputs():
+    """All logits 0 (p = 0.5): focal terms are log2 * 0.25 * (0.25 per positive, 0.75 per negative);
+    matched boxes off by 0.1 in cx give L1 = 0.1 per box and a known GIoU."""
+    num_classes, queries = 4, 3
+    target_boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.2, 0.4]])
+    pred_boxes = torch.tensor([[[0.4, 0.3, 0.2, 0.2], [0.5, 0.9, 0.05, 0.05], [0.8, 0.6, 0.2, 0.4]]])
+    outputs = {"pred_logits": torch.zeros(1, queries, num_classes), "pred_boxes": pred_boxes}
+    targets = [{"labels": torch.tensor([2, 3]), "boxes": target_boxes}]
+    criterion = SetCriterion(num_classes, HungarianMatcher(), {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}, 0.25)
+    losses = criterion(outputs, targets)
+
+    positives, negatives = 2, queries * num_classes - 2
+    expected_ce = math.log(2) * 0.25 * (0.25 * positives + 0.75 * negatives) / 2
+    # Each matched pair: two 0.2x0.2 (or 0.2x0.4) boxes shifted by half their width: IoU 1/3, hull = union.
+    expected_giou = 1 - 1 / 3
+    assert losses["loss_ce"].item() == pytest.approx(expected_ce, rel=1e-5)
+    assert losses["loss_bbox"].item() == pytest.approx(0.1, rel=1e-5)
+    assert losses["loss_giou"].item() == pytest.approx(expected_giou, rel=1e-5)
+    assert losses["class_error"].item() == pytest.approx(100.0)
+
+
+def test_aux_losses_and_weight_dict_follow_the_paper_flags():
+    args = parse_args("--distil_model", "vidt_base", "--distil_model_path", "unused")
+    weights = build_weight_dict(args)
+    assert weights["loss_distil"] == 4.0 and weights["loss_ce_5"] == 2 and weights["loss_bbox_0"] == 5
+    assert len(weights) == 3 * 7 + 1
+    generator = torch.Generator().manual_seed(2)
+    outputs = random_outputs(generator, 2, 5, num_classes=91)
+    outputs["aux_outputs"] = [random_outputs(generator, 2, 5, num_classes=91) for _ in range(6)]
+    losses = SetCriterion(91, HungarianMatcher(), weights, 0.25)(outputs, random_targets(generator, [2, 1]))
+    assert {f"loss_giou_{i}" for i in range(6)} <= set(losses)
+
+
+def test_distillation_loss_is_invariant_to_per_feature_affine_maps():
+    generator = torch.Generator().manual_seed(3)
+    teacher = {"patch_token": [torch.randn(50, 8, generator=generator) for _ in range(4)],
+               "body_det_token": torch.randn(20, 8, generator=generator),
+               "neck_det_token": torch.randn(70, 8, generator=generator)}
+    scale, shift = torch.rand(8, generator=generator) + 0.5, torch.randn(8, generator=generator)
+    affine = {"patch_token": [t * scale + shift for t in teacher["patch_token"]],
+              "body_det_token": teacher["body_det_token"] * scale + shift,
+              "neck_det_token": teacher["neck_det_token"] * scale + shift}
+    assert distillation_loss(affine, teacher).item() == pytest.approx(0.0, abs=1e-5)
+    noisy = dict(affine, body_det_token=torch.randn(20, 8, generator=generator))
+    assert distillation_loss(noisy, teacher).item() > 0.1
+
+
+def test_postprocess_top100_over_queries_and_classes():
+    logits = torch.full((1, 200, 91), -10.0)
+    logits[0, 7, 3] = 5.0
+    boxes = torch.tensor([0.5, 0.5, 0.2, 0.4]).repeat(1, 200, 1)
+    result = PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))[0]
+    assert result["scores"].shape == (100,)
+    assert result["labels"][0].item() == 3
+    assert result["boxes"][0].tolist() == pytest.approx([80.0, 30.0, 120.0, 70.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-scale deformable attention
+# ---------------------------------------------------------------------------------------------
+
+def naive_deformable_attention(value, shapes, locations, weights):
+    """Per query, head, level and point: bilinear sample at (x*W - 0.5, y*H - 0.5), zero outside."""
+    N, _, M, D = value.shape
+    _, Lq, _, L, P, _ = locations.shape
+    starts = [0]
+    for h, w in shapes:
+        starts.append(starts[-1] + h * w)
+    out = torch.zeros(N, Lq, M, D, dtype=value.dtype)
+    for n in range(N):
+        for q in range(Lq):
+            for m in range(M):
+                for level, (h, w) in enumerate(shapes):
+                    value_map = value[n, starts[level]:starts[level + 1], m].view(h, w, D)
+                    for p in range(P):
+                        x = locations[n, q, m, level, p, 0].item() * w - 0.5
+                        y = locations[n, q, m, level, p, 1].item() * h - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        sample = torch.zeros(D, dtype=value.dtype)
+                        for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+                            if 0 <= yy < h and 0 <= xx < w:
+                                sample += (1 - abs(x - xx)) * (1 - abs(y - yy)) * value_map[yy, xx]
+                        out[n, q, m] += weights[n, q, m, level, p] * sample
+    return out.flatten(2)
+
+
+def test_deformable_attention_matches_a_naive_loop():
+    generator = torch.Generator().manual_seed(4)
+    shapes = [(3, 5), (2, 2)]
+    N, Lq, M, D, L, P = 2, 3, 2, 4, len(shapes), 3
+    value = torch.randn(N, sum(h * w for h, w in shapes), M, D, generator=generator, dtype=torch.float64)
+    locations = torch.rand(N, Lq, M, L, P, 2, generator=generator, dtype=torch.float64) * 1.4 - 0.2  # some outside
+    weights = torch.rand(N, Lq, M, L, P, generator=generator, dtype=torch.float64)
+    fast = multi_scale_deformable_attention(value, shapes, locations, weights)
+    assert torch.allclose(fast, naive_deformable_attention(value, shapes, locations, weights), atol=1e-10)
+
+
+def test_deformable_attention_initial_offsets_and_box_references():
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=2)
+    offsets = attn.sampling_offsets.bias.view(4, 2, 2, 2)
+    assert offsets[0, 0].tolist() == [[1.0, 0.0], [2.0, 0.0]]  # head 0 points along +x, point p at p+1
+    assert offsets[1, 1, 1].tolist() == pytest.approx([0.0, 2.0], abs=1e-6)  # head 1 of 4 along +y
+    query, memory = torch.randn(1, 5, 16), torch.randn(1, 3 * 4 + 2 * 2, 16)
+    shapes = torch.tensor([[3, 4], [2, 2]])
+    out2 = attn(query, torch.rand(1, 5, 2, 2), memory, shapes)
+    out4 = attn(query, torch.rand(1, 5, 2, 4), memory, shapes)
+    assert out2.shape == out4.shape == (1, 5, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# State-dict manifests and parameter groups (real default configuration)
+# ---------------------------------------------------------------------------------------------
+
+def test_nano_student_matches_the_released_layout(nano):
+    assert state_manifest(nano.state_dict()) == read_manifest("vidt_swin_nano")
+    assert sum(p.numel() for p in nano.parameters()) == 16_124_965
+
+
+@pytest.mark.parametrize("backbone, manifest, with_projectors, n_params", [
+    ("swin_tiny", "vidt_swin_tiny", True, 38_359_189),
+    ("swin_small", "vidt_swin_small", True, 60_861_349),
+    ("swin_base_win7_22k", "vidt_base_teacher", False, 99_959_635),
+])
+def test_model_matches_the_released_layout(backbone, manifest, with_projectors, n_params):
+    model = build_detector(parse_args(), backbone, "none", distil=True, with_projectors=with_projectors)
+    assert state_manifest(model.state_dict()) == read_manifest(manifest)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+
+
+def test_parameter_groups_of_nano(nano):
+    groups = param_groups(nano, weight_decay=1e-4)
+    counts = [(len(g["params"]), sum(p.numel() for p in g["params"])) for g in groups]
+    assert counts == [(233, 8_019_099), (135, 70_000), (81, 8_035_866)]
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0, 1e-4]
+
+
+def test_nano_forward_shapes_and_projector_gradients(nano):
+    samples = nested_tensor_from_images([torch.randn(3, 128, 160), torch.randn(3, 96, 128)])
+    nano.train()
+    out = nano(samples)
+    assert out["pred_logits"].shape == (2, 100, 91) and out["pred_boxes"].shape == (2, 100, 4)
+    assert len(out["aux_outputs"]) == 6
+    tokens = out["distil_tokens"]
+    assert [tuple(t.shape) for t in tokens["patch_token"]] == [(2 * 16 * 20, 256), (2 * 8 * 10, 256),
+                                                               (2 * 4 * 5, 256), (2 * 2 * 3, 256)]
+    assert tokens["body_det_token"].shape == (200, 256) and tokens["neck_det_token"].shape == (1400, 256)
+    tokens["neck_det_token"].square().mean().backward()
+    assert nano.neck_det_projector.projector.parametrizations.weight.original.grad.abs().sum() > 0
+    nano.zero_grad()
+
+
+def test_detector_without_refinement_shares_one_head():
+    args = get_args_parser().parse_args(["--det_token_num", "10", "--dec_layers", "2"])
+    model = build_detector(args, "swin_nano", "none", distil=False, with_projectors=False).eval()
+    assert model.class_embed[0] is model.class_embed[2] and model.transformer.decoder.bbox_embed is None
+    with torch.no_grad():
+        out = model(nested_tensor_from_images([torch.randn(3, 64, 96)]))
+    assert out["pred_boxes"].shape == (1, 10, 4) and "aux_outputs" not in out and "distil_tokens" not in out
+    assert 0 < out["pred_boxes"].min() and out["pred_boxes"].max() < 1
+
+
+def test_strict_loading_names_the_bad_keys(nano):
+    state = nano.state_dict()
+    del state["backbone.det_token"]
+    state["class_embed.0.bias"] = torch.zeros(80)
+    with pytest.raises(CheckpointError, match=r"missing keys: backbone.det_token.*class_embed.0.bias \[80\]"):
+        load_state_dict_strictly(nano, state, "test file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags, transforms, schedule
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--iou_aware", "True"], "not supported"),
+    (["--token_label", "True"], "not supported"),
+    (["--lr_backbone", "2e-5"], "has no effect"),
+    (["--backbone_name", "coat_lite_tiny"], "not supported"),
+])
+def test_unsupported_flags_stop_with_one_line(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        check_supported(parse_args(*flags))
+
+
+def test_boolean_flags_accept_only_true_or_false():
+    assert parse_args("--eval", "TRUE").eval is True
+    with pytest.raises(SystemExit):
+        parse_args("--eval", "yes")
+
+
+def test_resize_floors_both_sides_to_multiples_of_16():
+    assert resized_shape(640, 480, 800, 1333) == (800, 1056)
+    assert resized_shape(1000, 200, 800, 1333) == (256, 1328)  # short side reduced to 267 by the cap
+    assert resized_shape(500, 300, 300, None) == (288, 496)  # already at size: original floored
+
+
+def test_val_transform_of_default_flags():
+    from PIL import Image
+    args = get_args_parser().parse_args([])
+    transform = make_coco_transforms("val", args.train_sizes, args.max_size, args.eval_size)
+    target = {"boxes": torch.tensor([[64.0, 48.0, 320.0, 240.0]]), "labels": torch.tensor([1]),
+              "area": torch.tensor([100.0]), "iscrowd": torch.tensor([0]), "size": torch.tensor([480, 640])}
+    image, target = transform(Image.new("RGB", (640, 480)), target)
+    assert image.shape == (3, 800, 1056)
+    assert target["boxes"][0].tolist() == pytest.approx([0.3, 0.3, 0.4, 0.4], abs=1e-6)
+
+
+def test_cosine_schedule_lags_one_epoch():
+    args = parse_args("--epochs", "50")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler = build_scheduler(optimizer, args)
+    lrs = []
+    for epoch in range(50):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        step_scheduler(scheduler, epoch)
+    cosine = [1e-7 + 0.5 * (1e-4 - 1e-7) * (1 + math.cos(math.pi * t / 50)) for t in range(50)]
+    assert lrs[0] == lrs[1] == pytest.approx(1e-4)
+    assert lrs[2:] == pytest.approx(cosine[1:49], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through vidt/main.py on a synthetic COCO set
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory):
+    return make_synthetic_coco(tmp_path_factory.mktemp("synthetic_coco"), num_train=4, num_val=2, size=(160, 128))
+
+
+def save_released_form(model, path):
+    """A checkpoint as NAVER/VkD release them: DETR form with an argparse.Namespace under 'args'."""
+    torch.save({"model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "epoch": 49,
+                "args": argparse.Namespace(backbone_name="swin_nano", method="vidt")}, path)
+
+
+def run_vidt_main(args, launcher=(), timeout=240):
+    """Run ``python [launcher] main.py args`` from inside vidt/, as the seed's commands do."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, *launcher, "main.py", *args], cwd=VIDT_DIR, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distillation_training_then_evaluation(coco_root, tmp_path):
+    teacher = build_detector(parse_args(), "swin_base_win7_22k", "none", distil=True, with_projectors=False)
+    teacher_path = tmp_path / "vidt_base_150.pth"
+    save_released_form(teacher, teacher_path)
+    del teacher
+    out_dir = tmp_path / "run"
+    stdout = run_vidt_main([*PAPER_FLAGS, *SMALL_IMAGE_FLAGS, "--backbone_name", "swin_nano", "--epochs", "1",
+                       "--batch_size", "2", "--distil_model", "vidt_base", "--distil_model_path", str(teacher_path),
+                       "--coco_path", str(coco_root), "--output_dir", str(out_dir)])
+    assert "number of params: 16124965" in stdout
+    assert stdout.count("Epoch: [0] [") == 2 and "loss_distil" in stdout
+    assert COCO_SUMMARY_LINE in stdout
+    checkpoint = torch.load(out_dir / "checkpoint.pth", weights_only=True)  # our args are a plain dict
+    assert state_manifest(checkpoint["model"]) == read_manifest("vidt_swin_nano")
+    assert checkpoint["epoch"] == 0 and checkpoint["args"]["distil_model"] == "vidt_base"
+    assert (out_dir / "eval_stats.json").exists() and (out_dir / "log.txt").exists()
+
+
+def test_evaluation_of_a_released_nano_file(nano, coco_root, tmp_path):
+    path = tmp_path / "vidt_nano_released.pth"
+    save_released_form(nano, path)
+    out_dir = tmp_path / "eval"
+    stdout = run_vidt_main([*PAPER_FLAGS, *SMALL_IMAGE_FLAGS, "--backbone_name", "swin_nano", "--batch_size", "2",
+                       "--eval", "True", "--resume", str(path), "--coco_path", str(coco_root),
+                       "--output_dir", str(out_dir)])
+    assert f"resumed from {path}" in stdout and COCO_SUMMARY_LINE in stdout
+    assert (out_dir / "eval_stats.json").exists()
+
+
+def test_two_process_gloo_training_and_evaluation(coco_root, tmp_path):
+    launcher = ["-m", "torch.distributed.launch", "--nproc_per_node=2", "--nnodes=1", "--use_env",
+                f"--master_port={free_port()}"]
+    out_dir = tmp_path / "ddp"
+    stdout = run_vidt_main([*PAPER_FLAGS, *SMALL_IMAGE_FLAGS, "--backbone_name", "swin_nano", "--epochs", "1",
+                       "--batch_size", "1", "--coco_path", str(coco_root), "--output_dir", str(out_dir),
+                       "--dist-url", f"tcp://127.0.0.1:{free_port()}"], launcher=launcher)
+    assert "distributed init (rank 0 of 2)" in stdout
+    assert stdout.count(f"{COCO_SUMMARY_LINE} | area=   all") == 1  # one summary, printed by rank 0
+    assert (out_dir / "checkpoint.pth").exists()
