@@ -12,6 +12,7 @@ takes effect, or, when it cannot, setting it is an error (see ``NOT_APPLICABLE``
 import argparse
 import copy
 import datetime
+import inspect
 import json
 import os
 import random
@@ -44,6 +45,9 @@ LATEST, BEST, TEACHER_FILE = "latest.pth.tar", "best.pth.tar", "teacher.pth"
 SCHEDULES = ("cosine", "tanh", "step", "poly", "constant")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 DEFAULT_MASTER_PORT = "29500"
+ORIGINAL_WORKERS = 12
+# models.create_student owns the choice of implementation; the flag only exposes it.
+DEFAULT_PROJECTOR_IMPL = inspect.signature(models.create_student).parameters["projector_impl"].default
 
 
 def fail(message: str) -> NoReturn:
@@ -95,10 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the EMA on the CPU")
     parser.add_argument("--projector", default="orthogonal", choices=models.PROJECTORS,
                         help="student -> teacher feature map: VkD's orthogonal one, or a plain linear layer (ablation)")
-    parser.add_argument("--orthogonal-map", default=None, choices=("matrix_exp", "cayley", "householder"),
+    parser.add_argument("--orthogonal-map", default=None, choices=orthogonal_maps.ORTHOGONAL_MAPS,
                         help="orthogonal map (default: torch's choice, householder for non-square)")
-    parser.add_argument("--projector-impl", default="torch", choices=orthogonal_maps.IMPLEMENTATIONS,
-                        help="implementation of the orthogonal projector (default: torch)")
+    parser.add_argument("--projector-impl", default=DEFAULT_PROJECTOR_IMPL, choices=orthogonal_maps.IMPLEMENTATIONS,
+                        help=f"implementation of the orthogonal projector (default: {DEFAULT_PROJECTOR_IMPL})")
+    parser.add_argument("--projector-weight-decay", action="store_true", default=True,
+                        help="weight decay on the projector's parametrization, as the original (default). With the "
+                             "Householder map it zeroes the projector after the first AdamW step (README)")
+    parser.add_argument("--no-projector-weight-decay", action="store_false", dest="projector_weight_decay",
+                        help="exclude the projector from weight decay: it then stays an isometry")
 
     # Optimizer
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"), help="(default: adamw)")
@@ -189,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-dist-eval", action="store_false", dest="dist_eval",
                         help="every rank evaluates the whole validation set")
     parser.set_defaults(dist_eval=True)
-    parser.add_argument("--num_workers", default=12, type=int)
+    parser.add_argument("--num_workers", default=min(ORIGINAL_WORKERS, len(os.sched_getaffinity(0))), type=int,
+                        help=f"loader processes per rank (default: {ORIGINAL_WORKERS}, the original's, or the "
+                             f"number of usable CPUs if fewer)")
     parser.add_argument("--pin-mem", action="store_true", help="pin loader memory (default)")
     parser.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
@@ -220,8 +231,9 @@ EVAL_FLAGS = _flags("config", "batch_size", "eval_student", "student_ckpt", "stu
                     "resume", "eval", "eval_crop_ratio", "dist_eval", "num_workers", "pin_mem", "amp", "print_freq",
                     "local_rank", "world_size", "dist_url", "dist_timeout")
 DISTILLATION_FLAGS = _flags("alpha", "gamma", "temperature", "normalisation", "feature_loss", "projector",
-                            "orthogonal_map", "projector_impl", "teacher_path")
-FEATURE_FLAGS = _flags("normalisation", "feature_loss", "projector", "orthogonal_map", "projector_impl")
+                            "orthogonal_map", "projector_impl", "projector_weight_decay", "teacher_path")
+FEATURE_FLAGS = _flags("normalisation", "feature_loss", "projector", "orthogonal_map", "projector_impl",
+                       "projector_weight_decay")
 
 
 def _mixup_on(args) -> bool:
@@ -294,9 +306,8 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, ob
     return defaults
 
 
-def parse_arguments(argv=None):
+def parse_arguments(argv):
     """The resolved arguments and the set of destinations given on the command line."""
-    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
@@ -411,6 +422,8 @@ def init_runtime(args, explicit: Set[str]) -> Runtime:
     device = _select_device(args.device, local_rank)
     if args.amp is None:
         args.amp = "fp16" if device.type == "cuda" else "none"
+    if device.type != "cuda":
+        args.pin_mem = False  # pinning only helps host-to-GPU copies (and warns without a GPU)
     if args.amp == "fp16" and device.type != "cuda":
         fail("--amp fp16 needs a CUDA device; use --amp bf16 or --amp none on the CPU")
     if world_size > 1:
@@ -499,14 +512,21 @@ def build_base_criterion(args, mixup_on: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def parameter_groups(model: nn.Module, weight_decay: float):
-    """No weight decay on 1-D parameters, biases and the model's ``no_weight_decay()`` names (the original's rule)."""
+def parameter_groups(model: nn.Module, weight_decay: float, decay_projector: bool = True):
+    """No weight decay on 1-D parameters, biases and the model's ``no_weight_decay()`` names (the original's
+    rule), nor on ``projector.*`` unless ``decay_projector``.
+
+    Why the projector option: torch's Householder map takes each column's sign from int() of the
+    diagonal of ``original``, which receives no gradient; decay moves it off -1 and int() turns it
+    to 0, so the original recipe trains with a zero projector after its first step (README).
+    """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim <= 1 or name.endswith(".bias") or name in skip:
+        exempt_projector = not decay_projector and name.startswith("projector.")
+        if parameter.ndim <= 1 or name.endswith(".bias") or name in skip or exempt_projector:
             no_decay.append(parameter)
         else:
             decay.append(parameter)
@@ -514,7 +534,7 @@ def parameter_groups(model: nn.Module, weight_decay: float):
 
 
 def build_optimizer(args, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, args.weight_decay)
+    groups = parameter_groups(model, args.weight_decay, args.projector_weight_decay)
     if args.opt == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=lr, eps=args.opt_eps, betas=tuple(args.opt_betas or (0.9, 0.999)))
@@ -636,6 +656,12 @@ class Trainer:
 
 # ============================================================================ runs
 
+def warn_unreadable(runtime: Runtime, count: int, what: str) -> None:
+    if count and runtime.is_main:
+        print(f"warning: {count} unreadable {what} were skipped (--strict-data makes them an error)",
+              file=sys.stderr, flush=True)
+
+
 def write_json(path: str, content: dict) -> None:
     with open(path, "w") as handle:
         json.dump(content, handle, indent=1)
@@ -654,6 +680,7 @@ def run_evaluation(args, runtime: Runtime, checkpoint_path: str, subject: str) -
     loader = build_val_loader(args, dataset_val, runtime, sharded=args.dist_eval)
     results = evaluate(model, loader, runtime.device, AMP_DTYPES[args.amp], args.print_freq, runtime.is_main,
                        sharded=args.dist_eval)
+    warn_unreadable(runtime, results["unreadable_images"], "validation images")
     runtime.log(f"Accuracy of {subject} on the {results['images']} test images: {results['acc1']:.1f}%")
     if args.output_dir and runtime.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -673,19 +700,22 @@ def build_training_model(args, runtime: Runtime, nb_classes: int):
         runtime.log(f"Creating teacher: {args.teacher}")
         teacher = models.create_teacher(args.teacher, num_classes=nb_classes, teacher_path=args.teacher_path)
     student = build_student(args, nb_classes, teacher_dim=teacher.num_features if args.alpha > 0 else None)
+    if args.alpha > 0 and args.projector_weight_decay and args.weight_decay > 0 and args.projector == "orthogonal":
+        runtime.log("note: as in the original, the projector gets weight decay; with the Householder map this "
+                    "zeroes it after the first step. --no-projector-weight-decay keeps it an isometry (README)")
     criterion = VkDLoss(teacher, base_criterion, alpha=args.alpha, gamma=args.gamma, temperature=args.temperature,
                         normalisation=args.normalisation, feature_loss=args.feature_loss)
     return student, criterion
 
 
-def write_run_info(args, runtime: Runtime, lr: float) -> None:
+def write_run_info(args, runtime: Runtime, argv, lr: float) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     write_json(os.path.join(args.output_dir, "args.json"),
-               dict(args=vars(args), git_commit=git_commit(), command=sys.argv, processes=runtime.world_size,
+               dict(args=vars(args), git_commit=git_commit(), command=list(argv), processes=runtime.world_size,
                     global_batch=args.batch_size * runtime.world_size, lr_effective=lr))
 
 
-def run_training(args, runtime: Runtime) -> None:
+def run_training(args, runtime: Runtime, argv) -> None:
     seed_everything(args.seed + runtime.rank)
     data = data_args(args)
     dataset_train, nb_classes = datasets.build_dataset(True, data)
@@ -734,7 +764,7 @@ def run_training(args, runtime: Runtime) -> None:
 
     tb_writer = None
     if args.output_dir and runtime.is_main:
-        write_run_info(args, runtime, lr)
+        write_run_info(args, runtime, argv, lr)
         from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
         tb_writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
     runtime.log(f"Start training for {total_epochs} epochs ({steps_per_epoch} iterations each, lr {lr:.3g})")
@@ -748,11 +778,10 @@ def run_training(args, runtime: Runtime) -> None:
             set_training_mode=args.train_mode, print_freq=args.print_freq, is_main=runtime.is_main,
             world_size=runtime.world_size, tb_writer=tb_writer)
         trainer.nonfinite_skipped += train_stats["nonfinite_skipped"]
-        if train_stats["unreadable_images"] and runtime.is_main:
-            print(f"warning: {train_stats['unreadable_images']} unreadable training image(s) skipped in epoch {epoch}",
-                  file=sys.stderr, flush=True)
+        warn_unreadable(runtime, train_stats["unreadable_images"], f"training images in epoch {epoch}")
         val_stats = evaluate(model, val_loader, runtime.device, AMP_DTYPES[args.amp], args.print_freq,
                              runtime.is_main, sharded=args.dist_eval)
+        warn_unreadable(runtime, val_stats["unreadable_images"], "validation images")
         runtime.log(f"Accuracy of the network on the {val_stats['images']} test images: {val_stats['acc1']:.1f}%")
         improved = val_stats["acc1"] > trainer.best_acc1
         trainer.best_acc1 = max(trainer.best_acc1, val_stats["acc1"])
@@ -782,10 +811,28 @@ def run_training(args, runtime: Runtime) -> None:
         tb_writer.close()
 
 
+# Gloo and NCCL report a dead or silent peer as a plain RuntimeError from whichever collective noticed.
+COMMUNICATION_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timed out",
+                                 "Timeout", "NCCL", "gloo")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_communication_failure(error: RuntimeError) -> bool:
+    return isinstance(error, dist.DistError) or any(marker in str(error) for marker in COMMUNICATION_FAILURE_MARKERS)
+
+
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, explicit = parse_arguments(argv)
     check_arguments(args, explicit)
     runtime = init_runtime(args, explicit)
+    for dest in ("repeated_aug", "dist_eval"):
+        if dest in explicit and not runtime.distributed:
+            fail(f"--{dest.replace('_', '-')} has no effect with a single process")
     try:
         if args.eval_student:
             run_evaluation(args, runtime, args.student_ckpt, "the student network")
@@ -795,14 +842,16 @@ def main(argv=None) -> None:
                 fail(f"--eval: no {LATEST} in {args.output_dir}")
             run_evaluation(args, runtime, path, "the network")
         else:
-            run_training(args, runtime)
+            run_training(args, runtime, argv)
     except (datasets.DatasetError, CheckpointError) as error:
         fail(str(error))
     except NonFiniteLossError as error:
         stop(f"{error}; the last checkpoint was left as it was")
-    except dist.DistError as error:
+    except RuntimeError as error:
+        if not (runtime.distributed and _is_communication_failure(error)):
+            raise
         stop(f"rank {runtime.rank}: distributed communication failed, probably because another process died "
-             f"(collectives give up after --dist-timeout {args.dist_timeout:g} min): {str(error).splitlines()[0]}")
+             f"(collectives give up after --dist-timeout {args.dist_timeout:g} min): {_first_line(error)}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

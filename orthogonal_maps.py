@@ -51,8 +51,8 @@ def register_orthogonal(module: nn.Module, orthogonal_map: Optional[str] = None,
     weight = module.weight
     if orthogonal_map is None:
         orthogonal_map = "matrix_exp" if weight.shape[-2] == weight.shape[-1] else "householder"
-    # unsafe=True as torch registers it: right_inverse is then called once, with the same random
-    # draws, so a seeded fast module starts with the same `base` as a seeded torch one.
+    # Registered as torch registers its own (unsafe=True: no check forward): right_inverse runs once
+    # and draws the same random numbers, so a seeded fast module gets the same `base` as torch's.
     parametrize.register_parametrization(module, "weight", FastOrthogonal(weight, orthogonal_map), unsafe=True)
     if type(module).forward is nn.Linear.forward:
         # parametrize gave the module a class of its own (undone by remove_parametrizations), so this

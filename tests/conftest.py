@@ -1,0 +1,113 @@
+"""Fixtures shared by the entry-point tests: a tiny ImageFolder, a tiny teacher file, and ways to run
+``main_distributed.py`` in this process or under a launcher."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_SIZE = 32
+CLASSES = ("cat", "dog", "fox")
+TRAIN_PER_CLASS = (6, 6, 6)
+VAL_PER_CLASS = (3, 2, 2)  # 7 images: an odd count, so 2 processes hold shards of different sizes
+TEACHER = "resnet10t"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multiprocess: starts several processes through a launcher (slower)")
+
+
+def write_image_folder(root: str, per_class, seed: int) -> None:
+    generator = np.random.RandomState(seed)
+    for name, count in zip(CLASSES, per_class):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for index in range(count):
+            pixels = generator.randint(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, name, f"{index}.png"))
+
+
+@pytest.fixture(scope="session")
+def tiny_image_folder(tmp_path_factory) -> str:
+    """``train/`` (3 classes x 6 random 32 px images) and ``val/`` (7 images)."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_image_folder(str(root / "train"), TRAIN_PER_CLASS, seed=0)
+    write_image_folder(str(root / "val"), VAL_PER_CLASS, seed=1)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_file(tmp_path_factory) -> str:
+    """A randomly initialised timm resnet10t (3 classes) in the format --teacher-path reads."""
+    import timm
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.pth")
+    torch.save({"model": timm.create_model(TEACHER, num_classes=len(CLASSES)).state_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def data_flags(tiny_image_folder):
+    """Flags of a small, fast run on the tiny data (the student is the default deit_ti_distilled)."""
+    return ["--data-set", "FOLDER", "--data-path", tiny_image_folder, "--input-size", str(IMAGE_SIZE),
+            "--batch-size", "4", "--num_workers", "0", "--print-freq", "100"]
+
+
+@pytest.fixture
+def train_flags(data_flags, tiny_teacher_file):
+    return data_flags + ["--teacher", TEACHER, "--teacher-path", tiny_teacher_file]
+
+
+@pytest.fixture
+def run_main(capsys):
+    """``run_main(argv)`` runs ``main_distributed.main`` here; returns (exit code, stdout, stderr)."""
+    import main_distributed
+
+    def run(argv):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the machines running the tests are small and shared
+        try:
+            main_distributed.main([str(item) for item in argv])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launcher_command(launcher: str, processes: int):
+    if launcher == "launch":  # the seed's form; it passes --local-rank to each process
+        return ["torch.distributed.launch", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
+    if launcher == "torchrun":
+        return ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    raise ValueError(launcher)
+
+
+@pytest.fixture
+def launch():
+    """``launch(launcher, argv)`` runs ``python -m <launcher> --nproc_per_node=2 main_distributed.py argv``
+    ('launch' or 'torchrun') from the repository root with one thread per process; returns the
+    CompletedProcess, stdout and stderr together in ``.stdout``."""
+
+    def run(launcher, argv, processes=2, timeout=240):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+        command = ([sys.executable, "-m"] + launcher_command(launcher, processes) + ["main_distributed.py"]
+                   + [str(item) for item in argv])
+        return subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout)
+
+    return run
