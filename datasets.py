@@ -70,7 +70,16 @@ class DatasetError(ValueError):
 
 
 class UnreadableImageError(DatasetError):
-    """An image file that cannot be read or decoded, raised only with ``strict_data``."""
+    """An image file that cannot be read or decoded, raised only with ``strict_data``.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt around the worker's whole
+    traceback text, whose last line is ``datasets.UnreadableImageError: <message>``; only that
+    message is kept, so the run still ends on one line naming the file.
+    """
+
+    def __init__(self, message: str):
+        last_line = message.strip().splitlines()[-1]
+        super().__init__(last_line.split(f"{type(self).__name__}: ", 1)[-1])
 
 
 def default_data_args(**overrides) -> argparse.Namespace:

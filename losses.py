@@ -27,7 +27,7 @@ class OrthogonalProjector(nn.Linear):
     parametrization.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, orthogonal_map: Optional[str] = None, impl: str = "torch"):
+    def __init__(self, in_dim: int, out_dim: int, orthogonal_map: Optional[str] = None, impl: str = "fast"):
         if out_dim < in_dim:
             raise ValueError(f"OrthogonalProjector needs out_dim >= in_dim for orthonormal columns, got {in_dim}->{out_dim}")
         super().__init__(in_dim, out_dim, bias=False)
@@ -37,7 +37,7 @@ class OrthogonalProjector(nn.Linear):
 class OrthogonalLinear(nn.Module):
     """Detection projector (VIDT_SPEC section 5): orthogonal map, then a per-channel scale and bias."""
 
-    def __init__(self, in_dim: int, out_dim: int, orthogonal_map: Optional[str] = None, impl: str = "torch"):
+    def __init__(self, in_dim: int, out_dim: int, orthogonal_map: Optional[str] = None, impl: str = "fast"):
         super().__init__()
         self.projector = OrthogonalProjector(in_dim, out_dim, orthogonal_map=orthogonal_map, impl=impl)
         self.weight = nn.Parameter(torch.ones(out_dim))

@@ -12,6 +12,7 @@ takes effect, or, when it cannot, setting it is an error (see ``NOT_APPLICABLE``
 import argparse
 import copy
 import datetime
+import difflib
 import inspect
 import json
 import os
@@ -41,10 +42,11 @@ from utils import (CheckpointError, add_ddp_prefix, all_finite, load_student_che
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 REFERENCE_BATCH = 512  # lr = --lr x global batch / 512 (DeiT's linear scaling rule)
-LATEST, BEST, TEACHER_FILE = "latest.pth.tar", "best.pth.tar", "teacher.pth"
+LATEST, BEST, TEACHER_FILE, LOG = "latest.pth.tar", "best.pth.tar", "teacher.pth", "log.txt"
 SCHEDULES = ("cosine", "tanh", "step", "poly", "constant")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 DEFAULT_MASTER_PORT = "29500"
+MAX_SUGGESTIONS = 5  # close matches listed for an unknown teacher name
 ORIGINAL_WORKERS = 12
 # models.create_student owns the choice of implementation; the flag only exposes it.
 DEFAULT_PROJECTOR_IMPL = inspect.signature(models.create_student).parameters["projector_impl"].default
@@ -290,8 +292,11 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, ob
         fail(f"could not read config {path}: {str(error).splitlines()[0]}")
     if not isinstance(config, dict):
         fail(f"config {path} must be a mapping of flag names to values")
+    # 'base: FILE.yaml' (relative to this file) supplies defaults that this file overrides, so a family of
+    # configs (the ablation rows) states its shared recipe once.
+    base = config.pop("base", None)
+    defaults = _config_defaults(parser, os.path.join(os.path.dirname(path), base)) if base else {}
     actions = {action.dest: action for action in parser._actions}
-    defaults = {}
     for key, value in config.items():
         dest = str(key).lstrip("-").replace("-", "_")
         if dest not in actions or dest in ("config", "help"):
@@ -348,8 +353,10 @@ def check_arguments(args, explicit: Set[str]) -> None:
     if not args.train_teacher and args.student_model not in models.STUDENT_MODELS:
         fail(f"unknown student model '{args.student_model}'; valid: {', '.join(models.STUDENT_MODELS)}")
     if (args.train_teacher or (distilling and not args.eval)) and args.teacher not in timm.list_models():
-        fail(f"unknown teacher model '{args.teacher}'; any timm model name works, e.g. regnety_160, resnet18 "
-             f"(list them with timm.list_models())")
+        # timm has over a thousand names: list the closest ones rather than all of them.
+        closest = difflib.get_close_matches(args.teacher, timm.list_models(), n=MAX_SUGGESTIONS)
+        suggestion = f"closest: {', '.join(closest)}" if closest else "e.g. regnety_160, resnet18"
+        fail(f"unknown teacher model '{args.teacher}'; any name in timm.list_models() works ({suggestion})")
     evaluating = args.eval_student or args.eval
     for dest in sorted(explicit):
         if evaluating and dest not in EVAL_FLAGS:
@@ -574,6 +581,38 @@ class StudentEMA:
 
 # ============================================================================ checkpoints
 
+def _logged_epoch(line: str) -> Optional[int]:
+    """The epoch of a log.txt line; None for a last line torn by a kill in the middle of its write."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        return json.loads(line)["epoch"]
+    except ValueError:
+        return None
+
+
+def trim_log(path: str, start_epoch: int) -> None:
+    """Keeps only the log.txt lines of epochs before ``start_epoch``, where training (re)starts.
+
+    A run killed after writing an epoch's line but before its latest.pth.tar redoes that epoch,
+    whose line must then appear once; a run that starts over replaces the log of the one before.
+    """
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        lines = handle.readlines()
+    kept = []
+    for line in lines:
+        epoch = _logged_epoch(line)
+        if epoch is not None and epoch < start_epoch:
+            kept.append(line)
+    if len(kept) < len(lines):
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as handle:
+            handle.writelines(kept)
+        os.replace(temporary, path)
+
+
 def resolve_resume(args) -> Optional[str]:
     if args.resume != "auto":
         return args.resume or None
@@ -619,17 +658,25 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 
-    def save(self, epoch: int, loss: float, improved: bool) -> None:
-        """latest.pth.tar every epoch, best.pth.tar on improvement, ep{N}.pth.tar every --checkpoint-freq."""
+    def save(self, epoch: int, loss: float, improved: bool, log_record: dict) -> None:
+        """The epoch's log.txt line, best.pth.tar on improvement, ep{N}.pth.tar every --checkpoint-freq,
+        and latest.pth.tar every epoch.
+
+        latest.pth.tar is written last: it is what --resume auto continues from, so a kill anywhere
+        before its (atomic) rename leaves the previous epoch as the last finished one, and the resumed
+        run redoes this epoch and rewrites the files above (``trim_log`` drops the stale log line).
+        """
         if not all_finite(self.model.state_dict()):
             stop(f"the weights became non-finite during epoch {epoch}; {LATEST} was left as it was")
-        content = self.checkpoint(epoch, loss)
         output_dir = self.args.output_dir
-        save_atomically(content, os.path.join(output_dir, LATEST))
+        with open(os.path.join(output_dir, LOG), "a") as handle:
+            handle.write(json.dumps(log_record) + "\n")
+        content = self.checkpoint(epoch, loss)
         if improved:
             save_atomically(content, os.path.join(output_dir, BEST))
         if (epoch + 1) % self.args.checkpoint_freq == 0:
             save_atomically(content, os.path.join(output_dir, f"ep{epoch + 1}.pth.tar"))
+        save_atomically(content, os.path.join(output_dir, LATEST))
 
     def restore(self, path: str) -> None:
         """Weights, EMA, optimizer, scaler, schedule and counters; training continues at the next epoch."""
@@ -765,6 +812,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
     tb_writer = None
     if args.output_dir and runtime.is_main:
         write_run_info(args, runtime, argv, lr)
+        trim_log(os.path.join(args.output_dir, LOG), trainer.start_epoch)
         from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
         tb_writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
     runtime.log(f"Start training for {total_epochs} epochs ({steps_per_epoch} iterations each, lr {lr:.3g})")
@@ -787,11 +835,9 @@ def run_training(args, runtime: Runtime, argv) -> None:
         trainer.best_acc1 = max(trainer.best_acc1, val_stats["acc1"])
         runtime.log(f"Max accuracy: {trainer.best_acc1:.2f}%")
         if args.output_dir and runtime.is_main:
-            trainer.save(epoch, train_stats["loss"], improved)
             record = dict(epoch=epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                           **{f"val_{k}": v for k, v in val_stats.items()}, best_acc1=trainer.best_acc1)
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            trainer.save(epoch, train_stats["loss"], improved, record)
             for name in ("acc1", "acc5", "loss"):
                 tb_writer.add_scalar(f"val/{name}", val_stats[name], epoch)
             tb_writer.flush()
@@ -850,7 +896,7 @@ def main(argv=None) -> None:
     except RuntimeError as error:
         if not (runtime.distributed and _is_communication_failure(error)):
             raise
-        stop(f"rank {runtime.rank}: distributed communication failed, probably because another process died "
+        stop(f"rank {runtime.rank}: distributed communication failed, probably because another process died or hung "
              f"(collectives give up after --dist-timeout {args.dist_timeout:g} min): {_first_line(error)}")
     finally:
         if dist.is_initialized():

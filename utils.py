@@ -1,7 +1,8 @@
 """Checkpoint loading (safe and strict) shared by training, evaluation, benchmarks and tests."""
+import glob
 import os
 import pickle
-import zipfile
+import re
 from typing import Dict, Iterable, Mapping, Optional
 
 import torch
@@ -16,10 +17,38 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, unsafe, or of the wrong architecture."""
 
 
+# torch names what a weights_only load refused as "GLOBAL module.name", e.g. "Unsupported global: GLOBAL
+# argparse.Namespace was not an allowed global" or "Trying to load unsupported GLOBAL posix.system whose module
+# posix is blocked". Garbage bytes fail in the same UnpicklingError type but without it ("Unsupported operand 87").
+REFUSED_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _load_error(path: str, error: BaseException) -> CheckpointError:
+    """One line naming ``path``: a refusal to run code, or an unreadable (corrupt, truncated, foreign) file."""
+    refused = REFUSED_GLOBAL.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
+    if refused:
+        return CheckpointError(f"refused to load {path}: it refers to {refused.group(1)}, which is neither a tensor "
+                               f"nor a plain container, and unpickling it could run code")
+    # torch's own text for an UnpicklingError is advice about weights_only, which misleads for a broken file;
+    # its other texts go on with generic advice after the first sentence.
+    if isinstance(error, pickle.UnpicklingError):
+        detail = "unreadable pickle data"
+    else:
+        detail = _first_line(error).split(". ")[0]
+    return CheckpointError(f"could not read checkpoint {path}: corrupt, truncated or not a PyTorch file "
+                           f"({type(error).__name__}: {detail})")
+
+
 def safe_torch_load(path: str, allowed_globals: Iterable[type] = ()) -> object:
     """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code.
 
     ``allowed_globals`` names the extra classes a known file format needs (e.g. argparse.Namespace).
+    Every failure is a one-line ``CheckpointError`` naming the file (see ``_load_error``).
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -28,13 +57,11 @@ def safe_torch_load(path: str, allowed_globals: Iterable[type] = ()) -> object:
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"refused to load {path}: it holds objects other than tensors and plain "
-                              f"containers, which could run code ({first_line})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"could not read checkpoint {path} (corrupt or truncated?): {first_line}") from None
+    # On malformed bytes torch.load raises a wide, undocumented set of types (UnpicklingError, RuntimeError,
+    # KeyError, IndexError, struct.error, AssertionError, UnicodeDecodeError, EOFError...), all seen when
+    # loading random and truncated files; none of them means anything but "this file cannot be read".
+    except Exception as error:
+        raise _load_error(path, error) from None
 
 
 def load_state_dict_file(path: str, preferred_keys: Iterable[str] = ("student", "model", "state_dict"),
@@ -118,7 +145,11 @@ def save_atomically(obj: object, path: str) -> None:
     truncated file (os.replace is atomic within one file system).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    prefix = f".{os.path.basename(path)}.tmp."
+    # Temporaries of writers killed mid-save (pre-emption) would otherwise pile up, one checkpoint each.
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*")):
+        os.remove(stale)
+    temporary = os.path.join(folder, f"{prefix}{os.getpid()}")
     try:
         with open(temporary, "wb") as handle:
             torch.save(obj, handle)

@@ -11,6 +11,7 @@ the projector's forward+backward, the teacher's forward and the student's forwar
 """
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -42,8 +43,11 @@ def parse_args(argv=None):
     parser.add_argument("--projector-impl", choices=("fast", "torch"), default="fast")
     parser.add_argument("--orthogonal-map", default=None,
                         help="householder | matrix_exp | cayley | qr (default: torch's choice for the shape)")
-    parser.add_argument("--optimizer-impl", choices=("for-loop", "foreach", "fused"), default="for-loop",
-                        help="AdamW implementation (default for-loop, torch's CPU default)")
+    parser.add_argument("--optimizer-impl", choices=("default", "fused"), default="default",
+                        help="AdamW implementation: torch's default (for-loop on CPU, foreach on CUDA) or fused")
+    parser.add_argument("--teacher-channels-last", action="store_true",
+                        help="store the teacher's weights channels-last (default: off, as training does)")
+    parser.add_argument("--no-teacher-channels-last", action="store_false", dest="teacher_channels_last")
     return parser.parse_args(argv)
 
 
@@ -65,96 +69,97 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def build(args, device: torch.device):
-    torch.manual_seed(0)
-    teacher = timm.create_model(args.teacher, pretrained=False, num_classes=1000).to(device)
-    student = create_student(args.student, num_classes=1000, img_size=args.input_size,
-                             teacher_dim=teacher.num_features, orthogonal_map=args.orthogonal_map,
-                             projector_impl=args.projector_impl).to(device)
-    criterion = VkDLoss(teacher, nn.CrossEntropyLoss(label_smoothing=0.1))
-    impl = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
-    optimizer = torch.optim.AdamW(parameter_groups(student, WEIGHT_DECAY), lr=LR, **impl[args.optimizer_impl])
-    return teacher, student, criterion, optimizer
+class TrainStep:
+    """Models, optimizer and one synthetic batch for ``args``; ``step()`` runs one training step."""
+
+    def __init__(self, args):
+        self.device = torch.device(args.device)
+        self.amp_dtype = AMP_DTYPES[args.amp]
+        torch.manual_seed(0)
+        self.teacher = timm.create_model(args.teacher, pretrained=False, num_classes=1000).to(self.device)
+        if args.teacher_channels_last:
+            # Weights alone suffice: convolutions follow the weight's memory format.
+            self.teacher.to(memory_format=torch.channels_last)
+        self.student = create_student(args.student, num_classes=1000, img_size=args.input_size,
+                                      teacher_dim=self.teacher.num_features, orthogonal_map=args.orthogonal_map,
+                                      projector_impl=args.projector_impl).to(self.device).train()
+        self.criterion = VkDLoss(self.teacher, nn.CrossEntropyLoss(label_smoothing=0.1)).train()
+        fused = {"fused": True} if args.optimizer_impl == "fused" else {}
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.student, WEIGHT_DECAY), lr=LR, **fused)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        generator = torch.Generator().manual_seed(0)
+        shape = (args.batch_size, 3, args.input_size, args.input_size)
+        self.samples = torch.randn(shape, generator=generator).to(self.device)
+        self.targets = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(self.device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def step(self) -> float:
+        """One training step; returns its wall time in seconds."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        with self.autocast():
+            terms = self.criterion(self.samples, self.student(self.samples, with_projection=True), self.targets)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+    def component_ms(self, repeats: int):
+        """Median ms of the projector's fwd+bwd, the teacher's forward and the student's fwd+bwd."""
+        with torch.no_grad(), self.autocast():
+            features = self.student.forward_features(self.samples)[2].mean(1)
+
+        def projector_step():
+            with self.autocast():
+                self.student.projector(features).float().square().mean().backward()
+
+        def teacher_forward():
+            with torch.no_grad(), self.autocast():
+                self.teacher.forward_head(self.teacher.forward_features(self.samples))
+
+        def student_step():
+            with self.autocast():
+                cls_logits, dist_logits = self.student(self.samples)
+                (cls_logits.float().mean() + dist_logits.float().mean()).backward()
+
+        times = {name: timed(fn, self.device, repeats) for name, fn in
+                 (("projector_ms", projector_step), ("teacher_ms", teacher_forward), ("student_ms", student_step))}
+        self.optimizer.zero_grad(set_to_none=True)
+        return times
+
+    def peak_mem_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
-    amp_dtype = AMP_DTYPES[args.amp]
-    teacher, student, criterion, optimizer = build(args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    student.train()
-    criterion.train()
-    generator = torch.Generator().manual_seed(0)
-    samples = torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=generator).to(device)
-    targets = torch.randint(0, 1000, (args.batch_size,), generator=generator).to(device)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    def train_step():
-        with autocast():
-            terms = criterion(samples, student(samples, with_projection=True), targets)
-        scaler.scale(terms["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    step_times = []
-    for index in range(args.warmup + args.steps):
-        synchronize(device)
-        start = time.perf_counter()
-        train_step()
-        synchronize(device)
-        if index >= args.warmup:
-            step_times.append(time.perf_counter() - start)
-    peak_mem_mb = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-                   else _max_rss_mb())
-
-    # Components on the same shapes; fewer repeats, as torch's projector takes seconds per call.
-    repeats = max(1, min(3, args.steps))
-    with torch.no_grad(), autocast():
-        features = student.forward_features(samples)[2].mean(1)
-
-    def projector_step():
-        with autocast():
-            student.projector(features).float().square().mean().backward()
-
-    def teacher_forward():
-        with torch.no_grad(), autocast():
-            teacher.forward_head(teacher.forward_features(samples))
-
-    def student_step():
-        with autocast():
-            cls_logits, dist_logits = student(samples)
-            (cls_logits.float().mean() + dist_logits.float().mean()).backward()
-
-    projector_ms = timed(projector_step, device, repeats)
-    teacher_ms = timed(teacher_forward, device, repeats)
-    student_ms = timed(student_step, device, repeats)
-    optimizer.zero_grad(set_to_none=True)
-
+    bench = TrainStep(args)
+    step_times = [bench.step() for _ in range(args.warmup + args.steps)][args.warmup:]
+    peak_mem_mb = bench.peak_mem_mb()
+    # Fewer repeats for the components: torch's projector takes seconds per call.
+    components = bench.component_ms(repeats=max(1, min(3, args.steps)))
     step_s_median = statistics.median(step_times)
     print(json.dumps({
         "img_per_s": round(args.batch_size / step_s_median, 3),
         "step_s_median": round(step_s_median, 4),
         "step_s_min": round(min(step_times), 4),
         "step_s_max": round(max(step_times), 4),
-        "projector_ms": round(projector_ms, 2),
-        "projector_share": round(projector_ms / 1000 / step_s_median, 4),
-        "teacher_ms": round(teacher_ms, 1),
-        "student_ms": round(student_ms, 1),
+        "projector_ms": round(components["projector_ms"], 2),
+        "projector_share": round(components["projector_ms"] / 1000 / step_s_median, 4),
+        "teacher_ms": round(components["teacher_ms"], 1),
+        "student_ms": round(components["student_ms"], 1),
         "peak_mem_mb": round(peak_mem_mb, 1),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         **vars(args),
     }))
-
-
-def _max_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 if __name__ == "__main__":

@@ -1,31 +1,50 @@
 """Checkpoint files in DETR's form: {'model', 'optimizer', 'lr_scheduler', 'epoch', 'args'}.
 
-Everything is read with ``weights_only=True``. Released NAVER/VkD files pickle an
-``argparse.Namespace`` under 'args', so that one class is allow-listed; our own files store args as
-a plain dict and need no allow-list.
+Everything is read with ``weights_only=True`` (the repository's ``utils.safe_torch_load``). Released
+NAVER/VkD files pickle an ``argparse.Namespace`` under 'args', so that one class is allow-listed; our own
+files store args as a plain dict and need no allow-list.
 """
 import argparse
 import os
+import urllib.parse
 from typing import Dict
 
 import torch
 
+import utils
+
 MAX_KEYS_IN_ERROR = 5
+RELEASED_FILE_GLOBALS = (argparse.Namespace,)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message is one line."""
 
 
+def _downloaded(url: str) -> str:
+    """The torch hub cache's copy of ``url`` (where load_state_dict_from_url keeps it), downloaded once.
+
+    Loading goes through the local file so that a URL is read exactly as safely as a path.
+    """
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(url, path)  # writes a temporary file and renames it: never partial
+    return path
+
+
 def load_checkpoint(path: str) -> dict:
-    """Read a local file or an http(s) URL into a dict of tensors and plain values (weights only)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        if path.startswith(("http://", "https://")):
-            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False,
-                                                      weights_only=True)
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint not found: {path}")
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a local file or an http(s) URL into a dict of tensors and plain values (weights only).
+
+    A missing, corrupt or truncated file, or one whose unpickling could run code, is a one-line
+    ``CheckpointError`` naming it.
+    """
+    if path.startswith(("http://", "https://")):
+        path = _downloaded(path)
+    try:
+        return utils.safe_torch_load(path, allowed_globals=RELEASED_FILE_GLOBALS)
+    except utils.CheckpointError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def model_state_from(checkpoint: dict, path: str) -> Dict[str, torch.Tensor]:
