@@ -105,8 +105,9 @@ class FastOrthogonal(nn.Module):
 
     def q(self, original: torch.Tensor) -> torch.Tensor:
         """Q(original) [n, k] (n >= k) before the base is applied."""
-        # The map is computed in the parameter's precision whatever the autocast state: the
-        # triangular solve and the sign truncation must not see fp16 rounding.
+        # The map runs in the parameter's precision whatever the autocast state, as torch's does
+        # (householder_product is not autocast): its matmuls and solve would lose orthogonality in
+        # fp16/bf16. Applying base (a matmul) follows autocast, as in torch.
         with torch.autocast(original.device.type, enabled=False):
             return MAPS[self.orthogonal_map](_tall(original))
 
@@ -183,7 +184,7 @@ def matrix_exp(x: torch.Tensor) -> torch.Tensor:
     b, c = _skew_factors(x)
     m = c.mT @ b
     eye = torch.eye(2 * k, dtype=x.dtype, device=x.device).expand_as(m)
-    augmented = torch.cat([torch.cat([m, eye], dim=-1), torch.zeros_like(torch.cat([m, m], dim=-1))], dim=-2)
+    augmented = torch.cat([torch.cat([m, eye], dim=-1), m.new_zeros(*m.shape[:-2], 2 * k, 4 * k)], dim=-2)
     phi = torch.matrix_exp(augmented)[..., :2 * k, 2 * k:]
     return torch.eye(n, k, dtype=x.dtype, device=x.device) + b @ (phi @ c[..., :k, :].mT)
 

@@ -14,7 +14,6 @@ import time
 
 import torch
 
-import models  # noqa: F401  (registers the students with timm)
 from models import create_student
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -4,7 +4,7 @@ affects every variant alike; print one JSON line.
 - Whole training step (``train_step.TrainStep``) for each variant in ``--variants``, run round-robin:
   ``baseline`` (the defaults of train_step.py), ``fused`` (fused AdamW), ``channels-last``
   (teacher weights channels-last), ``bf16`` (bf16 autocast), ``all-cpu`` (the three together),
-  ``torch`` (torch's projector, for the fast/torch ratio).
+  ``torch`` and ``torch-all-cpu`` (torch's projector, for the fast/torch ratios).
 - Teacher forward under ``torch.no_grad`` (what ``losses.VkDLoss`` uses) vs ``torch.inference_mode``.
 - AdamW step alone on the student's parameters: torch's default, foreach, fused.
 
@@ -28,6 +28,8 @@ VARIANTS = {
     "bf16": ["--amp", "bf16"],
     "all-cpu": ["--optimizer-impl", "fused", "--teacher-channels-last", "--amp", "bf16"],
     "torch": ["--projector-impl", "torch"],
+    "torch-all-cpu": ["--projector-impl", "torch", "--optimizer-impl", "fused", "--teacher-channels-last",
+                      "--amp", "bf16"],
 }
 
 

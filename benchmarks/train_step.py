@@ -20,10 +20,10 @@ import timm
 import torch
 import torch.nn as nn
 
-import models  # noqa: F401  (registers the students with timm)
 from losses import VkDLoss
 from main_distributed import parameter_groups
 from models import create_student
+from orthogonal_maps import ORTHOGONAL_MAPS
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_DECAY = 0.05
@@ -41,8 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=sorted(AMP_DTYPES), default="none")
     parser.add_argument("--projector-impl", choices=("fast", "torch"), default="fast")
-    parser.add_argument("--orthogonal-map", default=None,
-                        help="householder | matrix_exp | cayley | qr (default: torch's choice for the shape)")
+    parser.add_argument("--orthogonal-map", choices=ORTHOGONAL_MAPS, default=None,
+                        help="default: torch's choice for the shape (householder when non-square)")
     parser.add_argument("--optimizer-impl", choices=("default", "fused"), default="default",
                         help="AdamW implementation: torch's default (for-loop on CPU, foreach on CUDA) or fused")
     parser.add_argument("--teacher-channels-last", action="store_true",
