@@ -20,3 +20,6 @@ demo: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+ablation: $(STAMP)
+	$(PY) ablation.py
