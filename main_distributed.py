@@ -20,7 +20,7 @@ import random
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Dict, NoReturn, Optional, Set
+from typing import Dict, NoReturn, Optional, Set, Tuple
 
 import numpy as np
 import timm
@@ -284,7 +284,9 @@ def _typed(action: argparse.Action, value):
     return action.type(value) if isinstance(value, str) else value
 
 
-def _config_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, object]:
+def _config_defaults(parser: argparse.ArgumentParser, path: str, chain: Tuple[str, ...] = ()) -> Dict[str, object]:
+    if os.path.abspath(path) in chain:
+        fail(f"config {path}: 'base' refers back to itself through {' -> '.join(chain)}")
     try:
         with open(path) as handle:
             config = yaml.safe_load(handle) or {}
@@ -295,7 +297,8 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> Dict[str, ob
     # 'base: FILE.yaml' (relative to this file) supplies defaults that this file overrides, so a family of
     # configs (the ablation rows) states its shared recipe once.
     base = config.pop("base", None)
-    defaults = _config_defaults(parser, os.path.join(os.path.dirname(path), base)) if base else {}
+    defaults = (_config_defaults(parser, os.path.join(os.path.dirname(path), base), chain + (os.path.abspath(path),))
+                if base else {})
     actions = {action.dest: action for action in parser._actions}
     for key, value in config.items():
         dest = str(key).lstrip("-").replace("-", "_")

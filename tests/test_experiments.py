@@ -1,4 +1,5 @@
 """The ablation's configs, its similarity measure and its results page."""
+import pytest
 import torch
 
 import ablation
@@ -61,3 +62,12 @@ def test_results_page_lists_every_row_with_error_bars(tmp_path):
     assert "0.9900 ± 0.0100" in page and "78.3 / 94.1" in page and "43.0 | 62.3" in page
     ablation.plot(report, str(tmp_path / "ablation.png"))
     assert (tmp_path / "ablation.png").stat().st_size > 1000
+
+
+def test_config_base_cycle_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nepochs: 2\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(SystemExit) as stop:
+        parse_arguments(["--config", str(tmp_path / "a.yaml")])
+    assert stop.value.code == 2
+    assert "refers back to itself" in capsys.readouterr().err
