@@ -11,10 +11,8 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
-from argparse import Namespace
 
 import torch
 import yaml
@@ -47,19 +45,10 @@ def row_configs():
 
 def train(row, seed: int, force: bool) -> dict:
     output_dir = os.path.join(OUT, row["name"], f"seed{seed}")
-    log_path = os.path.join(output_dir, "log.txt")
     command = [sys.executable, "main_distributed.py", "--config", row["path"], "--seed", str(seed),
                "--output_dir", output_dir]
-    seconds_path = os.path.join(output_dir, "wall_seconds.txt")
-    if force or not os.path.isfile(seconds_path):
-        started = time.time()
-        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        with open(seconds_path, "w") as handle:
-            handle.write(f"{time.time() - started:.1f}\n")
-    with open(log_path) as handle:
-        epochs = [json.loads(line) for line in handle if line.strip()]
-    with open(seconds_path) as handle:
-        seconds = float(handle.read())
+    reuse = not force and os.path.isfile(os.path.join(output_dir, "wall_seconds.txt"))
+    epochs, seconds = demo.timed_run(command, output_dir, reuse, quiet=True)
     return {"seed": seed, "acc1": epochs[-1]["val_acc1"], "seconds": seconds, "command": shlex.join(command),
             "output_dir": output_dir}
 

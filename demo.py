@@ -49,25 +49,30 @@ RUNS = {
 }
 
 
-def run(name: str, force: bool) -> dict:
-    """Run one job of the demo (or reuse its finished output) and return its per-epoch log."""
-    output_dir = os.path.join(OUT, name)
-    log_path = os.path.join(output_dir, "log.txt")
-    command = [sys.executable, "main_distributed.py", *COMMON, *RUNS[name], "--output_dir", output_dir]
-    reusable = name == "teacher" and not force and os.path.isfile(os.path.join(output_dir, "teacher.pth"))
-    if not reusable:
+def timed_run(command, output_dir: str, reuse: bool, quiet: bool = False):
+    """Run ``command`` (a main_distributed.py job writing to ``output_dir``) unless ``reuse``; return its
+    per-epoch log and the wall seconds it took (stored beside the log, so reused runs keep theirs)."""
+    seconds_path = os.path.join(output_dir, "wall_seconds.txt")
+    if not reuse:
         shutil.rmtree(output_dir, ignore_errors=True)
-        print(f"\n=== {name}: {shlex.join(command)}", flush=True)
         started = time.time()
-        subprocess.run(command, cwd=ROOT, check=True)
-        with open(os.path.join(output_dir, "wall_seconds.txt"), "w") as handle:
+        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL if quiet else None)
+        with open(seconds_path, "w") as handle:
             handle.write(f"{time.time() - started:.1f}\n")
-    else:
-        print(f"\n=== {name}: reusing {output_dir} (FORCE=1 retrains)", flush=True)
-    with open(log_path) as handle:
+    with open(os.path.join(output_dir, "log.txt")) as handle:
         epochs = [json.loads(line) for line in handle if line.strip()]
-    with open(os.path.join(output_dir, "wall_seconds.txt")) as handle:
-        seconds = float(handle.read())
+    with open(seconds_path) as handle:
+        return epochs, float(handle.read())
+
+
+def run(name: str, force: bool) -> dict:
+    """Run one job of the demo (or reuse the finished teacher) and return its per-epoch log."""
+    output_dir = os.path.join(OUT, name)
+    command = [sys.executable, "main_distributed.py", *COMMON, *RUNS[name], "--output_dir", output_dir]
+    reuse = name == "teacher" and not force and os.path.isfile(os.path.join(output_dir, "teacher.pth"))
+    print(f"\n=== {name}: " + (f"reusing {output_dir} (FORCE=1 retrains)" if reuse else shlex.join(command)),
+          flush=True)
+    epochs, seconds = timed_run(command, output_dir, reuse)
     return {"command": shlex.join(command), "epochs": epochs, "seconds": seconds,
             "acc1": epochs[-1]["val_acc1"], "acc5": epochs[-1]["val_acc5"]}
 
