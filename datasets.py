@@ -86,7 +86,8 @@ def default_data_args(**overrides) -> argparse.Namespace:
     """The data fields of the training arguments at their defaults (the original's effective values)."""
     fields = dict(
         data_set="IMNET", data_path=None, input_size=224, subset=None, src=False, color_jitter=0.3,
-        crop_scale_min=0.08, strict_data=False, mixup=0.8, cutmix=1.0, cutmix_minmax=None,
+        crop_scale_min=0.08, disable_gray_solar_and_blur=False, eval_crop_ratio=EVAL_CROP_RATIO, strict_data=False,
+        mixup=0.8, cutmix=1.0, cutmix_minmax=None,
         mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch", smoothing=0.1, batch_size=64,
         num_workers=10, pin_mem=True, seed=0, repeated_aug=False,
     )
@@ -137,20 +138,23 @@ def build_transform(is_train: bool, args) -> transforms.Compose:
 
     The original also parsed RandAugment and random-erasing flags but never applied them; this is
     the pipeline it actually trained with. ``args.crop_scale_min`` (default 0.08, as the original)
-    exists so that tiny images (32 px digits) can keep more of the object per crop.
+    exists so that tiny images (32 px digits) can keep more of the object per crop;
+    ``args.disable_gray_solar_and_blur`` drops the three-augment choice; the eval resize is
+    ``input_size / args.eval_crop_ratio`` (0.875: 224 -> 256).
     """
     size = args.input_size
     bicubic = transforms.InterpolationMode.BICUBIC
     if not is_train:
-        return transforms.Compose([transforms.Resize(int(size / EVAL_CROP_RATIO), interpolation=bicubic),
+        return transforms.Compose([transforms.Resize(int(size / args.eval_crop_ratio), interpolation=bicubic),
                                    transforms.CenterCrop(size)] + _normalise())
     if args.src:
         geometric = [transforms.Resize(size, interpolation=bicubic),
                      transforms.RandomCrop(size, padding=4, padding_mode="reflect")]
     else:
         geometric = [transforms.RandomResizedCrop(size, scale=(args.crop_scale_min, 1.0), interpolation=bicubic)]
-    pipeline = geometric + [transforms.RandomHorizontalFlip(),
-                            transforms.RandomChoice([GrayScale(), Solarization(), GaussianBlur()])]
+    pipeline = geometric + [transforms.RandomHorizontalFlip()]
+    if not args.disable_gray_solar_and_blur:
+        pipeline.append(transforms.RandomChoice([GrayScale(), Solarization(), GaussianBlur()]))
     if args.color_jitter:
         jitter = args.color_jitter
         pipeline.append(transforms.ColorJitter(jitter, jitter, jitter))

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(train_mode=True)
     parser.add_argument("--src", action="store_true", help="simple random crop instead of RandomResizedCrop")
     parser.add_argument("--disable-gray-solar-and-blur", action="store_true",
-                        help="not supported by datasets.py: setting it is an error")
+                        help="train without the random grayscale/solarize/blur choice (three-augment)")
     parser.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop min scale (default: 0.08)")
     parser.add_argument("--reprob", type=float, default=0.0, metavar="PCT",
                         help="random erasing: the original never applied it; setting it is an error")
@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timm teacher (default: regnety_160); evaluation never builds it")
     parser.add_argument("--teacher-path", type=str, default=None,
                         help="local teacher weights (strict); without it timm's pretrained weights are downloaded")
+    parser.add_argument("--teacher-channels-last", action="store_true",
+                        help="run the frozen teacher's convolutions channels-last (default; faster, same function)")
+    parser.add_argument("--no-teacher-channels-last", action="store_false", dest="teacher_channels_last")
+    parser.set_defaults(teacher_channels_last=True)
 
     # Data and run
     parser.add_argument("--data-path", default=None, type=str, help="dataset folder")
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (a resume overrides it)")
     parser.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
     parser.add_argument("--eval-crop-ratio", default=datasets.EVAL_CROP_RATIO, type=float,
-                        help=f"eval resize = input / ratio; only {datasets.EVAL_CROP_RATIO} is supported")
+                        help=f"eval resize = input / ratio, then a centre crop (default: {datasets.EVAL_CROP_RATIO})")
     parser.add_argument("--dist-eval", action="store_true", help="each rank evaluates its own shard (default)")
     parser.add_argument("--no-dist-eval", action="store_false", dest="dist_eval",
                         help="every rank evaluates the whole validation set")
@@ -233,7 +237,8 @@ EVAL_FLAGS = _flags("config", "batch_size", "eval_student", "student_ckpt", "stu
                     "resume", "eval", "eval_crop_ratio", "dist_eval", "num_workers", "pin_mem", "amp", "print_freq",
                     "local_rank", "world_size", "dist_url", "dist_timeout")
 DISTILLATION_FLAGS = _flags("alpha", "gamma", "temperature", "normalisation", "feature_loss", "projector",
-                            "orthogonal_map", "projector_impl", "projector_weight_decay", "teacher_path")
+                            "orthogonal_map", "projector_impl", "projector_weight_decay", "teacher_path",
+                            "teacher_channels_last")
 FEATURE_FLAGS = _flags("normalisation", "feature_loss", "projector", "orthogonal_map", "projector_impl",
                        "projector_weight_decay")
 
@@ -260,7 +265,6 @@ NOT_APPLICABLE = (
     (lambda a: True, _flags("patience_epochs"), "a plateau schedule cannot be stepped per iteration"),
     (lambda a: True, _flags("aa", "reprob", "remode", "recount", "resplit"),
      "RandAugment and random erasing are not in the pipeline (the original never applied them)"),
-    (lambda a: True, _flags("disable_gray_solar_and_blur"), "datasets.py always applies the three-augment choice"),
     (lambda a: not a.student_ema, _flags("student_ema_decay", "student_ema_force_cpu"), "they apply with --student-ema"),
     (lambda a: not _mixup_on(a), _flags("mixup_prob", "mixup_switch_prob", "mixup_mode", "cutmix_minmax"),
      "mixup and cutmix are off"),
@@ -344,8 +348,8 @@ def check_arguments(args, explicit: Set[str]) -> None:
         fail("--eval evaluates the run's checkpoint: pass --resume PATH or --resume auto with --output_dir")
     if args.resume == "auto" and not args.output_dir:
         fail("--resume auto looks for output_dir/latest.pth.tar: pass --output_dir")
-    if args.eval_crop_ratio != datasets.EVAL_CROP_RATIO:
-        fail(f"--eval-crop-ratio: only {datasets.EVAL_CROP_RATIO} is supported by datasets.py")
+    if not 0 < args.eval_crop_ratio <= 1:
+        fail(f"--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}")
     if args.bce_loss and _mixup_on(args) and args.smoothing > 0:
         fail("--bce-loss binarises targets, and label smoothing under mixup would make every target 1: "
              "pass --smoothing 0 (as DeiT III)")
@@ -748,7 +752,8 @@ def build_training_model(args, runtime: Runtime, nb_classes: int):
     teacher = None
     if args.alpha > 0 or args.gamma > 0:
         runtime.log(f"Creating teacher: {args.teacher}")
-        teacher = models.create_teacher(args.teacher, num_classes=nb_classes, teacher_path=args.teacher_path)
+        teacher = models.create_teacher(args.teacher, num_classes=nb_classes, teacher_path=args.teacher_path,
+                                        channels_last=args.teacher_channels_last)
     student = build_student(args, nb_classes, teacher_dim=teacher.num_features if args.alpha > 0 else None)
     if args.alpha > 0 and args.projector_weight_decay and args.weight_decay > 0 and args.projector == "orthogonal":
         runtime.log("note: as in the original, the projector gets weight decay; with the Householder map this "

@@ -2,9 +2,10 @@
 affects every variant alike; print one JSON line.
 
 - Whole training step (``train_step.TrainStep``) for each variant in ``--variants``, run round-robin:
-  ``baseline`` (the defaults of train_step.py), ``fused`` (fused AdamW), ``channels-last``
-  (teacher weights channels-last), ``bf16`` (bf16 autocast), ``all-cpu`` (the three together),
-  ``torch`` and ``torch-all-cpu`` (torch's projector, for the fast/torch ratios).
+  ``baseline`` (the defaults of train_step.py, which are training's: teacher channels-last, fp32),
+  ``contiguous`` (teacher weights in the default layout, as the original), ``fused`` (fused AdamW),
+  ``bf16`` (bf16 autocast), ``all-cpu`` (fused and bf16 together), ``torch`` and ``torch-all-cpu``
+  (torch's projector, for the fast/torch ratios).
 - Teacher forward under ``torch.no_grad`` (what ``losses.VkDLoss`` uses) vs ``torch.inference_mode``.
 - AdamW step alone on the student's parameters: torch's default, foreach, fused.
 
@@ -23,19 +24,18 @@ from train_step import LR, WEIGHT_DECAY, TrainStep, parse_args as parse_step_arg
 
 VARIANTS = {
     "baseline": [],
+    "contiguous": ["--no-teacher-channels-last"],
     "fused": ["--optimizer-impl", "fused"],
-    "channels-last": ["--teacher-channels-last"],
     "bf16": ["--amp", "bf16"],
-    "all-cpu": ["--optimizer-impl", "fused", "--teacher-channels-last", "--amp", "bf16"],
+    "all-cpu": ["--optimizer-impl", "fused", "--amp", "bf16"],
     "torch": ["--projector-impl", "torch"],
-    "torch-all-cpu": ["--projector-impl", "torch", "--optimizer-impl", "fused", "--teacher-channels-last",
-                      "--amp", "bf16"],
+    "torch-all-cpu": ["--projector-impl", "torch", "--optimizer-impl", "fused", "--amp", "bf16"],
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", default="baseline,fused,channels-last,bf16,all-cpu",
+    parser.add_argument("--variants", default="contiguous,baseline,fused,bf16,all-cpu",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per variant (default 5)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the teacher and AdamW timings")

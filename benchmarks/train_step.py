@@ -46,8 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--optimizer-impl", choices=("default", "fused"), default="default",
                         help="AdamW implementation: torch's default (for-loop on CPU, foreach on CUDA) or fused")
     parser.add_argument("--teacher-channels-last", action="store_true",
-                        help="store the teacher's weights channels-last (default: off, as training does)")
+                        help="store the teacher's weights channels-last (default: on, as training does)")
     parser.add_argument("--no-teacher-channels-last", action="store_false", dest="teacher_channels_last")
+    parser.set_defaults(teacher_channels_last=True)
     return parser.parse_args(argv)
 
 

@@ -2,6 +2,7 @@
 from typing import Optional
 
 import timm
+import torch
 import torch.nn as nn
 
 from losses import OrthogonalProjector
@@ -36,10 +37,13 @@ def build_projector(kind: str, in_dim: int, out_dim: int, orthogonal_map: Option
     raise ValueError(f"unknown projector '{kind}'; choose from {', '.join(PROJECTORS)}")
 
 
-def create_teacher(name: str, num_classes: int = 1000, teacher_path: Optional[str] = None, **kwargs) -> nn.Module:
+def create_teacher(name: str, num_classes: int = 1000, teacher_path: Optional[str] = None,
+                   channels_last: bool = False, **kwargs) -> nn.Module:
     """A timm teacher: weights from ``teacher_path`` (strict), else timm's pretrained weights (network).
 
-    Returned frozen and in eval mode.
+    Returned frozen and in eval mode. ``channels_last`` stores its convolution weights channels-last:
+    the same function, and convolutions then run in that (faster) layout; only the last bits of the
+    outputs can differ.
     """
     from utils import load_state_dict_file, strict_load  # utils imports models lazily too
     if name not in timm.list_models():
@@ -55,4 +59,7 @@ def create_teacher(name: str, num_classes: int = 1000, teacher_path: Optional[st
         strict_load(teacher, load_state_dict_file(teacher_path, preferred_keys=("model", "state_dict")), teacher_path)
     teacher.eval()
     teacher.requires_grad_(False)
+    if channels_last:
+        # Weights alone suffice: a convolution returns the memory format of its weight.
+        teacher.to(memory_format=torch.channels_last)
     return teacher

@@ -210,6 +210,20 @@ def test_criterion_needs_projection_when_alpha_positive():
         criterion(samples, student(samples), torch.tensor([0, 1]))
 
 
+def test_channels_last_teacher_computes_the_same_features(tmp_path):
+    import timm
+    torch.manual_seed(0)
+    torch.save({"model": timm.create_model("resnet10t", num_classes=3).state_dict()}, tmp_path / "teacher.pth")
+    plain, fast = (models.create_teacher("resnet10t", num_classes=3, teacher_path=str(tmp_path / "teacher.pth"),
+                                         channels_last=channels_last) for channels_last in (False, True))
+    assert fast.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    samples = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.forward_features(samples), plain.forward_features(samples),
+                                   rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ students
 
 @pytest.mark.parametrize("img_size", [224, 64])

@@ -211,6 +211,18 @@ def test_train_transform_is_the_three_augment_pipeline():
     assert "ColorJitter" not in [type(step).__name__ for step in no_jitter]
 
 
+def test_disable_gray_solar_and_blur_drops_only_the_three_augment_choice():
+    steps = build_transform(True, default_data_args(disable_gray_solar_and_blur=True)).transforms
+    assert [type(step).__name__ for step in steps] == ["RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter",
+                                                       "ToTensor", "Normalize"]
+
+
+@pytest.mark.parametrize("ratio, resize", [(1.0, 224), (0.9, 248), (0.5, 448)])
+def test_eval_crop_ratio_sets_the_resize_before_the_centre_crop(ratio, resize):
+    steps = build_transform(False, default_data_args(input_size=224, eval_crop_ratio=ratio)).transforms
+    assert steps[0].size == resize and steps[1].size == (224, 224)
+
+
 # ----------------------------------------------------------------------------- samplers and loaders
 
 

@@ -502,6 +502,8 @@ BAD_INPUTS = {
                                                 r"--eval-student needs --student-ckpt PATH"),
     "batch size 0": (lambda folder, tmp: ["--batch-size", 0], r"--batch-size must be at least 1, got 0"),
     "negative batch size": (lambda folder, tmp: ["--batch-size", -4], r"--batch-size must be at least 1, got -4"),
+    "eval crop ratio above 1": (lambda folder, tmp: ["--eval-crop-ratio", 1.5],
+                                r"--eval-crop-ratio must be in \(0, 1\], got 1\.5"),
 }
 
 

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, RandomSampler,  # noqa: E402
                               SequentialSampler)
 
+import utils  # noqa: E402  (the root's utils.py)
 from vidt.arguments import check_supported, get_args_parser  # noqa: E402
 from vidt.datasets.coco import build_coco  # noqa: E402
 from vidt.datasets.coco_eval import STAT_NAMES  # noqa: E402
@@ -31,7 +32,7 @@ from vidt.engine import evaluate, train_one_epoch  # noqa: E402
 from vidt.models import build  # noqa: E402
 from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E402
 from vidt.util.checkpoint import (CheckpointError, load_checkpoint, load_state_dict_strictly,  # noqa: E402
-                                  model_state_from, save_checkpoint)
+                                  model_state_from)
 from vidt.util.misc import (collate_fn, device_of, get_rank, init_distributed_mode, is_main_process,  # noqa: E402
                             setup_for_distributed_printing)
 
@@ -132,9 +133,9 @@ def main(args) -> None:
         if is_main_process():
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args)}
-            save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"))
+            utils.save_atomically(checkpoint, os.path.join(output_dir, "checkpoint.pth"))
             if (epoch + 1) % args.lr_drop == 0:
-                save_checkpoint(checkpoint, os.path.join(output_dir, f"checkpoint{epoch:04}.pth"))
+                utils.save_atomically(checkpoint, os.path.join(output_dir, f"checkpoint{epoch:04}.pth"))
         test_stats, coco_stats = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device,
                                           args.print_freq)
         if is_main_process():

@@ -78,8 +78,3 @@ def load_state_dict_strictly(model: torch.nn.Module, state_dict: Dict[str, torch
     model.load_state_dict(state_dict, strict=True)
 
 
-def save_checkpoint(checkpoint: dict, path: str) -> None:
-    """Write to a temporary file and rename, so an interrupted save never leaves a truncated file."""
-    tmp_path = path + ".tmp"
-    torch.save(checkpoint, tmp_path)
-    os.replace(tmp_path, path)
