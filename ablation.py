@@ -27,7 +27,6 @@ CONFIGS = os.path.join("configs", "ablation")
 OUT = os.path.join("runs", "ablation")
 RESULTS = "results"
 SEEDS = (0, 1, 2)
-REUSED_RUN_SECONDS = 1.0  # a run read back from its folder takes well under this
 
 
 def row_configs():
@@ -51,7 +50,7 @@ def train(row, seed: int, force: bool) -> dict:
     reuse = not force and os.path.isfile(os.path.join(output_dir, "wall_seconds.txt"))
     epochs, seconds = demo.timed_run(command, output_dir, reuse, quiet=True)
     return {"seed": seed, "acc1": epochs[-1]["val_acc1"], "seconds": seconds, "command": shlex.join(command),
-            "output_dir": output_dir}
+            "output_dir": output_dir, "reused": reuse}
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -176,10 +175,9 @@ def main() -> None:
     for row in rows:
         runs = []
         for seed in SEEDS:
-            before = time.time()
             runs.append(train(row, seed, force))
             done += 1
-            trained += time.time() - before > REUSED_RUN_SECONDS
+            trained += not runs[-1]["reused"]
             elapsed = time.time() - started
             # Reused runs cost nothing: the ETA is paced by the runs actually trained.
             eta = elapsed / trained * (total - done) / 60 if trained else float("nan")

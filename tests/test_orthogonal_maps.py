@@ -87,6 +87,15 @@ def set_original(projector, original):
         projector.parametrizations.weight.original.copy_(original)
 
 
+def pair_with_trained_original(in_dim, out_dim, cross_threshold=False):
+    """A torch/fast projector pair sharing one ``trained_like_original`` matrix, and that matrix."""
+    reference, fast = projector_pair(in_dim, out_dim)
+    original = trained_like_original(out_dim, in_dim, cross_threshold=cross_threshold)
+    set_original(reference, original)
+    set_original(fast, original)
+    return reference, fast, original
+
+
 def original_grad(projector, x, upstream):
     projector.zero_grad()
     (projector(x) * upstream).sum().backward()
@@ -139,10 +148,7 @@ def test_state_dicts_load_strictly_both_ways():
 @pytest.mark.parametrize("in_dim,out_dim", RELEASED_HOUSEHOLDER)
 @pytest.mark.parametrize("cross_threshold", [False, True])
 def test_householder_matches_torch_at_released_shapes(in_dim, out_dim, cross_threshold):
-    reference, fast = projector_pair(in_dim, out_dim)
-    original = trained_like_original(out_dim, in_dim, cross_threshold=cross_threshold)
-    set_original(reference, original)
-    set_original(fast, original)
+    reference, fast, original = pair_with_trained_original(in_dim, out_dim, cross_threshold=cross_threshold)
     assert rel_err(fast.weight, reference.weight) < RTOL
     if not cross_threshold:
         assert orthogonality_err(fast.weight) < ORTH_TOL
@@ -159,10 +165,7 @@ def test_householder_matches_torch_at_released_shapes(in_dim, out_dim, cross_thr
 @pytest.mark.parametrize("in_dim,out_dim", [(16, 3024), (24, 200)])
 @pytest.mark.parametrize("cross_threshold", [False, True])
 def test_householder_gradient_matches_torch_backward(in_dim, out_dim, cross_threshold):
-    reference, fast = projector_pair(in_dim, out_dim)
-    original = trained_like_original(out_dim, in_dim, cross_threshold=cross_threshold)
-    set_original(reference, original)
-    set_original(fast, original)
+    reference, fast, _ = pair_with_trained_original(in_dim, out_dim, cross_threshold=cross_threshold)
     x, upstream = torch.randn(8, in_dim), torch.randn(8, out_dim)
     assert rel_err(original_grad(fast, x, upstream), original_grad(reference, x, upstream)) < RTOL
 
@@ -170,10 +173,7 @@ def test_householder_gradient_matches_torch_backward(in_dim, out_dim, cross_thre
 @SLOW
 @pytest.mark.parametrize("in_dim,out_dim", RELEASED_HOUSEHOLDER)
 def test_householder_gradient_matches_torch_backward_released(in_dim, out_dim):
-    reference, fast = projector_pair(in_dim, out_dim)
-    original = trained_like_original(out_dim, in_dim, cross_threshold=True)
-    set_original(reference, original)
-    set_original(fast, original)
+    reference, fast, _ = pair_with_trained_original(in_dim, out_dim, cross_threshold=True)
     x, upstream = torch.randn(8, in_dim), torch.randn(8, out_dim)
     assert rel_err(original_grad(fast, x, upstream), original_grad(reference, x, upstream)) < RTOL
 
