@@ -12,7 +12,7 @@ from losses import (OrthogonalLinear, OrthogonalProjector, VkDLoss, batch_standa
 from models import create_student
 from utils import CheckpointError, load_student_checkpoint
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "reference")
 
 
 def reference_shapes(name):

@@ -28,7 +28,7 @@ from vidt.util.misc import nested_tensor_from_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VIDT_DIR = REPO_ROOT / "vidt"
-REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+REFERENCE_DIR = REPO_ROOT / "reference"
 COCO_SUMMARY_LINE = "Average Precision  (AP) @[ IoU=0.50:0.95"
 PAPER_FLAGS = ["--method", "vidt", "--aux_loss", "True", "--with_box_refine", "True", "--pre_trained", "none"]
 SMALL_IMAGE_FLAGS = ["--train_sizes", "96", "112", "128", "--max_size", "213", "--eval_size", "128",
