@@ -33,6 +33,10 @@ class OrthogonalProjector(nn.Linear):
         super().__init__(in_dim, out_dim, bias=False)
         orthogonal_maps.register_orthogonal(self, orthogonal_map=orthogonal_map, impl=impl)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Never forms W for a batch smaller than the width (see orthogonal_maps.orthogonal_linear).
+        return orthogonal_maps.orthogonal_linear(self, x)
+
 
 class OrthogonalLinear(nn.Module):
     """Detection projector (VIDT_SPEC section 5): orthogonal map, then a per-channel scale and bias."""
@@ -93,13 +97,18 @@ def get_normalisation(name: str):
     return NORMALISATIONS[name]
 
 
+def get_feature_loss(name: str):
+    if name not in FEATURE_LOSSES:
+        raise ValueError(f"unknown feature loss '{name}'; choose from {sorted(FEATURE_LOSSES)}")
+    return FEATURE_LOSSES[name]
+
+
 def feature_distillation_loss(projected_student: torch.Tensor, teacher: torch.Tensor,
                               normalisation: str = "layernorm", loss: str = "smooth_l1") -> torch.Tensor:
     """VkD's feature term: distance between the projected student and the normalised (detached) teacher."""
-    if loss not in FEATURE_LOSSES:
-        raise ValueError(f"unknown feature loss '{loss}'; choose from {sorted(FEATURE_LOSSES)}")
+    distance = get_feature_loss(loss)
     target = get_normalisation(normalisation)(teacher.detach().float())
-    return FEATURE_LOSSES[loss](projected_student.float(), target)
+    return distance(projected_student.float(), target)
 
 
 def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -142,9 +151,8 @@ class VkDLoss(nn.Module):
         super().__init__()
         if (alpha > 0 or gamma > 0) and teacher is None:
             raise ValueError("distillation (alpha > 0 or gamma > 0) needs a teacher")
-        get_normalisation(normalisation)
-        if feature_loss not in FEATURE_LOSSES:
-            raise ValueError(f"unknown feature loss '{feature_loss}'; choose from {sorted(FEATURE_LOSSES)}")
+        get_normalisation(normalisation)  # unknown names fail here, not at the first step
+        get_feature_loss(feature_loss)
         self.teacher = teacher
         if teacher is not None:
             teacher.eval()

@@ -9,11 +9,12 @@ from losses import OrthogonalProjector
 from models.deit import STUDENT_MODELS, DistilledVisionTransformer
 
 PROJECTORS = ("orthogonal", "linear")
+DEFAULT_PROJECTOR_IMPL = "fast"  # orthogonal_maps.FastOrthogonal: same function as torch's, much faster
 
 
 def create_student(name: str, num_classes: int = 1000, img_size: int = 224, teacher_dim: Optional[int] = None,
                    projector: str = "orthogonal", orthogonal_map: Optional[str] = None,
-                   projector_impl: str = "fast", **kwargs) -> nn.Module:
+                   projector_impl: str = DEFAULT_PROJECTOR_IMPL, **kwargs) -> nn.Module:
     """Build a student; with ``teacher_dim`` it carries ``student.projector`` (embed_dim -> teacher_dim).
 
     ``projector='orthogonal'`` is VkD's; ``'linear'`` is the unconstrained ablation.
@@ -29,7 +30,7 @@ def create_student(name: str, num_classes: int = 1000, img_size: int = 224, teac
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int, orthogonal_map: Optional[str] = None,
-                    impl: str = "fast") -> nn.Module:
+                    impl: str = DEFAULT_PROJECTOR_IMPL) -> nn.Module:
     if kind == "orthogonal":
         return OrthogonalProjector(in_dim, out_dim, orthogonal_map=orthogonal_map, impl=impl)
     if kind == "linear":

@@ -29,9 +29,9 @@ import time
 import pytest
 import timm
 import torch
+from conftest import CLASSES, REPO, TEACHER, free_port, launcher_command
 
 import models
-from conftest import CLASSES, REPO, TEACHER, free_port, launcher_command
 from utils import CheckpointError, add_ddp_prefix, safe_torch_load, save_atomically
 from vidt.util import checkpoint as vidt_checkpoint
 
