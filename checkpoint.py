@@ -4,10 +4,12 @@ Checkpoints keep the original's layout (``student`` with DDP's ``module.`` prefi
 ``lr_scheduler``, ``epoch``, ...) and are written atomically; a resume continues at the next epoch.
 """
 import argparse
+import datetime
+import glob
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,12 +20,70 @@ from utils import (
     add_ddp_prefix,
     all_finite,
     fail,
+    git_state,
     load_student_checkpoint,
     safe_torch_load,
     save_atomically,
+    write_json,
 )
 
 LATEST, BEST, TEACHER_FILE, LOG = "latest.pth.tar", "best.pth.tar", "teacher.pth", "log.txt"
+ARGS_FILE, TENSORBOARD = "args.json", "tensorboard"
+# What a training run leaves in its folder; any of them means the folder holds a run.
+RUN_FILES = (LATEST, BEST, LOG, ARGS_FILE, TEACHER_FILE, TENSORBOARD, "ep*.pth.tar")
+
+
+def _run_files_in(output_dir: str):
+    return sorted({os.path.basename(found) for pattern in RUN_FILES
+                   for found in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
+
+
+def prepare_output_dir(output_dir: str, continuing: bool, overwrite: bool, is_main: bool) -> Optional[str]:
+    """Make sure a new run cannot destroy an old one in ``output_dir``.
+
+    A folder that holds a run is refused unless the run is being continued (``--resume``) or
+    ``overwrite`` is set, which moves the old folder aside (on the main process) and returns its new
+    path. Every process makes the same read-only decision, so all of them stop together.
+    """
+    if not output_dir:
+        return None
+    existing = _run_files_in(output_dir) if os.path.isdir(output_dir) else []
+    if not existing or continuing:
+        return None
+    if not overwrite:
+        fail(f"--output_dir {output_dir} already holds a run ({', '.join(existing[:4])}): continue it with "
+             f"--resume auto, choose another --output_dir, or pass --overwrite to move the old run aside")
+    if not is_main:
+        return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = f"{os.path.normpath(output_dir)}.previous-{stamp}"
+    os.replace(output_dir, aside)
+    return aside
+
+
+def record_invocation(args, argv: Sequence[str], world_size: int, lr: float, teacher_weights: Optional[dict],
+                      start_epoch: int) -> None:
+    """``args.json``: the resolved arguments, code version and teacher weights of the run's first
+    invocation, and one entry per invocation (a resume appends; nothing is replaced)."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, ARGS_FILE)
+    invocation = dict(command=list(argv), **git_state(), processes=world_size, start_epoch=start_epoch,
+                      started=datetime.datetime.now().isoformat(timespec="seconds"))
+    content = None
+    if os.path.isfile(path):
+        try:
+            with open(path) as handle:
+                content = json.load(handle)
+        except (OSError, ValueError):
+            os.replace(path, f"{path}.unreadable")  # kept for a person to read, never silently dropped
+    if not isinstance(content, dict):
+        content = dict(args=vars(args), **git_state(), command=list(argv), processes=world_size,
+                       global_batch=args.batch_size * world_size, lr_effective=lr, teacher_weights=teacher_weights,
+                       invocations=[])
+    content.setdefault("invocations", []).append(invocation)
+    temporary = f"{path}.tmp"
+    write_json(temporary, content)
+    os.replace(temporary, path)
 
 
 def _logged_epoch(line: str) -> Optional[int]:

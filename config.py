@@ -22,12 +22,20 @@ from utils import fail
 
 SCHEDULES = ("cosine", "tanh", "step", "poly", "constant")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
+INFINITY = float("inf")
 MAX_SUGGESTIONS = 5  # close matches listed for an unknown teacher name
 ORIGINAL_WORKERS = 12
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Parsing errors (an unknown flag, a value of the wrong type) as one line, without the usage text."""
+
+    def error(self, message: str):
+        fail(f"{message} (--help lists every flag)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("VkD training and evaluation", add_help=True)
+    parser = OneLineErrorParser("VkD training and evaluation", add_help=True)
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="YAML file of defaults (keys are flag names, '-' or '_'); the command line overrides it")
     parser.add_argument("--batch-size", default=512, type=int, help="per-process batch size (default: 512)")
@@ -65,11 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="orthogonal map (default: torch's choice, householder for non-square)")
     parser.add_argument("--projector-impl", default=models.DEFAULT_PROJECTOR_IMPL, choices=orthogonal_maps.IMPLEMENTATIONS,
                         help=f"implementation of the orthogonal projector (default: {models.DEFAULT_PROJECTOR_IMPL})")
-    parser.add_argument("--projector-weight-decay", action="store_true", default=True,
-                        help="weight decay on the projector's parametrization, as the original (default). With the "
+    parser.add_argument("--projector-weight-decay", action="store_true",
+                        help="weight decay on the projector's parametrization, as the original code: with the "
                              "Householder map it zeroes the projector after the first AdamW step (README)")
     parser.add_argument("--no-projector-weight-decay", action="store_false", dest="projector_weight_decay",
-                        help="exclude the projector from weight decay: it then stays an isometry")
+                        help="no weight decay on the projector, which then stays an isometry, as the paper "
+                             "describes the method (default)")
+    parser.set_defaults(projector_weight_decay=False)
 
     # Optimizer
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"), help="(default: adamw)")
@@ -138,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Distillation
     parser.add_argument("--teacher", default="regnety_160", type=str, metavar="MODEL",
-                        help="timm teacher (default: regnety_160); evaluation never builds it")
+                        help="timm teacher, optionally with a pretrained tag (default: regnety_160, whose pretrained "
+                             "weights are DeiT's regnety_160.deit_in1k); evaluation never builds it")
     parser.add_argument("--teacher-path", type=str, default=None,
                         help="local teacher weights (strict); without it timm's pretrained weights are downloaded")
     parser.add_argument("--teacher-channels-last", action="store_true",
@@ -156,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", default=0, type=int, help="each process uses seed + rank (default: 0)")
     parser.add_argument("--resume", default="", help="checkpoint to resume, or 'auto' for output_dir/latest.pth.tar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --output_dir that holds one: the old run is moved aside to "
+                             "OUTPUT_DIR.previous-<time>, never deleted")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (a resume overrides it)")
     parser.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
     parser.add_argument("--eval-crop-ratio", default=datasets.EVAL_CROP_RATIO, type=float,
@@ -170,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pin-mem", action="store_true", help="pin loader memory (default)")
     parser.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic algorithms only (torch.use_deterministic_algorithms): the same command "
+                             "on the same machine gives the same numbers")
+    parser.add_argument("--threads", default=None, type=int, metavar="N",
+                        help="CPU threads of each process (default: torch's choice); fix it for repeatable runs")
     parser.add_argument("--amp", default=None, choices=tuple(AMP_DTYPES),
                         help="mixed precision (default: fp16 with a grad scaler on cuda, none on cpu)")
     parser.add_argument("--skip-nonfinite", default=0, type=int, metavar="N",
@@ -188,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# dest: (low, high, low included, high included); values outside are one error line, not a traceback later.
+VALUE_RANGES = {
+    "lr": (0.0, INFINITY, False, False), "min_lr": (0.0, INFINITY, True, False),
+    "warmup_lr": (0.0, INFINITY, True, False), "weight_decay": (0.0, INFINITY, True, False),
+    "alpha": (0.0, INFINITY, True, False), "gamma": (0.0, INFINITY, True, False),
+    "temperature": (0.0, INFINITY, False, False), "smoothing": (0.0, 1.0, True, False),
+    "drop": (0.0, 1.0, True, False), "drop_path": (0.0, 1.0, True, False),
+    "mixup": (0.0, INFINITY, True, False), "cutmix": (0.0, INFINITY, True, False),
+    "mixup_prob": (0.0, 1.0, True, True), "mixup_switch_prob": (0.0, 1.0, True, True),
+    "color_jitter": (0.0, INFINITY, True, False), "crop_scale_min": (0.0, 1.0, False, True),
+    "eval_crop_ratio": (0.0, 1.0, False, True), "clip_grad": (0.0, INFINITY, False, False),
+    "momentum": (0.0, 1.0, True, False), "opt_eps": (0.0, INFINITY, False, False),
+    "student_ema_decay": (0.0, 1.0, True, True), "dist_timeout": (0.0, INFINITY, False, False),
+    "decay_epochs": (0.0, INFINITY, False, False), "decay_rate": (0.0, INFINITY, False, False),
+}
+
+
 def _flags(*names: str) -> Set[str]:
     return set(names)
 
@@ -195,6 +231,7 @@ def _flags(*names: str) -> Set[str]:
 EVAL_FLAGS = _flags("config", "batch_size", "eval_student", "student_ckpt", "student_model", "input_size", "teacher",
                     "train_teacher", "data_path", "data_set", "strict_data", "output_dir", "device", "seed",
                     "resume", "eval", "eval_crop_ratio", "dist_eval", "num_workers", "pin_mem", "amp", "print_freq",
+                    "deterministic", "threads",
                     "local_rank", "world_size", "dist_url", "dist_timeout")
 DISTILLATION_FLAGS = _flags("alpha", "gamma", "temperature", "normalisation", "feature_loss", "projector",
                             "orthogonal_map", "projector_impl", "projector_weight_decay", "teacher_path",
@@ -222,6 +259,8 @@ NOT_APPLICABLE = (
     (lambda a: True, _flags("aa", "reprob", "remode", "recount", "resplit"),
      "RandAugment and random erasing are not in the pipeline (the original never applied them)"),
     (lambda a: not a.student_ema, _flags("student_ema_decay", "student_ema_force_cpu"), "they apply with --student-ema"),
+    (lambda a: a.input_size <= datasets.SMALL_INPUT_SIZE, _flags("eval_crop_ratio"),
+     "inputs of 32 px or less are evaluated without resize or centre crop, as in the original"),
     (lambda a: not datasets.mixup_active(a), _flags("mixup_prob", "mixup_switch_prob", "mixup_mode", "cutmix_minmax"),
      "mixup and cutmix are off"),
 )
@@ -289,23 +328,28 @@ def parse_arguments(argv):
 def check_arguments(args, explicit: Set[str]) -> None:
     """Contradictory or impossible flags: fail before any work."""
     for name, value in (("batch-size", args.batch_size), ("epochs", args.epochs), ("print-freq", args.print_freq),
-                        ("checkpoint-freq", args.checkpoint_freq)):
+                        ("checkpoint-freq", args.checkpoint_freq), ("threads", args.threads or 1)):
         if value < 1:
             fail(f"--{name} must be at least 1, got {value}")
+    for dest, (low, high, closed_low, closed_high) in VALUE_RANGES.items():
+        value = getattr(args, dest)
+        if value is not None and not ((low <= value if closed_low else low < value)
+                                      and (value <= high if closed_high else value < high)):
+            interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+            fail(f"--{dest.replace('_', '-')} must be in {interval}, got {value:g}")
     if min(args.skip_nonfinite, args.start_epoch, args.seed) < 0:
         fail("--skip-nonfinite, --start_epoch and --seed must be >= 0")
-    if args.dist_timeout <= 0:
-        fail(f"--dist-timeout must be positive, got {args.dist_timeout}")
     if args.eval_student and not args.student_ckpt:
         fail("--eval-student needs --student-ckpt PATH")
     if args.eval_student and (args.eval or args.train_teacher):
         fail("--eval-student evaluates a student checkpoint; it cannot be combined with --eval or --train-teacher")
     if args.eval and not args.resume:
         fail("--eval evaluates the run's checkpoint: pass --resume PATH or --resume auto with --output_dir")
+    if args.overwrite and (args.resume or not args.output_dir or args.eval or args.eval_student):
+        fail("--overwrite starts a new training run in --output_dir, moving the old one aside: it needs --output_dir "
+             "and cannot be combined with --resume, --eval or --eval-student")
     if args.resume == "auto" and not args.output_dir:
         fail("--resume auto looks for output_dir/latest.pth.tar: pass --output_dir")
-    if not 0 < args.eval_crop_ratio <= 1:
-        fail(f"--eval-crop-ratio must be in (0, 1], got {args.eval_crop_ratio}")
     if args.bce_loss and datasets.mixup_active(args) and args.smoothing > 0:
         fail("--bce-loss binarises targets, and label smoothing under mixup would make every target 1: "
              "pass --smoothing 0 (as DeiT III)")
@@ -315,7 +359,7 @@ def check_arguments(args, explicit: Set[str]) -> None:
              "it needs --alpha 0 --gamma 0")
     if not args.train_teacher and args.student_model not in models.STUDENT_MODELS:
         fail(f"unknown student model '{args.student_model}'; valid: {', '.join(models.STUDENT_MODELS)}")
-    if (args.train_teacher or (distilling and not args.eval)) and args.teacher not in timm.list_models():
+    if (args.train_teacher or (distilling and not args.eval)) and args.teacher.split(".")[0] not in timm.list_models():
         # timm has over a thousand names: list the closest ones rather than all of them.
         closest = difflib.get_close_matches(args.teacher, timm.list_models(), n=MAX_SUGGESTIONS)
         suggestion = f"closest: {', '.join(closest)}" if closest else "e.g. regnety_160, resnet18"

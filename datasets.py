@@ -47,6 +47,7 @@ CIFAR_CLASSES = 100
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 0.875
+SMALL_INPUT_SIZE = 32  # at or below it, evaluation neither resizes nor crops (the original's rule)
 REPEATED_AUG_REPEATS = 3
 
 # DIGITS export. 32 px = 4x nearest-neighbour upscaling of the 8x8 originals: every stored pixel is
@@ -152,6 +153,11 @@ def build_transform(is_train: bool, args) -> transforms.Compose:
     size = args.input_size
     bicubic = transforms.InterpolationMode.BICUBIC
     if not is_train:
+        if size <= SMALL_INPUT_SIZE:
+            # The original (as DeiT) evaluates inputs of 32 px or less as they are, with no resize and no
+            # centre crop. Resizing to exactly (size, size) is the identity on such images and only
+            # changes images of another size (28 px Fashion-MNIST), which would not fit the model otherwise.
+            return transforms.Compose([transforms.Resize((size, size), interpolation=bicubic)] + _normalise())
         return transforms.Compose([transforms.Resize(int(size / args.eval_crop_ratio), interpolation=bicubic),
                                    transforms.CenterCrop(size)] + _normalise())
     if args.src:

@@ -81,11 +81,23 @@ def select_device(requested: Optional[str], local_rank: int) -> torch.device:
     return device
 
 
+def configure_determinism(deterministic: bool, threads: Optional[int]) -> None:
+    """Fixed thread count and deterministic kernels. Floating-point sums depend on how work is split
+    across threads, and some kernels (CUDA atomics, cuBLAS workspaces) on scheduling."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at CUDA's first use
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
 def init_runtime(args, explicit) -> Runtime:
     """The rank, world size and device of this process; joins the process group when there are several.
 
     Fills in the device-dependent defaults: ``--amp`` (fp16 on cuda, none on cpu) and ``--pin-mem``.
     """
+    configure_determinism(args.deterministic, args.threads)
     rank, world_size, local_rank = launcher_ranks(args.local_rank)
     if "world_size" in explicit and args.world_size != world_size:
         fail(f"--world_size {args.world_size} but the launcher started {world_size} process(es)")

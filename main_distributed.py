@@ -16,7 +16,16 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import datasets
-from checkpoint import LATEST, LOG, TEACHER_FILE, Trainer, resolve_resume, trim_log
+from checkpoint import (
+    LATEST,
+    LOG,
+    TEACHER_FILE,
+    Trainer,
+    prepare_output_dir,
+    record_invocation,
+    resolve_resume,
+    trim_log,
+)
 from config import AMP_DTYPES, check_arguments, parse_arguments
 from distributed import Runtime, init_runtime, is_communication_failure
 from engine import NonFiniteLossError, evaluate, train_one_epoch
@@ -61,14 +70,11 @@ def run_evaluation(args, runtime: Runtime, checkpoint_path: str, subject: str) -
                         args=vars(args), processes=runtime.world_size, **git_state()))
 
 
-def write_run_info(args, runtime: Runtime, argv, lr: float) -> None:
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_json(os.path.join(args.output_dir, "args.json"),
-               dict(args=vars(args), **git_state(), command=list(argv), processes=runtime.world_size,
-                    global_batch=args.batch_size * runtime.world_size, lr_effective=lr))
-
-
 def run_training(args, runtime: Runtime, argv) -> None:
+    moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume), overwrite=args.overwrite,
+                                  is_main=runtime.is_main)
+    if moved_to:
+        runtime.log(f"The previous run in {args.output_dir} was moved to {moved_to}")
     seed_everything(args.seed + runtime.rank)
     data = datasets.data_args_from(args)
     dataset_train, nb_classes = datasets.build_dataset(True, data)
@@ -116,7 +122,8 @@ def run_training(args, runtime: Runtime, argv) -> None:
 
     tb_writer = None
     if args.output_dir and runtime.is_main:
-        write_run_info(args, runtime, argv, lr)
+        teacher = getattr(criterion, "teacher", None)
+        record_invocation(args, argv, runtime.world_size, lr, getattr(teacher, "weights", None), trainer.start_epoch)
         trim_log(os.path.join(args.output_dir, LOG), trainer.start_epoch)
         from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
         tb_writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))

@@ -171,8 +171,34 @@ def load_student_checkpoint(student: nn.Module, path: str) -> Dict[str, torch.Te
     state_dict = strip_ddp_prefix(load_state_dict_file(path, preferred_keys=("student", "model", "state_dict")))
     if getattr(student, "projector", None) is None:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith(PROJECTOR_PREFIX)}
+    hint = _shape_hint(student, state_dict)
+    if hint:
+        raise CheckpointError(f"{path} does not fit {type(student).__name__}: {hint}")
     strict_load(student, state_dict, path)
     return state_dict
+
+
+def _shape_hint(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """What a person should change when a file differs from the model only in class count or input size."""
+    expected = model.state_dict()
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for name, module in model.named_modules():
+        key = f"{name}.weight"
+        if module is classifier and key in state_dict and key in expected:
+            found, wanted = state_dict[key].shape[0], expected[key].shape[0]
+            if found != wanted:
+                return f"file has {found} classes, data set has {wanted}"
+    positions = state_dict.get("pos_embed")
+    if positions is not None and "pos_embed" in expected and positions.shape != expected["pos_embed"].shape:
+        # DeiT students: a grid of stride-16 patches after 1 (cls) or 2 (cls, dist) prefix tokens.
+        num_patches = getattr(model, "num_patches", None) or model.patch_embed.num_patches
+        prefix_tokens = expected["pos_embed"].shape[1] - num_patches
+        model_size = getattr(model, "img_size", None) or model.patch_embed.img_size[0]
+        stride = model_size // round(num_patches ** 0.5)
+        file_size = round((positions.shape[1] - prefix_tokens) ** 0.5) * stride
+        return (f"file was trained at input size {file_size}, the model is built for {model_size}: "
+                f"pass --input-size {file_size}")
+    return None
 
 
 def add_ddp_prefix(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

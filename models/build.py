@@ -40,6 +40,19 @@ def build_teacher_to_train(args, nb_classes: int) -> nn.Module:
              f"drop --teacher-pretrained to train from scratch")
 
 
+def build_teacher(args, nb_classes: int, log: Callable[[str], None] = print) -> nn.Module:
+    """The frozen distillation teacher; its logits must cover the data set's classes when gamma > 0."""
+    teacher = _model_or_fail(lambda: models.create_teacher(args.teacher, teacher_path=args.teacher_path,
+                                                           channels_last=args.teacher_channels_last))
+    checksum = f" (sha256 {teacher.weights['sha256']})" if "sha256" in teacher.weights else ""
+    log(f"Teacher {args.teacher}: weights {teacher.weights['source']}{checksum}")
+    if args.gamma > 0 and teacher.num_classes != nb_classes:
+        fail(f"teacher has {teacher.num_classes} classes, data set has {nb_classes}: train one with --train-teacher "
+             f"--teacher {args.teacher} --output_dir DIR and pass --teacher-path DIR/teacher.pth "
+             f"(or --gamma 0 to distil features only)")
+    return teacher
+
+
 def build_base_criterion(args) -> nn.Module:
     """CE on the cls head: BCE (DeiT III), soft-target CE under mixup (smoothing is in the targets), or
     label smoothing."""
@@ -59,11 +72,7 @@ def build(args, nb_classes: int, log: Callable[[str], None] = print):
     base_criterion = build_base_criterion(args)
     if args.train_teacher:
         return build_teacher_to_train(args, nb_classes), VkDLoss(None, base_criterion, alpha=0.0, gamma=0.0), None
-    teacher = None
-    if args.alpha > 0 or args.gamma > 0:
-        log(f"Creating teacher: {args.teacher}")
-        teacher = models.create_teacher(args.teacher, num_classes=nb_classes, teacher_path=args.teacher_path,
-                                        channels_last=args.teacher_channels_last)
+    teacher = build_teacher(args, nb_classes, log) if args.alpha > 0 or args.gamma > 0 else None
     student = build_student(args, nb_classes, teacher_dim=teacher.num_features if args.alpha > 0 else None)
     if args.alpha > 0 and args.projector_weight_decay and args.weight_decay > 0 and args.projector == "orthogonal":
         log("note: as in the original, the projector gets weight decay; with the Householder map this "
