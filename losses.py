@@ -3,7 +3,7 @@
 Paper: Miles, Elezi, Deng, "VkD: Improving Knowledge Distillation using Orthogonal Projections",
 CVPR 2024. The student feature is mapped to the teacher's width by a bias-free linear map with
 orthonormal columns (so it cannot absorb knowledge), the teacher feature is normalised in a
-task-specific way, and the two are compared with smooth-L1 (SPEC section 1).
+task-specific way, and the two are compared with smooth-L1 (the paper, section 3).
 """
 from typing import Dict, Optional
 
@@ -39,7 +39,7 @@ class OrthogonalProjector(nn.Linear):
 
 
 class OrthogonalLinear(nn.Module):
-    """Detection projector (VIDT_SPEC section 5): orthogonal map, then a per-channel scale and bias."""
+    """Detection projector (the original ViDT distillation code): orthogonal map, then a per-channel scale and bias."""
 
     def __init__(self, in_dim: int, out_dim: int, orthogonal_map: Optional[str] = None, impl: str = "fast"):
         super().__init__()
@@ -113,7 +113,7 @@ def feature_distillation_loss(projected_student: torch.Tensor, teacher: torch.Te
 
 def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                             temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened logits, batch mean, times T^2 (SPEC section 2)."""
+    """KL(teacher || student) on temperature-softened logits, batch mean, times T^2 (Hinton et al.)."""
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     p_teacher = F.softmax(teacher_logits.float() / temperature, dim=-1)
     return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature ** 2

@@ -9,7 +9,7 @@ whichever implementation is chosen:
 - ``impl="fast"``: :class:`FastOrthogonal`, the same function of ``original`` and ``base`` (same
   values, same gradients) computed with blocked matrix products. torch's Householder map
   differentiates through a sequential product of reflectors, which took 15.6 s of an 18.5 s
-  training step on a 2-core CPU (SPEC section 3); the compact WY form below is a few matmuls.
+  training step on a loaded 2-core CPU; the compact WY form below is a few matmuls.
 
 Maps (``orthogonal_map``), all with dynamic trivialization W = base @ Q(original):
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Seed command (SPEC.md section 4): evaluate a VkD DeiT-Ti checkpoint (released layout or ours) on ImageNet val.
+# The paper's command: evaluate a VkD DeiT-Ti checkpoint (released layout or ours) on ImageNet val.
 # Prints " * Acc@1 X Acc@5 Y" and "Accuracy of the student network on the N test images: Z%".
 #   DATA=/data/imagenet2012 CKPT=/ckpts/deit_tiny/latest.pth.tar NGPU=1 [OUT=eval_out/] scripts/eval_deit_ti.sh [flags]
 # Any NGPU gives the same numbers (every image is counted once). Extra flags are passed through.

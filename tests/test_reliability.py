@@ -1,4 +1,4 @@
-"""Fault injection (issue 7): every fault of the issue is tried on CPU with tiny models and data.
+"""Fault injection: each fault a long training run can meet is tried on CPU with tiny models and data.
 
 - kill -9 at a random point of an epoch, then ``--resume auto``: the run ends as an uninterrupted one;
 - a kill in the middle of a checkpoint write: the previous file stays complete and loadable;
