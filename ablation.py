@@ -49,7 +49,7 @@ def train(row, seed: int, force: bool) -> dict:
                "--output_dir", output_dir]
     reuse = not force and os.path.isfile(os.path.join(output_dir, "wall_seconds.txt"))
     epochs, seconds = demo.timed_run(command, output_dir, reuse, quiet=True)
-    return {"seed": seed, "acc1": epochs[-1]["val_acc1"], "seconds": seconds, "command": shlex.join(command),
+    return {"seed": seed, "acc1": epochs[-1]["val_acc1"], "seconds": seconds, "command": shlex.join(["python"] + command[1:]),
             "output_dir": output_dir, "reused": reuse}
 
 
@@ -94,7 +94,7 @@ def summarise(row, runs, cka) -> dict:
 
 
 PAPER_NUMBERS = """\
-## The paper's published numbers (SPEC.md section 5), for comparison of direction only
+## The paper's published numbers, for comparison of direction only
 
 These come from full-scale runs (ImageNet-1k, 300 epochs, RegNetY-160 teacher; COCO, 50 epochs,
 ViDT-base teacher) and were **not** re-run here; the table above is digits at 32 px, 15 epochs.
@@ -144,7 +144,7 @@ def results_page(report: dict) -> str:
     lines = [
         "# Reproduction at digits scale: projector and normalisation ablations", "",
         f"Made by `make ablation` on {report['date']} (torch {report['torch']}, "
-        f"{report['seconds'] / 60:.0f} min on this machine's CPU). DeiT-Ti students, 32 px digits from "
+        f"{report['seconds'] / 60:.0f} min on {report.get('hardware', 'a CPU')}). DeiT-Ti students, 32 px digits from "
         f"scikit-learn (1,437 train / 360 val images), {len(report['seeds'])} seeds per row, identical "
         f"budgets; teacher resnet10t at {report['teacher_acc1']:.2f}% top-1. Every number below comes from "
         "`results/ablation.json`.", "",

@@ -47,6 +47,7 @@ CIFAR_CLASSES = 100
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_CROP_RATIO = 0.875
+SMALL_INPUT_SIZE = 32  # at or below it, evaluation neither resizes nor crops (the original's rule)
 REPEATED_AUG_REPEATS = 3
 
 # DIGITS export. 32 px = 4x nearest-neighbour upscaling of the 8x8 originals: every stored pixel is
@@ -98,6 +99,13 @@ def default_data_args(**overrides) -> argparse.Namespace:
     return argparse.Namespace(**fields)
 
 
+def data_args_from(args) -> argparse.Namespace:
+    """The data fields of parsed command-line arguments (``--subset FULL`` becomes None)."""
+    resolved = {name: getattr(args, name) for name in vars(default_data_args())}
+    resolved["subset"] = None if args.subset == "FULL" else args.subset
+    return argparse.Namespace(**resolved)
+
+
 # ----------------------------------------------------------------------------- transforms
 
 
@@ -145,6 +153,11 @@ def build_transform(is_train: bool, args) -> transforms.Compose:
     size = args.input_size
     bicubic = transforms.InterpolationMode.BICUBIC
     if not is_train:
+        if size <= SMALL_INPUT_SIZE:
+            # The original (as DeiT) evaluates inputs of 32 px or less as they are, with no resize and no
+            # centre crop. Resizing to exactly (size, size) is the identity on such images and only
+            # changes images of another size (28 px Fashion-MNIST), which would not fit the model otherwise.
+            return transforms.Compose([transforms.Resize((size, size), interpolation=bicubic)] + _normalise())
         return transforms.Compose([transforms.Resize(int(size / args.eval_crop_ratio), interpolation=bicubic),
                                    transforms.CenterCrop(size)] + _normalise())
     if args.src:
@@ -405,13 +418,13 @@ def export_digits(root: str, force: bool = False) -> str:
 # ----------------------------------------------------------------------------- mixup and loaders
 
 
-def _mixup_active(args) -> bool:
+def mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
 def build_mixup(args, nb_classes: int) -> Optional[Mixup]:
     """timm Mixup/CutMix with label smoothing, or None when both are off."""
-    if not _mixup_active(args):
+    if not mixup_active(args):
         return None
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -443,24 +456,30 @@ def _train_sampler(args, dataset: Dataset, distributed: bool, rank: int, world_s
                               drop_last=True)
 
 
+def build_val_loader(args, dataset_val: Dataset, sharded: bool, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Val loader at 1.5x the batch size (as the original). ``sharded``: an unpadded shard per rank, so
+    each image counts once over all ranks; otherwise every rank reads the whole set."""
+    sampler = (DistributedEvalSampler(dataset_val, num_replicas=world_size, rank=rank) if sharded
+               else SequentialSampler(dataset_val))
+    return DataLoader(dataset_val, sampler=sampler, batch_size=int(1.5 * args.batch_size),
+                      num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
+                      collate_fn=collate_skipping_unreadable)
+
+
 def build_loaders(args, dataset_train: Dataset, dataset_val: Dataset, distributed: bool, rank: int,
-                  world_size: int) -> Tuple[DataLoader, DataLoader]:
+                  world_size: int, sharded_val: Optional[bool] = None) -> Tuple[DataLoader, DataLoader]:
     """Train and val loaders yielding ``(samples, targets, num_unreadable)`` (see the module docstring).
 
-    The train sampler has ``set_epoch``; call it every epoch. Val uses 1.5x the batch size (as the
-    original) and, when distributed, a padding-free shard per rank, so each image counts once.
+    The train sampler has ``set_epoch``; call it every epoch. Validation is sharded per rank when
+    distributed, unless ``sharded_val`` is False (see ``build_val_loader``).
     """
     train_sampler = _train_sampler(args, dataset_train, distributed, rank, world_size)
     if len(train_sampler) < args.batch_size:
         raise DatasetError(f"the training set has {len(train_sampler)} images per process, fewer than one "
                            f"batch of {args.batch_size} (batches are full-size only)")
-    val_sampler = (DistributedEvalSampler(dataset_val, num_replicas=world_size, rank=rank) if distributed
-                   else SequentialSampler(dataset_val))
     train_loader = DataLoader(dataset_train, sampler=train_sampler, batch_size=args.batch_size,
                               num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=True,
                               collate_fn=functools.partial(collate_skipping_unreadable,
-                                                           keep_even=_mixup_active(args)))
-    val_loader = DataLoader(dataset_val, sampler=val_sampler, batch_size=int(1.5 * args.batch_size),
-                            num_workers=args.num_workers, pin_memory=args.pin_mem, drop_last=False,
-                            collate_fn=collate_skipping_unreadable)
-    return train_loader, val_loader
+                                                           keep_even=mixup_active(args)))
+    sharded = distributed if sharded_val is None else sharded_val and distributed
+    return train_loader, build_val_loader(args, dataset_val, sharded, rank, world_size)

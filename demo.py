@@ -35,8 +35,9 @@ OUT = os.path.join("runs", "demo")
 # Budget (README, "The demo"): all of it must fit in 10 minutes on 2 CPU cores. 32 px is the
 # exported digit size (4x the 8x8 originals), giving a 2x2 token grid to DeiT-Ti's stride-16 stem.
 INPUT_SIZE = 32
-# Repeatable runs: a fixed number of intra-op threads (results of a parallel reduction depend on how it is
-# split) in every process; the loader workers' seeds come from --seed.
+# Repeatable runs: a fixed number of intra-op threads (the result of a parallel sum depends on how it is
+# split), set by --threads and, for the libraries below torch, by the environment of every process;
+# deterministic kernels (--deterministic); the loader workers' seeds come from --seed.
 THREADS = 2
 THREAD_ENV = {name: str(THREADS) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 BATCH_SIZE = 64
@@ -50,6 +51,8 @@ COMMON = [
     "--unscale-lr",
     # A short schedule on 32 px digits: mixup/cutmix and 8% crops would erase most digits.
     "--mixup", "0", "--cutmix", "0", "--crop-scale-min", "0.35", "--print-freq", "50",
+    # Repeatable: deterministic kernels and a fixed thread count (see THREADS).
+    "--deterministic", "--threads", str(THREADS),
 ]
 # Students at the original's effective lr 5e-4; the CNN teacher from scratch at 2e-3.
 STUDENT = ["--student-model", "deit_ti_distilled", "--epochs", str(STUDENT_EPOCHS), "--lr", "5e-4"]

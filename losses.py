@@ -3,7 +3,7 @@
 Paper: Miles, Elezi, Deng, "VkD: Improving Knowledge Distillation using Orthogonal Projections",
 CVPR 2024. The student feature is mapped to the teacher's width by a bias-free linear map with
 orthonormal columns (so it cannot absorb knowledge), the teacher feature is normalised in a
-task-specific way, and the two are compared with smooth-L1 (SPEC section 1).
+task-specific way, and the two are compared with smooth-L1 (the paper, section 3).
 """
 from typing import Dict, Optional
 
@@ -33,9 +33,13 @@ class OrthogonalProjector(nn.Linear):
         super().__init__(in_dim, out_dim, bias=False)
         orthogonal_maps.register_orthogonal(self, orthogonal_map=orthogonal_map, impl=impl)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Never forms W for a batch smaller than the width (see orthogonal_maps.orthogonal_linear).
+        return orthogonal_maps.orthogonal_linear(self, x)
+
 
 class OrthogonalLinear(nn.Module):
-    """Detection projector (VIDT_SPEC section 5): orthogonal map, then a per-channel scale and bias."""
+    """Detection projector (the original ViDT distillation code): orthogonal map, then a per-channel scale and bias."""
 
     def __init__(self, in_dim: int, out_dim: int, orthogonal_map: Optional[str] = None, impl: str = "fast"):
         super().__init__()
@@ -93,18 +97,23 @@ def get_normalisation(name: str):
     return NORMALISATIONS[name]
 
 
+def get_feature_loss(name: str):
+    if name not in FEATURE_LOSSES:
+        raise ValueError(f"unknown feature loss '{name}'; choose from {sorted(FEATURE_LOSSES)}")
+    return FEATURE_LOSSES[name]
+
+
 def feature_distillation_loss(projected_student: torch.Tensor, teacher: torch.Tensor,
                               normalisation: str = "layernorm", loss: str = "smooth_l1") -> torch.Tensor:
     """VkD's feature term: distance between the projected student and the normalised (detached) teacher."""
-    if loss not in FEATURE_LOSSES:
-        raise ValueError(f"unknown feature loss '{loss}'; choose from {sorted(FEATURE_LOSSES)}")
+    distance = get_feature_loss(loss)
     target = get_normalisation(normalisation)(teacher.detach().float())
-    return FEATURE_LOSSES[loss](projected_student.float(), target)
+    return distance(projected_student.float(), target)
 
 
 def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                             temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened logits, batch mean, times T^2 (SPEC section 2)."""
+    """KL(teacher || student) on temperature-softened logits, batch mean, times T^2 (Hinton et al.)."""
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     p_teacher = F.softmax(teacher_logits.float() / temperature, dim=-1)
     return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature ** 2
@@ -142,9 +151,8 @@ class VkDLoss(nn.Module):
         super().__init__()
         if (alpha > 0 or gamma > 0) and teacher is None:
             raise ValueError("distillation (alpha > 0 or gamma > 0) needs a teacher")
-        get_normalisation(normalisation)
-        if feature_loss not in FEATURE_LOSSES:
-            raise ValueError(f"unknown feature loss '{feature_loss}'; choose from {sorted(FEATURE_LOSSES)}")
+        get_normalisation(normalisation)  # unknown names fail here, not at the first step
+        get_feature_loss(feature_loss)
         self.teacher = teacher
         if teacher is not None:
             teacher.eval()

@@ -9,7 +9,7 @@ whichever implementation is chosen:
 - ``impl="fast"``: :class:`FastOrthogonal`, the same function of ``original`` and ``base`` (same
   values, same gradients) computed with blocked matrix products. torch's Householder map
   differentiates through a sequential product of reflectors, which took 15.6 s of an 18.5 s
-  training step on a 2-core CPU (SPEC section 3); the compact WY form below is a few matmuls.
+  training step on a loaded 2-core CPU; the compact WY form below is a few matmuls.
 
 Maps (``orthogonal_map``), all with dynamic trivialization W = base @ Q(original):
 
@@ -54,16 +54,12 @@ def register_orthogonal(module: nn.Module, orthogonal_map: Optional[str] = None,
     # Registered as torch registers its own (unsafe=True: no check forward): right_inverse runs once
     # and draws the same random numbers, so a seeded fast module gets the same `base` as torch's.
     parametrize.register_parametrization(module, "weight", FastOrthogonal(weight, orthogonal_map), unsafe=True)
-    if type(module).forward is nn.Linear.forward:
-        # parametrize gave the module a class of its own (undone by remove_parametrizations), so this
-        # override lets a plain Linear such as losses.OrthogonalProjector skip forming W, for this
-        # module only; deep copies (EMA) share the class and keep it.
-        type(module).forward = orthogonal_linear
     return module
 
 
 def orthogonal_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for a Linear made orthogonal by :func:`register_orthogonal`.
+    """``module(x)`` for a Linear made orthogonal by :func:`register_orthogonal` (what
+    ``losses.OrthogonalProjector.forward`` calls; a plain Linear's own forward forms W, same values).
 
     With the fast parametrization and fewer rows than min(out, in), y = x W^T is computed as
     (x Q^T) base^T, which costs rows * n^2 instead of the n^2 * k of forming W = base @ Q.

@@ -1,12 +1,19 @@
-"""Checkpoint loading (safe and strict) shared by training, evaluation, benchmarks and tests."""
+"""Small helpers shared by every entry point: error exits, reproducibility, and safe, strict checkpoint files."""
 import glob
+import json
 import os
 import pickle
+import random
 import re
-from typing import Dict, Iterable, Mapping, Optional
+import subprocess
+import sys
+from typing import Dict, Iterable, Mapping, NoReturn, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 
 DDP_PREFIX = "module."
 PROJECTOR_PREFIX = "projector."
@@ -23,9 +30,48 @@ class CheckpointError(ValueError):
 REFUSED_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
 
 
-def _first_line(error: BaseException) -> str:
+def fail(message: str, exit_code: int = 2) -> NoReturn:
+    """One line on stderr, then exit: code 2 for bad input (before any long work), 1 for a run that
+    cannot go on (a non-finite loss, a dead rank)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
+
+
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    # Augmentation and mixup randomness of an epoch depend on (seed, rank, epoch) alone, so a resumed
+    # run draws the same random numbers as an uninterrupted one.
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def _git(*arguments: str) -> Optional[str]:
+    try:
+        return subprocess.run(["git", "-C", REPO_DIR, *arguments], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def git_state() -> Dict[str, object]:
+    """The commit of this code and whether the working tree differs from it (None outside a git checkout)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
+
+
+def write_json(path: str, content: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(content, handle, indent=1)
+        handle.write("\n")
 
 
 def _load_error(path: str, error: BaseException) -> CheckpointError:
@@ -39,7 +85,7 @@ def _load_error(path: str, error: BaseException) -> CheckpointError:
     if isinstance(error, pickle.UnpicklingError):
         detail = "unreadable pickle data"
     else:
-        detail = _first_line(error).split(". ")[0]
+        detail = first_line(error).split(". ")[0]
     return CheckpointError(f"could not read checkpoint {path}: corrupt, truncated or not a PyTorch file "
                            f"({type(error).__name__}: {detail})")
 
@@ -125,8 +171,34 @@ def load_student_checkpoint(student: nn.Module, path: str) -> Dict[str, torch.Te
     state_dict = strip_ddp_prefix(load_state_dict_file(path, preferred_keys=("student", "model", "state_dict")))
     if getattr(student, "projector", None) is None:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith(PROJECTOR_PREFIX)}
+    hint = _shape_hint(student, state_dict)
+    if hint:
+        raise CheckpointError(f"{path} does not fit {type(student).__name__}: {hint}")
     strict_load(student, state_dict, path)
     return state_dict
+
+
+def _shape_hint(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """What a person should change when a file differs from the model only in class count or input size."""
+    expected = model.state_dict()
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for name, module in model.named_modules():
+        key = f"{name}.weight"
+        if module is classifier and key in state_dict and key in expected:
+            found, wanted = state_dict[key].shape[0], expected[key].shape[0]
+            if found != wanted:
+                return f"file has {found} classes, data set has {wanted}"
+    positions = state_dict.get("pos_embed")
+    if positions is not None and "pos_embed" in expected and positions.shape != expected["pos_embed"].shape:
+        # DeiT students: a grid of stride-16 patches after 1 (cls) or 2 (cls, dist) prefix tokens.
+        num_patches = getattr(model, "num_patches", None) or model.patch_embed.num_patches
+        prefix_tokens = expected["pos_embed"].shape[1] - num_patches
+        model_size = getattr(model, "img_size", None) or model.patch_embed.img_size[0]
+        stride = model_size // round(num_patches ** 0.5)
+        file_size = round((positions.shape[1] - prefix_tokens) ** 0.5) * stride
+        return (f"file was trained at input size {file_size}, the model is built for {model_size}: "
+                f"pass --input-size {file_size}")
+    return None
 
 
 def add_ddp_prefix(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -18,9 +18,10 @@ import sys
 import time
 
 import torch
+from train_step import LR, WEIGHT_DECAY, TrainStep, synchronize
+from train_step import parse_args as parse_step_args
 
-from main_distributed import parameter_groups
-from train_step import LR, WEIGHT_DECAY, TrainStep, parse_args as parse_step_args, synchronize
+from optim import parameter_groups
 
 VARIANTS = {
     "baseline": [],

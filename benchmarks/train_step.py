@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from losses import VkDLoss
-from main_distributed import parameter_groups
 from models import create_student
+from optim import parameter_groups
 from orthogonal_maps import ORTHOGONAL_MAPS
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,4 +1,8 @@
 """Students and teachers. ``import models`` registers the DeiT students with timm."""
+import hashlib
+import os
+import socket
+import urllib.parse
 from typing import Optional
 
 import timm
@@ -9,11 +13,12 @@ from losses import OrthogonalProjector
 from models.deit import STUDENT_MODELS, DistilledVisionTransformer
 
 PROJECTORS = ("orthogonal", "linear")
+DEFAULT_PROJECTOR_IMPL = "fast"  # orthogonal_maps.FastOrthogonal: same function as torch's, much faster
 
 
 def create_student(name: str, num_classes: int = 1000, img_size: int = 224, teacher_dim: Optional[int] = None,
                    projector: str = "orthogonal", orthogonal_map: Optional[str] = None,
-                   projector_impl: str = "fast", **kwargs) -> nn.Module:
+                   projector_impl: str = DEFAULT_PROJECTOR_IMPL, **kwargs) -> nn.Module:
     """Build a student; with ``teacher_dim`` it carries ``student.projector`` (embed_dim -> teacher_dim).
 
     ``projector='orthogonal'`` is VkD's; ``'linear'`` is the unconstrained ablation.
@@ -29,7 +34,7 @@ def create_student(name: str, num_classes: int = 1000, img_size: int = 224, teac
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int, orthogonal_map: Optional[str] = None,
-                    impl: str = "fast") -> nn.Module:
+                    impl: str = DEFAULT_PROJECTOR_IMPL) -> nn.Module:
     if kind == "orthogonal":
         return OrthogonalProjector(in_dim, out_dim, orthogonal_map=orthogonal_map, impl=impl)
     if kind == "linear":
@@ -37,26 +42,92 @@ def build_projector(kind: str, in_dim: int, out_dim: int, orthogonal_map: Option
     raise ValueError(f"unknown projector '{kind}'; choose from {', '.join(PROJECTORS)}")
 
 
-def create_teacher(name: str, num_classes: int = 1000, teacher_path: Optional[str] = None,
-                   channels_last: bool = False, **kwargs) -> nn.Module:
-    """A timm teacher: weights from ``teacher_path`` (strict), else timm's pretrained weights (network).
+class TeacherError(ValueError):
+    """A teacher that cannot be built as asked: weights out of reach, or a classifier that does not fit."""
 
-    Returned frozen and in eval mode. ``channels_last`` stores its convolution weights channels-last:
-    the same function, and convolutions then run in that (faster) layout; only the last bits of the
-    outputs can differ.
+
+# timm resolves a bare architecture name to its default pretrained tag. For regnety_160 (timm 1.0) that is
+# regnety_160.sw_in12k_ft_in1k, not the weights DeiT distilled from and VkD used.
+DEFAULT_PRETRAINED_TAGS = {"regnety_160": "regnety_160.deit_in1k"}
+HUB_PORT, HUB_TIMEOUT_S = 443, 5.0
+
+
+def pretrained_name(name: str) -> str:
+    """``name`` with the pretrained tag timm will download (``arch.tag``)."""
+    return name if "." in name else DEFAULT_PRETRAINED_TAGS.get(name, name)
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hub_reachable(endpoint: str) -> bool:
+    """One short connection attempt, so that a machine without network fails in seconds rather than after
+    the hub client's minute of retries (cached weights are then still used, offline)."""
+    address = urllib.parse.urlparse(endpoint)
+    try:
+        socket.create_connection((address.hostname, address.port or HUB_PORT), timeout=HUB_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def _download_pretrained(name: str, **kwargs) -> nn.Module:
+    from huggingface_hub import constants as hub  # timm's hub client, read at call time
+    tagged = pretrained_name(name)
+    offline = hub.HF_HUB_OFFLINE or not _hub_reachable(hub.ENDPOINT)
+    was_offline, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, offline
+    try:
+        return timm.create_model(tagged, pretrained=True, **kwargs)
+    except Exception as error:  # no network and no cache, gated repository, unknown tag ...
+        reason = "the model hub cannot be reached and the weights are not cached" if offline else type(error).__name__
+        raise TeacherError(f"could not download pretrained weights '{tagged}' ({reason}); pass --teacher-path FILE "
+                           f"with local weights") from None
+    finally:
+        hub.HF_HUB_OFFLINE = was_offline
+
+
+def _classifier_weight_key(model: nn.Module) -> Optional[str]:
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for module_name, module in model.named_modules():
+        if module is classifier and isinstance(getattr(module, "weight", None), torch.Tensor):
+            return f"{module_name}.weight"
+    return None
+
+
+def create_teacher(name: str, num_classes: Optional[int] = None, teacher_path: Optional[str] = None,
+                   channels_last: bool = False, **kwargs) -> nn.Module:
+    """A frozen timm teacher in eval mode, with ``teacher.weights`` saying where its weights came from.
+
+    Weights from ``teacher_path`` (strict), else timm's pretrained weights (``pretrained_name``: DeiT's
+    RegNetY-160 for ``regnety_160``). ``num_classes=None`` keeps the classifier of the weights (the
+    file's or the pretrained one); a number builds that classifier, and a file with another class count
+    is then a ``TeacherError``. ``channels_last`` stores the convolution weights channels-last: the same
+    function, and convolutions then run in that (faster) layout; only the last bits of outputs differ.
     """
     from utils import load_state_dict_file, strict_load  # utils imports models lazily too
-    if name not in timm.list_models():
-        raise ValueError(f"unknown teacher model '{name}'; any timm model name works (e.g. regnety_160, resnet18)")
+    if name.split(".")[0] not in timm.list_models():
+        raise TeacherError(f"unknown teacher model '{name}'; any timm model name works (e.g. regnety_160, resnet18)")
     if teacher_path is None:
-        try:
-            teacher = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
-        except Exception as error:  # no network, no hub cache, gated repo ...
-            raise SystemExit(f"error: could not download pretrained weights for teacher '{name}' "
-                             f"({type(error).__name__}); pass --teacher-path FILE with local weights") from None
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        teacher = _download_pretrained(name, **extra, **kwargs)
+        teacher.weights = {"source": f"timm:{pretrained_name(name)}"}
     else:
-        teacher = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-        strict_load(teacher, load_state_dict_file(teacher_path, preferred_keys=("model", "state_dict")), teacher_path)
+        state_dict = load_state_dict_file(teacher_path, preferred_keys=("model", "state_dict"))
+        teacher = timm.create_model(name, pretrained=False, **kwargs)
+        head_key = _classifier_weight_key(teacher)
+        file_classes = int(state_dict[head_key].shape[0]) if head_key in state_dict else None
+        if num_classes is not None and file_classes is not None and file_classes != num_classes:
+            raise TeacherError(f"teacher file {teacher_path} has {file_classes} classes, {num_classes} expected")
+        wanted = num_classes if num_classes is not None else file_classes
+        if wanted is not None and wanted != teacher.num_classes:
+            teacher = timm.create_model(name, pretrained=False, num_classes=wanted, **kwargs)
+        strict_load(teacher, state_dict, teacher_path)
+        teacher.weights = {"source": os.path.abspath(teacher_path), "sha256": file_sha256(teacher_path)}
     teacher.eval()
     teacher.requires_grad_(False)
     if channels_last:

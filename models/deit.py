@@ -1,4 +1,4 @@
-"""DeiT students of the VkD classification recipe (SPEC section 2).
+"""DeiT students of the VkD classification recipe (co-advise's convolutional stem, as the original).
 
 The distilled variants replace the 16x16 patch embedding with co-advise's convolutional stem and
 use the mean of the stem tokens as the distillation token (it is not a parameter). Names are
@@ -83,7 +83,8 @@ class DistilledVisionTransformer(VisionTransformer):
 
     def forward(self, x: torch.Tensor, with_projection: bool = False):
         cls, dist, patch_tokens = self.forward_features(x)
-        cls_logits, dist_logits = self.head(cls), self.head_dist(dist)
+        # timm's head dropout (--drop), on both heads; the original never applied it.
+        cls_logits, dist_logits = self.head(self.head_drop(cls)), self.head_dist(self.head_drop(dist))
         if not self.training:
             return (cls_logits + dist_logits) / 2
         if with_projection:

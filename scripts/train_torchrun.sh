@@ -4,7 +4,8 @@
 #   M nodes:    run the same line on every node with NNODES=M MASTER_ADDR=<first node> [MASTER_PORT=29500]
 #               (c10d rendezvous; every node needs the same DATA layout and a shared OUT).
 # CONFIG defaults to configs/deit_ti_vkd.yaml (configs/deit_s_vkd.yaml for DeiT-S). lr scales with the
-# global batch (512 x NGPU x NNODES); add --unscale-lr to keep 5e-4.
+# global batch (512 x NGPU x NNODES); add --unscale-lr to keep 5e-4. CONFIG=configs/deit_ti_vkd_original.yaml
+# reproduces the original code's projector weight decay (README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-/data/imagenet2012}

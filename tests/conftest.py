@@ -90,7 +90,7 @@ def free_port() -> int:
 
 
 def launcher_command(launcher: str, processes: int):
-    if launcher == "launch":  # the seed's form; it passes --local-rank to each process
+    if launcher == "launch":  # the paper's form; it passes --local-rank to each process
         return ["torch.distributed.launch", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
     if launcher == "torchrun":
         return ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

@@ -7,8 +7,16 @@ import torch.nn as nn
 from torch.nn.utils import parametrizations
 
 import models
-from losses import (OrthogonalLinear, OrthogonalProjector, VkDLoss, batch_standardise, feature_distillation_loss,
-                    layernorm, logit_distillation_loss, whiten)
+from losses import (
+    OrthogonalLinear,
+    OrthogonalProjector,
+    VkDLoss,
+    batch_standardise,
+    feature_distillation_loss,
+    layernorm,
+    logit_distillation_loss,
+    whiten,
+)
 from models import create_student
 from utils import CheckpointError, load_student_checkpoint
 

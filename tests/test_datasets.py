@@ -8,8 +8,18 @@ import torch
 from PIL import Image
 
 import datasets
-from datasets import (DatasetError, UnreadableImageError, balanced_subset_indices, build_dataset, build_loaders,
-                      build_mixup, build_transform, collate_skipping_unreadable, default_data_args, export_digits)
+from datasets import (
+    DatasetError,
+    UnreadableImageError,
+    balanced_subset_indices,
+    build_dataset,
+    build_loaders,
+    build_mixup,
+    build_transform,
+    collate_skipping_unreadable,
+    default_data_args,
+    export_digits,
+)
 from samplers import DistributedEvalSampler, RASampler, SeededRandomSampler
 
 CLASSES = ("cat", "dog", "emu")

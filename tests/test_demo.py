@@ -156,11 +156,13 @@ def test_runs_are_pinned_and_vkd_keeps_its_projector_an_isometry():
     assert demo.THREAD_ENV["OMP_NUM_THREADS"] == demo.THREAD_ENV["MKL_NUM_THREADS"] == str(demo.THREADS)
 
 
-def test_every_demo_command_parses(tmp_path):
-    import main_distributed
+def test_every_demo_command_is_accepted_and_repeatable(tmp_path):
+    from main_distributed import check_arguments, parse_arguments
     for name in demo.RUNS:
-        args, _ = main_distributed.parse_arguments(demo.COMMON + demo.RUNS[name] + ["--output_dir", str(tmp_path)])
+        args, explicit = parse_arguments(demo.COMMON + demo.RUNS[name] + ["--output_dir", str(tmp_path / name)])
+        check_arguments(args, explicit)
         assert args.seed == 0 and args.batch_size == demo.BATCH_SIZE
+        assert args.deterministic and args.threads == demo.THREADS
 
 
 def fake_log(acc1_curve, seconds_per_epoch=1.0, teacher=False):

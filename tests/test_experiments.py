@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ablation
-from main_distributed import parse_arguments
+from config import parse_arguments
 
 EXPECTED_ROWS = {
     "row1_no_distillation": {"alpha": 0.0, "gamma": 0.0},

@@ -1,4 +1,4 @@
-"""Fault injection (issue 7): every fault of the issue is tried on CPU with tiny models and data.
+"""Fault injection: each fault a long training run can meet is tried on CPU with tiny models and data.
 
 - kill -9 at a random point of an epoch, then ``--resume auto``: the run ends as an uninterrupted one;
 - a kill in the middle of a checkpoint write: the previous file stays complete and loadable;
@@ -29,9 +29,9 @@ import time
 import pytest
 import timm
 import torch
+from conftest import CLASSES, REPO, TEACHER, free_port, launcher_command
 
 import models
-from conftest import CLASSES, REPO, TEACHER, free_port, launcher_command
 from utils import CheckpointError, add_ddp_prefix, safe_torch_load, save_atomically
 from vidt.util import checkpoint as vidt_checkpoint
 
