@@ -154,6 +154,7 @@ def test_runs_are_pinned_and_vkd_keeps_its_projector_an_isometry():
         assert argv[argv.index("--seed") + 1] == "0" and argv[argv.index("--epochs") + 1] == "15"
     assert "--no-projector-weight-decay" in demo.RUNS["vkd"]
     assert demo.THREAD_ENV["OMP_NUM_THREADS"] == demo.THREAD_ENV["MKL_NUM_THREADS"] == str(demo.THREADS)
+    assert demo.THREAD_ENV["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_every_demo_command_is_accepted_and_repeatable(tmp_path):
