@@ -19,6 +19,7 @@ reuses the exported data and the teacher; ``FORCE=1 make demo`` redoes everythin
 import json
 import math
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -261,7 +262,6 @@ def format_table(results: dict, n: int) -> str:
 
 def machine_description() -> dict:
     """CPU model, threads, torch version and date: the numbers' last digits depend on the first three."""
-    import platform
     import torch
     cpu = platform.processor() or platform.machine()
     try:

@@ -1,7 +1,6 @@
 """demo.py's reading of the learning curves: intervals, the noise rule, thresholds, the verdict's wording,
 and a whole `main()` on made-up training logs (no training), checked against its summary.json."""
 import json
-import math
 import os
 
 import pytest
