@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # VkD README: ViDT Swin-tiny student distilled from the ViDT Swin-base teacher (50 epochs, COCO).
 # The README's command passes --backbone_name swin_small for this run; its reported 38M parameters
-# match swin_tiny (60.5M would be swin_small), so swin_tiny is used here (VIDT_SPEC section 9).
+# match swin_tiny (60.5M would be swin_small), so swin_tiny is used here.
 # Env: COCO (COCO root), TEACHER (vidt_base_150.pth), OUT (run name under vidt/logs/), NGPU (default 6).
 # Needs the ImageNet Swin-tiny weights at vidt/ckpts/backbones/swin_tiny_patch4_window7_224.pth.
 set -euo pipefail
