@@ -480,6 +480,18 @@ def test_plain_cpu_run_records_gloo_and_no_process_group(monkeypatch):
     assert (args.distributed, args.dist_backend, args.dist_url) == (False, "gloo", "env://")
 
 
+def test_paper_scripts_pass_nodes_and_master_port_to_the_launcher(tmp_path):
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "$@"\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub), COCO="coco", TEACHER="t.pth", NNODES="2", NODE_RANK="1",
+               MASTER_ADDR="10.0.0.5", MASTER_PORT="29501")
+    for script in ("vidt_train_nano.sh", "vidt_eval_tiny.sh"):
+        out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / script)], env=env, capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        assert "--nnodes=2 --node_rank=1 --master_addr=10.0.0.5 --master_port=29501 --use_env main.py" in out
+
+
 GROUP_MEMBER = """
 import types, torch, torch.distributed as dist
 from vidt.util.misc import init_distributed_mode
