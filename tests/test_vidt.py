@@ -331,6 +331,7 @@ def test_a_student_trained_here_serves_as_teacher(nano, tmp_path, capsys):
     (["--iou_aware", "True"], "not supported"),
     (["--token_label", "True"], "not supported"),
     (["--lr_backbone", "2e-5"], "has no effect"),
+    (["--decay-rate", "0.5"], "--decay-rate has no effect"),
     (["--backbone_name", "coat_lite_tiny"], "not supported"),
 ])
 def test_unsupported_flags_stop_with_one_line(flags, message):

@@ -41,7 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--warmup-lr", type=float, default=1e-6, help="warmup start lr (default 1e-6)")
     add("--min-lr", type=float, default=1e-7, help="cosine floor (default 1e-7)")
     add("--warmup-epochs", type=int, default=0, help="warmup epochs (default 0)")
-    add("--decay-rate", "--dr", type=float, default=0.1, help="cosine cycle decay (default 0.1)")
+    add("--decay-rate", "--dr", type=float, default=0.1,
+        help="cosine cycle decay; unused with ViDT's single cycle (default 0.1)")
     add("--n_iter_to_acc", default=1, type=int,
         help="gradient accumulation steps; must divide --batch_size (default 1)")
 
@@ -132,6 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # (flag, default, reason): accepted for command-line compatibility, but with no effect in ViDT.
 INERT_FLAGS = (
     ("lr_backbone", 1e-5, "the backbone trains at --lr in ViDT"),
+    ("decay_rate", 0.1, "the cosine runs one cycle and --sched step decays by 0.1, as in the original"),
     ("position_embedding", "sine", "ViDT has no configurable position embedding"),
     ("pos_dim", 256, "ViDT uses --reduced_dim as the [DET] position width"),
     ("dim_feedforward", 1024, "ViDT fixes the decoder FFN at 1024"),
@@ -145,6 +147,7 @@ INERT_FLAGS = (
     ("iouaware_loss_coef", 2, "--iou_aware is not supported"),
     ("token_loss_coef", 2, "--token_label is not supported"),
 )
+DASHED_FLAGS = {"decay_rate"}  # spelled with '-' on the command line, as in the original
 UNSUPPORTED_OPTIONS = (
     ("method", "vidt", "--method vidt_wo_neck is not supported; use --method vidt"),
     ("dataset_file", "coco", "--dataset_file voc is not supported; use coco"),
@@ -163,7 +166,8 @@ def check_supported(args) -> None:
             raise BadInput(message)
     for name, default, reason in INERT_FLAGS:
         if getattr(args, name) != default:
-            raise BadInput(f"--{name} has no effect ({reason}); leave it at its default {default}")
+            flag = "--" + (name.replace("_", "-") if name in DASHED_FLAGS else name)
+            raise BadInput(f"{flag} has no effect ({reason}); leave it at its default {default}")
     if args.backbone_name not in SWIN_VARIANTS:
         raise BadInput(f"--backbone_name {args.backbone_name} is not supported; "
                        f"choose from {sorted(SWIN_VARIANTS)}")

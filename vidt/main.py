@@ -1,7 +1,7 @@
 """Train or evaluate ViDT with VkD feature distillation on COCO.
 
-Run from inside vidt/: ``python main.py ...``, ``torchrun --nproc_per_node=N main.py ...`` or
-``python -m torch.distributed.launch --nproc_per_node=N --nnodes=1 --use_env main.py ...``.
+Run from inside vidt/: ``python main.py ...``, ``torchrun --nproc_per_node=N main.py ...``,
+``python -m torch.distributed.launch --nproc_per_node=N --use_env main.py ...`` or ``srun python main.py ...``.
 """
 import os
 import sys
@@ -175,23 +175,29 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
         test_stats, coco_eval = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device,
                                          args.print_freq)
         if is_main_process():
-            log = {**{f"train_{k}": v for k, v in train_stats.items()},
-                   **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
-            with open(os.path.join(output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(log) + "\n")
-            arrays = eval_arrays(coco_eval)
-            utils.save_atomically(arrays, os.path.join(output_dir, "eval", "latest.pth"))
-            if epoch % EVAL_SNAPSHOT_EVERY == 0:
-                utils.save_atomically(arrays, os.path.join(output_dir, "eval", f"{epoch:03}.pth"))
-            save_json(os.path.join(output_dir, "eval_stats.json"),
-                      {"epoch": epoch, "stats": named_stats(test_stats["coco_eval_bbox"])})
-            for name, value in named_stats(test_stats["coco_eval_bbox"]).items():
-                tb_writer.add_scalar(f"val/{name}", value, epoch)
-            tb_writer.add_scalar("val/loss", test_stats["loss"], epoch)
-            tb_writer.flush()
+            record_epoch(output_dir, epoch, train_stats, test_stats, coco_eval, n_parameters, tb_writer)
     if tb_writer is not None:
         tb_writer.close()
     print(f"Training time {time.time() - start_time:.0f}s")
+
+
+def record_epoch(output_dir: str, epoch: int, train_stats, test_stats, coco_eval, n_parameters: int,
+                 tb_writer) -> None:
+    """log.txt (the original's keys), COCOeval's arrays under eval/, eval_stats.json and tensorboard."""
+    log = {**{f"train_{k}": v for k, v in train_stats.items()},
+           **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
+    with open(os.path.join(output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(log) + "\n")
+    arrays = eval_arrays(coco_eval)
+    utils.save_atomically(arrays, os.path.join(output_dir, "eval", "latest.pth"))
+    if epoch % EVAL_SNAPSHOT_EVERY == 0:
+        utils.save_atomically(arrays, os.path.join(output_dir, "eval", f"{epoch:03}.pth"))
+    stats = named_stats(test_stats["coco_eval_bbox"])
+    save_json(os.path.join(output_dir, "eval_stats.json"), {"epoch": epoch, "stats": stats})
+    for name, value in stats.items():
+        tb_writer.add_scalar(f"val/{name}", value, epoch)
+    tb_writer.add_scalar("val/loss", test_stats["loss"], epoch)
+    tb_writer.flush()
 
 
 if __name__ == "__main__":

@@ -102,8 +102,10 @@ def _first_slurm_node() -> str:
     return hosts[0]
 
 
-def launcher_ranks() -> Optional[Tuple[int, int, int]]:
+def launcher_ranks(local_rank: int = 0) -> Optional[Tuple[int, int, int]]:
     """(rank, world size, local rank) announced by the launcher, or None for a plain ``python main.py``.
+    ``local_rank`` (--local_rank, passed by torch.distributed.launch without --use_env) is used only where
+    LOCAL_RANK is not exported.
 
     torchrun and ``torch.distributed.launch --use_env`` export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
     MASTER_PORT. Under Slurm (SLURM_PROCID with more than one task) the same variables are exported here,
@@ -111,7 +113,7 @@ def launcher_ranks() -> Optional[Tuple[int, int, int]]:
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", local_rank))
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local_rank = int(env.get("SLURM_LOCALID", rank % max(torch.cuda.device_count(), 1)))
@@ -131,7 +133,7 @@ def init_distributed_mode(args) -> None:
     """
     if not args.device.startswith("cuda"):
         args.dist_backend = "gloo"  # nccl needs CUDA
-    launched = launcher_ranks()
+    launched = launcher_ranks(getattr(args, "local_rank", 0))
     if launched is None:
         if args.distributed:
             raise BadInput("--distributed needs a launcher: torchrun --nproc_per_node=N main.py ..., "
