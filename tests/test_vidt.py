@@ -451,6 +451,13 @@ def test_loaders_split_the_batch_before_padding(coco_root):
     assert len(loader_train) == 2  # 4 training images in micro-batches of 2, each padded on its own
 
 
+def test_default_run_folder_is_the_originals_name():
+    from vidt.main import run_folder
+    assert run_folder(parse_args("--backbone_name", "swin_nano", "--batch_size", "2")) == \
+        os.path.join("logs", "vidt-SWIN_NANO-batch-2-epoch-50")
+    assert run_folder(parse_args("--output_dir", "swin_nano")) == os.path.join("logs", "swin_nano")
+
+
 def test_slurm_exports_what_env_init_needs(monkeypatch, tmp_path):
     scontrol = tmp_path / "scontrol"
     scontrol.write_text("#!/bin/sh\necho node17\necho node18\n")

@@ -109,7 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--num_workers", default=2, type=int, help="data loader workers per process (default 2)")
 
     # Run control
-    add("--output_dir", default="", help="run folder under logs/ (default: <method>_<backbone_name>)")
+    add("--output_dir", default="",
+        help="run folder under logs/ (default, as in the original: <method>-<BACKBONE>-batch-<b>-epoch-<e>)")
     add("--device", default="cuda", help="cuda or cpu (default cuda)")
     add("--seed", default=42, type=int, help="base seed; each process uses seed + rank (default 42)")
     add("--resume", default="", help="checkpoint to resume from or to evaluate (loaded strictly)")
