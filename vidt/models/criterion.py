@@ -1,4 +1,4 @@
-"""Set criterion of ViDT with the VkD distillation term (VIDT_SPEC sections 4 and 5).
+"""Set criterion of ViDT with the VkD distillation term.
 
 DETR's shape: forward returns a dict of unweighted losses and ``weight_dict`` says how to sum them.
 Like DeiT's DistillationLoss the criterion owns the frozen teacher, so the training loop is the same
