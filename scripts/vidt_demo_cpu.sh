@@ -12,6 +12,8 @@ cd "$(dirname "$0")/../vidt"
 DEMO_DIR=${DEMO_DIR:-/tmp/vidt_demo}
 EPOCHS=${EPOCHS:-2}
 PYTHON=${PYTHON:-../.venv/bin/python}
+# The demo's own run folders are replaced on every run (its teacher, student and eval, nothing else).
+rm -rf "$DEMO_DIR/teacher" "$DEMO_DIR/student" "$DEMO_DIR/eval"
 "$PYTHON" tools/make_synthetic_coco.py "$DEMO_DIR/coco" --train 16 --val 8
 SMALL=(--device cpu --num_workers 0 --train_sizes 96 112 128 --max_size 213 --eval_size 128 --print_freq 4)
 COMMON=(--method vidt --backbone_name swin_nano --batch_size 2 --aux_loss True --with_box_refine True

@@ -649,3 +649,21 @@ def test_two_process_gloo_training_and_evaluation(coco_root, tmp_path):
     assert "distributed init (rank 0 of 2, gloo): env://" in stdout
     assert stdout.count(f"{COCO_SUMMARY_LINE} | area=   all") == 1  # one summary, printed by rank 0
     assert (out_dir / "checkpoint.pth").exists()
+
+
+def test_a_run_folder_holding_a_run_is_refused_or_moved_aside(tmp_path):
+    """A new detection run never destroys an old one: refused, or with --overwrite moved aside."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pth").write_bytes(b"an earlier run's weights")
+    flags = ["--device", "cpu", "--output_dir", str(run_dir), "--coco_path", str(tmp_path / "no_coco")]
+    result = subprocess.run([sys.executable, "main.py", *flags], cwd=VIDT_DIR, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert result.returncode == 2
+    assert "already holds a run (checkpoint.pth)" in result.stderr and "--overwrite" in result.stderr
+    assert (run_dir / "checkpoint.pth").read_bytes() == b"an earlier run's weights"
+
+    subprocess.run([sys.executable, "main.py", *flags, "--overwrite"], cwd=VIDT_DIR, capture_output=True,
+                   text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    [aside] = [path for path in tmp_path.iterdir() if path.name.startswith("run.previous-")]
+    assert (aside / "checkpoint.pth").read_bytes() == b"an earlier run's weights"

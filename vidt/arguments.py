@@ -115,6 +115,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--seed", default=42, type=int, help="base seed; each process uses seed + rank (default 42)")
     add("--resume", default="", help="checkpoint to resume from or to evaluate (loaded strictly)")
     add("--start_epoch", default=0, type=int, help="first epoch (overwritten on resume)")
+    add("--overwrite", action="store_true",
+        help="start a new run in a run folder that holds one: the old run is moved aside to "
+             "<folder>.previous-<time>, never deleted (without it such a folder is refused)")
     add("--eval", default=False, type=true_or_false, help="evaluate only (default False)")
     add("--print_freq", default=100, type=int, help="log every N iterations (default 100)")
 

@@ -22,10 +22,10 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, RandomSampler,  # noqa: E402
-                              SequentialSampler)
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler  # noqa: E402
 
 import utils  # noqa: E402  (the root's utils.py)
+from checkpoint import prepare_output_dir, record_invocation  # noqa: E402  (the root's run-folder rules)
 from vidt.arguments import check_supported, get_args_parser  # noqa: E402
 from vidt.datasets.coco import build_coco  # noqa: E402
 from vidt.datasets.coco_eval import STAT_NAMES, eval_arrays  # noqa: E402
@@ -34,9 +34,16 @@ from vidt.models import build  # noqa: E402
 from vidt.models.build import load_student_weights  # noqa: E402
 from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E402
 from vidt.util.checkpoint import CheckpointError, load_checkpoint, model_state_from  # noqa: E402
-from vidt.util.misc import (BadInput, collate_fn, device_of, get_rank, init_distributed_mode,  # noqa: E402
-                            is_main_process, setup_for_distributed_printing)
-from vidt.util.run_record import git_commit, save_json, write_run_args  # noqa: E402
+from vidt.util.misc import (  # noqa: E402
+    BadInput,
+    collate_fn,
+    device_of,
+    get_rank,
+    get_world_size,
+    init_distributed_mode,
+    is_main_process,
+    setup_for_distributed_printing,
+)
 
 OPEN_FILES = 4096  # the original raises the soft limit for its data-loader workers
 EVAL_SNAPSHOT_EVERY = 50  # epochs between kept copies of COCOeval's arrays, as in the original
@@ -54,6 +61,10 @@ def raise_open_file_limit() -> None:
     wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+# What a training run leaves in its folder (checkpoint.prepare_output_dir refuses to start over it).
+RUN_FILES = ("checkpoint.pth", "checkpoint[0-9]*.pth", "log.txt", "args.json", "tensorboard", "eval")
 
 
 def run_folder(args) -> str:
@@ -112,10 +123,13 @@ def main(args) -> None:
     device = device_of(args)
     seed_everything(args.seed + get_rank())
     args.output_dir = run_folder(args)
+    moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume) or args.eval, overwrite=args.overwrite,
+                                  is_main=is_main_process(), run_files=RUN_FILES)
+    if moved_to:
+        print(f"| the previous run in {args.output_dir} was moved to {moved_to}")
     if is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-        write_run_args(args.output_dir, args)
-    print(f"| git commit {git_commit()}; run folder {args.output_dir}")
+        record_invocation(args, sys.argv[1:], get_world_size(), args.lr, start_epoch=args.start_epoch)
+    print(f"| git commit {utils.git_state()['git_commit']}; run folder {args.output_dir}")
 
     # Build
     model, criterion, postprocessors = build(args)
@@ -142,7 +156,7 @@ def main(args) -> None:
                                 args.print_freq)
         if is_main_process():
             utils.save_atomically(eval_arrays(coco_eval), os.path.join(args.output_dir, "eval.pth"))
-            save_json(os.path.join(args.output_dir, "eval_stats.json"),
+            utils.write_json(os.path.join(args.output_dir, "eval_stats.json"),
                       {"checkpoint": args.resume, "stats": named_stats(coco_eval.stats.tolist())})
         return
     train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
@@ -193,7 +207,7 @@ def record_epoch(output_dir: str, epoch: int, train_stats, test_stats, coco_eval
     if epoch % EVAL_SNAPSHOT_EVERY == 0:
         utils.save_atomically(arrays, os.path.join(output_dir, "eval", f"{epoch:03}.pth"))
     stats = named_stats(test_stats["coco_eval_bbox"])
-    save_json(os.path.join(output_dir, "eval_stats.json"), {"epoch": epoch, "stats": stats})
+    utils.write_json(os.path.join(output_dir, "eval_stats.json"), {"epoch": epoch, "stats": stats})
     for name, value in stats.items():
         tb_writer.add_scalar(f"val/{name}", value, epoch)
     tb_writer.add_scalar("val/loss", test_stats["loss"], epoch)
