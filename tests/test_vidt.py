@@ -111,7 +111,7 @@ def test_criterion_on_known_inputs():
     pred_boxes = torch.tensor([[[0.4, 0.3, 0.2, 0.2], [0.5, 0.9, 0.05, 0.05], [0.8, 0.6, 0.2, 0.4]]])
     outputs = {"pred_logits": torch.zeros(1, queries, num_classes), "pred_boxes": pred_boxes}
     targets = [{"labels": torch.tensor([2, 3]), "boxes": target_boxes}]
-    criterion = SetCriterion(num_classes, HungarianMatcher(), {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}, 0.25)
+    criterion = SetCriterion(HungarianMatcher(), {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}, 0.25)
     losses = criterion(outputs, targets)
 
     positives, negatives = 2, queries * num_classes - 2
@@ -132,7 +132,7 @@ def test_aux_losses_and_weight_dict_follow_the_paper_flags():
     generator = torch.Generator().manual_seed(2)
     outputs = random_outputs(generator, 2, 5, num_classes=91)
     outputs["aux_outputs"] = [random_outputs(generator, 2, 5, num_classes=91) for _ in range(6)]
-    losses = SetCriterion(91, HungarianMatcher(), weights, 0.25)(outputs, random_targets(generator, [2, 1]))
+    losses = SetCriterion(HungarianMatcher(), weights, 0.25)(outputs, random_targets(generator, [2, 1]))
     assert {f"loss_giou_{i}" for i in range(6)} <= set(losses)
 
 

@@ -76,7 +76,7 @@ def build(args):
     matcher = HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
                                cost_giou=args.set_cost_giou)
     teacher = build_teacher(args) if distil else None
-    criterion = SetCriterion(NUM_CLASSES[args.dataset_file], matcher, build_weight_dict(args),
+    criterion = SetCriterion(matcher, build_weight_dict(args),
                              focal_alpha=args.focal_alpha, teacher=teacher)
     postprocessors: Dict[str, nn.Module] = {"bbox": PostProcess()}
     return model, criterion, postprocessors
