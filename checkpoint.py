@@ -33,21 +33,22 @@ ARGS_FILE, TENSORBOARD = "args.json", "tensorboard"
 RUN_FILES = (LATEST, BEST, LOG, ARGS_FILE, TEACHER_FILE, TENSORBOARD, "ep*.pth.tar")
 
 
-def _run_files_in(output_dir: str):
-    return sorted({os.path.basename(found) for pattern in RUN_FILES
+def _run_files_in(output_dir: str, run_files: Sequence[str]):
+    return sorted({os.path.basename(found) for pattern in run_files
                    for found in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
 
 
-def prepare_output_dir(output_dir: str, continuing: bool, overwrite: bool, is_main: bool) -> Optional[str]:
+def prepare_output_dir(output_dir: str, continuing: bool, overwrite: bool, is_main: bool,
+                       run_files: Sequence[str] = RUN_FILES) -> Optional[str]:
     """Make sure a new run cannot destroy an old one in ``output_dir``.
 
-    A folder that holds a run is refused unless the run is being continued (``--resume``) or
+    A folder that holds a run (any of ``run_files``, glob patterns) is refused unless the run is being continued (``--resume``) or
     ``overwrite`` is set, which moves the old folder aside (on the main process) and returns its new
     path. Every process makes the same read-only decision, so all of them stop together.
     """
     if not output_dir:
         return None
-    existing = _run_files_in(output_dir) if os.path.isdir(output_dir) else []
+    existing = _run_files_in(output_dir, run_files) if os.path.isdir(output_dir) else []
     if not existing or continuing:
         return None
     if not overwrite:
@@ -61,8 +62,8 @@ def prepare_output_dir(output_dir: str, continuing: bool, overwrite: bool, is_ma
     return aside
 
 
-def record_invocation(args, argv: Sequence[str], world_size: int, lr: float, teacher_weights: Optional[dict],
-                      start_epoch: int) -> None:
+def record_invocation(args, argv: Sequence[str], world_size: int, lr: float, teacher_weights: Optional[dict] = None,
+                      start_epoch: int = 0) -> None:
     """``args.json``: the resolved arguments, code version and teacher weights of the run's first
     invocation, and one entry per invocation (a resume appends; nothing is replaced)."""
     os.makedirs(args.output_dir, exist_ok=True)

@@ -171,10 +171,11 @@ def load_student_checkpoint(student: nn.Module, path: str) -> Dict[str, torch.Te
     state_dict = strip_ddp_prefix(load_state_dict_file(path, preferred_keys=("student", "model", "state_dict")))
     if getattr(student, "projector", None) is None:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith(PROJECTOR_PREFIX)}
-    hint = _shape_hint(student, state_dict)
-    if hint:
-        raise CheckpointError(f"{path} does not fit {type(student).__name__}: {hint}")
-    strict_load(student, state_dict, path)
+    mismatch = state_dict_mismatch(student, state_dict)
+    if mismatch:
+        hint = _shape_hint(student, state_dict)
+        raise CheckpointError(f"{path} does not fit {type(student).__name__}: {mismatch}" + (f"; {hint}" if hint else ""))
+    student.load_state_dict(state_dict, strict=True)
     return state_dict
 
 
@@ -185,11 +186,13 @@ def _shape_hint(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Opt
     for name, module in model.named_modules():
         key = f"{name}.weight"
         if module is classifier and key in state_dict and key in expected:
-            found, wanted = state_dict[key].shape[0], expected[key].shape[0]
-            if found != wanted:
-                return f"file has {found} classes, data set has {wanted}"
+            found, wanted = state_dict[key].shape, expected[key].shape
+            if found[0] != wanted[0] and found[1:] == wanted[1:]:
+                return f"file has {found[0]} classes, data set has {wanted[0]}"
     positions = state_dict.get("pos_embed")
-    if positions is not None and "pos_embed" in expected and positions.shape != expected["pos_embed"].shape:
+    if (positions is not None and "pos_embed" in expected and positions.ndim == 3
+            and positions.shape[1] != expected["pos_embed"].shape[1]
+            and positions.shape[2] == expected["pos_embed"].shape[2]):
         # DeiT students: a grid of stride-16 patches after 1 (cls) or 2 (cls, dist) prefix tokens.
         num_patches = getattr(model, "num_patches", None) or model.patch_embed.num_patches
         prefix_tokens = expected["pos_embed"].shape[1] - num_patches

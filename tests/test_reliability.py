@@ -459,7 +459,7 @@ def _student_of_another_run(tmp_path, name, num_classes):
 GARBAGE = random.Random(7).randbytes(5000)
 HEAD_MISMATCH = re.escape("shape mismatch: head.weight file [5, 192] vs model [3, 192], head.bias file [5] vs "
                           "model [3], head_dist.weight file [5, 192] vs model [3, 192], head_dist.bias file [5] vs "
-                          "model [3]")
+                          "model [3]; file has 5 classes, data set has 3")
 
 # case: (extra flags from (folder, tmp_path), regular expression the error line must match; {tmp} is tmp_path)
 BAD_INPUTS = {

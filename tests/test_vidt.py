@@ -1,14 +1,16 @@
-"""CPU tests of the ViDT + VkD detection tree (vidt/), VIDT_SPEC sections 2-9.
+"""CPU tests of the ViDT + VkD detection tree (vidt/).
 
 Unit tests assert numbers on tiny inputs; the key-manifest tests build the real default models; the
 end-to-end tests run vidt/main.py on a synthetic COCO set (images of 128x160 px).
 """
 import argparse
+import json
 import math
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,15 +18,16 @@ import torch
 
 from vidt.arguments import check_supported, get_args_parser
 from vidt.datasets.transforms import make_coco_transforms, resized_shape
-from vidt.models.build import build_detector, build_weight_dict
+from vidt.engine import train_one_epoch
+from vidt.models.build import build_detector, build_teacher, build_weight_dict, load_student_weights
 from vidt.models.criterion import SetCriterion, distillation_loss
-from vidt.models.detector import PostProcess
+from vidt.models.detector import PostProcess, is_projector_key
 from vidt.models.matcher import HungarianMatcher
 from vidt.models.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
 from vidt.optim import build_scheduler, param_groups, step_scheduler
 from vidt.tools.make_synthetic_coco import make_synthetic_coco
 from vidt.util.checkpoint import CheckpointError, load_state_dict_strictly
-from vidt.util.misc import nested_tensor_from_images
+from vidt.util.misc import init_distributed_mode, launcher_ranks, nested_tensor_from_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VIDT_DIR = REPO_ROOT / "vidt"
@@ -108,7 +111,7 @@ def test_criterion_on_known_inputs():
     pred_boxes = torch.tensor([[[0.4, 0.3, 0.2, 0.2], [0.5, 0.9, 0.05, 0.05], [0.8, 0.6, 0.2, 0.4]]])
     outputs = {"pred_logits": torch.zeros(1, queries, num_classes), "pred_boxes": pred_boxes}
     targets = [{"labels": torch.tensor([2, 3]), "boxes": target_boxes}]
-    criterion = SetCriterion(num_classes, HungarianMatcher(), {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}, 0.25)
+    criterion = SetCriterion(HungarianMatcher(), {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}, 0.25)
     losses = criterion(outputs, targets)
 
     positives, negatives = 2, queries * num_classes - 2
@@ -129,7 +132,7 @@ def test_aux_losses_and_weight_dict_follow_the_paper_flags():
     generator = torch.Generator().manual_seed(2)
     outputs = random_outputs(generator, 2, 5, num_classes=91)
     outputs["aux_outputs"] = [random_outputs(generator, 2, 5, num_classes=91) for _ in range(6)]
-    losses = SetCriterion(91, HungarianMatcher(), weights, 0.25)(outputs, random_targets(generator, [2, 1]))
+    losses = SetCriterion(HungarianMatcher(), weights, 0.25)(outputs, random_targets(generator, [2, 1]))
     assert {f"loss_giou_{i}" for i in range(6)} <= set(losses)
 
 
@@ -269,6 +272,57 @@ def test_strict_loading_names_the_bad_keys(nano):
         load_state_dict_strictly(nano, state, "test file")
 
 
+def test_tgt_and_query_pos_projections_start_xavier_with_zero_bias(nano):
+    """As in the original: xavier-uniform, bound sqrt(6 / (fan_in + fan_out)), instead of PyTorch's
+    default conv init (bound 1 / sqrt(fan_in), 0.051 for tgt_proj's 384 inputs)."""
+    for proj, fan_in in ((nano.tgt_proj[0], 384), (nano.query_pos_proj[0], 256)):
+        bound = math.sqrt(6 / (fan_in + 256))
+        assert proj.bias.abs().max().item() == 0.0
+        assert 0.95 * bound < proj.weight.abs().max().item() <= bound
+        assert proj.weight.var().item() == pytest.approx(bound ** 2 / 3, rel=0.05)  # var of U(-b, b)
+
+
+def without_projectors(state):
+    return {k: v for k, v in state.items() if not is_projector_key(k)}
+
+
+def test_plain_vidt_file_loads_with_fresh_projectors(nano, capsys):
+    state = {k: v.clone() for k, v in nano.state_dict().items()}
+    before = nano.neck_det_projector.projector.parametrizations.weight.original.detach().clone()
+    plain = without_projectors(state)
+    plain["class_embed.0.bias"] = torch.full_like(plain["class_embed.0.bias"], 0.5)
+    assert len(state) - len(plain) == 24
+    try:
+        assert load_student_weights(nano, plain, "plain file") is True
+        assert torch.equal(nano.class_embed[0].bias, torch.full((91,), 0.5))
+        assert torch.equal(nano.neck_det_projector.projector.parametrizations.weight.original, before)
+        message = "plain file has no projector keys (a plain ViDT file): 24 keys of patch_projector_1"
+        assert message in capsys.readouterr().out
+        assert load_student_weights(nano, state, "our file") is False
+    finally:
+        nano.load_state_dict(state)
+
+
+def test_other_mismatches_still_stop_with_the_names(nano):
+    state = nano.state_dict()
+    partial = {k: v for k, v in state.items() if not k.startswith("body_det_projector.")}
+    with pytest.raises(CheckpointError, match=r"missing keys: body_det_projector.weight, body_det_projector.bias"):
+        load_student_weights(nano, partial, "partial file")
+    plain = without_projectors(state)
+    del plain["backbone.det_token"]
+    with pytest.raises(CheckpointError, match=r"missing keys: backbone.det_token$"):
+        load_student_weights(nano, plain, "plain file")
+
+
+def test_a_student_trained_here_serves_as_teacher(nano, tmp_path, capsys):
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": nano.state_dict(), "epoch": 0, "args": {"backbone_name": "swin_nano"}}, path)
+    teacher = build_teacher(parse_args("--distil_model", "vidt_nano", "--distil_model_path", str(path)))
+    assert "its 24 projector keys (a VkD student) are not used by a teacher" in capsys.readouterr().out
+    assert torch.equal(teacher.backbone.det_token, nano.backbone.det_token)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # Flags, transforms, schedule
 # ---------------------------------------------------------------------------------------------
@@ -277,11 +331,35 @@ def test_strict_loading_names_the_bad_keys(nano):
     (["--iou_aware", "True"], "not supported"),
     (["--token_label", "True"], "not supported"),
     (["--lr_backbone", "2e-5"], "has no effect"),
+    (["--decay-rate", "0.5"], "--decay-rate has no effect"),
     (["--backbone_name", "coat_lite_tiny"], "not supported"),
 ])
 def test_unsupported_flags_stop_with_one_line(flags, message):
     with pytest.raises(SystemExit, match=message):
         check_supported(parse_args(*flags))
+
+
+def test_bare_switches_of_the_original(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    args = parse_args("--distributed", "--remove_difficult")
+    assert args.distributed is True and args.remove_difficult is True
+    assert parse_args("--distributed", "False").distributed is False
+    with pytest.raises(SystemExit, match="--remove_difficult has no effect"):
+        check_supported(args)
+    with pytest.raises(SystemExit, match="--distributed needs a launcher") as stopped:
+        init_distributed_mode(parse_args("--distributed", "--device", "cpu"))
+    assert stopped.value.code == 2
+
+
+def test_bad_input_is_one_line_on_stderr_and_exit_code_2(tmp_path):
+    result = subprocess.run([sys.executable, "main.py", "--device", "cpu", "--iou_aware", "True", "--output_dir",
+                             str(tmp_path / "run")], cwd=VIDT_DIR, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert result.returncode == 2
+    assert result.stderr == "error: --iou_aware is not supported\n" and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match="--coco_path is needed"):
+        check_supported(parse_args())
 
 
 def test_boolean_flags_accept_only_true_or_false():
@@ -320,6 +398,145 @@ def test_cosine_schedule_lags_one_epoch():
     assert lrs[2:] == pytest.approx(cosine[1:49], rel=1e-6)
 
 
+def test_step_schedule_drops_one_epoch_after_lr_drop():
+    """The original calls StepLR.step(epoch) after each epoch, so epoch e runs at lr * 0.1 ** ((e-1) // lr_drop)."""
+    args = parse_args("--sched", "step", "--lr_drop", "3", "--lr", "1.0")
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler = build_scheduler(optimizer, args)
+    lrs = []
+    for epoch in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        step_scheduler(scheduler, epoch)
+    assert lrs == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01])
+
+
+class ScaledSum(torch.nn.Module):
+    """Stands in for the detector: one weight times the summed images."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, samples):
+        return {"value": self.weight * samples.tensors.sum()}
+
+
+class FakeCriterion(torch.nn.Module):
+    weight_dict = {"loss_ce": 1.0}
+
+    def forward(self, outputs, targets, samples=None):
+        return {"loss_ce": outputs["value"], "class_error": torch.zeros(())}
+
+
+def test_gradient_accumulation_steps_after_every_k_micro_batches():
+    images = [torch.full((3, 2, 2), float(i + 1)) for i in range(5)]  # micro-batch i sums to 12 * (i + 1)
+    loader = [(nested_tensor_from_images([image]), [{}]) for image in images]
+    model = ScaledSum()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    steps = []
+    optimizer.register_step_post_hook(lambda *_: steps.append(model.weight.item()))
+    train_one_epoch(model, FakeCriterion(), loader, optimizer, torch.device("cpu"), epoch=0, max_norm=0,
+                    n_iter_to_acc=2, print_freq=100)
+    # Steps after micro-batches 2 and 4, each by the mean gradient of its two: (12 + 24) / 2, (36 + 48) / 2.
+    assert steps == [1 - 18, 1 - 18 - 42]
+    assert model.weight.grad.item() == pytest.approx(60 / 2)  # the fifth waits for the next epoch's first step
+
+
+def test_loaders_split_the_batch_before_padding(coco_root):
+    from vidt.main import make_loaders
+    args = parse_args(*SMALL_IMAGE_FLAGS, "--batch_size", "4", "--n_iter_to_acc", "2", "--coco_path", str(coco_root))
+    args.distributed = False
+    loader_train, loader_val, _ = make_loaders(args, eval_only=False)
+    assert loader_train.batch_sampler.batch_size == 2 and loader_val.batch_size == 2
+    assert len(loader_train) == 2  # 4 training images in micro-batches of 2, each padded on its own
+
+
+def test_default_run_folder_is_the_originals_name():
+    from vidt.main import run_folder
+    assert run_folder(parse_args("--backbone_name", "swin_nano", "--batch_size", "2")) == \
+        os.path.join("logs", "vidt-SWIN_NANO-batch-2-epoch-50")
+    assert run_folder(parse_args("--output_dir", "swin_nano")) == os.path.join("logs", "swin_nano")
+
+
+def test_slurm_exports_what_env_init_needs(monkeypatch, tmp_path):
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho node17\necho node18\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what launcher_ranks exports is undone afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NODELIST", "node[17-18]")
+    assert launcher_ranks() == (5, 8, 1)
+    assert [os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")] == \
+        ["node17", "29500", "5", "8", "1"]
+    monkeypatch.setenv("MASTER_PORT", "31000")
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    launcher_ranks()
+    assert os.environ["MASTER_PORT"] == "31000"  # a port chosen by the job is kept
+
+
+def test_plain_cpu_run_records_gloo_and_no_process_group(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    args = parse_args("--device", "cpu")
+    init_distributed_mode(args)
+    assert (args.distributed, args.dist_backend, args.dist_url) == (False, "gloo", "env://")
+
+
+def test_paper_scripts_pass_nodes_and_master_port_to_the_launcher(tmp_path):
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "$@"\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub), COCO="coco", TEACHER="t.pth", NNODES="2", NODE_RANK="1",
+               MASTER_ADDR="10.0.0.5", MASTER_PORT="29501")
+    for script in ("vidt_train_nano.sh", "vidt_eval_tiny.sh"):
+        out = subprocess.run(["bash", str(REPO_ROOT / "scripts" / script)], env=env, capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+        assert "--nnodes=2 --node_rank=1 --master_addr=10.0.0.5 --master_port=29501 --use_env main.py" in out
+
+
+GROUP_MEMBER = """
+import types, torch, torch.distributed as dist
+from vidt.util.misc import init_distributed_mode
+args = types.SimpleNamespace(device="cpu", dist_url="env://", dist_backend="nccl", distributed=False, rank=0,
+                             world_size=1)  # the parser's defaults
+init_distributed_mode(args)
+total = torch.tensor([float(args.rank + 1)])
+dist.all_reduce(total)
+print(args.rank, args.world_size, args.dist_backend, args.dist_url, int(total.item()))
+dist.destroy_process_group()
+"""
+
+
+def test_two_concurrent_two_process_jobs_on_different_master_ports():
+    """What torchrun / launch --use_env export: each job's group forms from its own MASTER_PORT."""
+    processes = []
+    for job, port in enumerate(free_ports(2)):
+        for rank in range(2):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+            processes.append((job, subprocess.Popen([sys.executable, "-c", GROUP_MEMBER], env=env, text=True,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
+    outputs, deadline = [], time.monotonic() + 120
+    try:
+        for job, process in processes:
+            out, _ = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+            assert process.returncode == 0, out[-2000:]
+            outputs.append((job, out.strip().splitlines()[-1]))
+    finally:
+        for _, process in processes:
+            if process.poll() is None:
+                process.kill()
+    # Ranks 0 and 1 of each job sum 1 + 2 = 3: two separate groups of two, not one of four.
+    assert outputs == [(0, "0 2 gloo env:// 3"), (0, "1 2 gloo env:// 3"), (1, "0 2 gloo env:// 3"),
+                       (1, "1 2 gloo env:// 3")]
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end through vidt/main.py on a synthetic COCO set
 # ---------------------------------------------------------------------------------------------
@@ -329,14 +546,14 @@ def coco_root(tmp_path_factory):
     return make_synthetic_coco(tmp_path_factory.mktemp("synthetic_coco"), num_train=4, num_val=2, size=(160, 128))
 
 
-def save_released_form(model, path):
+def save_released_form(state, path):
     """A checkpoint as NAVER/VkD release them: DETR form with an argparse.Namespace under 'args'."""
-    torch.save({"model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "epoch": 49,
+    torch.save({"model": state, "optimizer": {}, "lr_scheduler": {}, "epoch": 49,
                 "args": argparse.Namespace(backbone_name="swin_nano", method="vidt")}, path)
 
 
 def run_vidt_main(args, launcher=(), timeout=240):
-    """Run ``python [launcher] main.py args`` from inside vidt/, as the seed's commands do."""
+    """Run ``python [launcher] main.py args`` from inside vidt/, as the paper's commands do."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     result = subprocess.run([sys.executable, *launcher, "main.py", *args], cwd=VIDT_DIR, env=env,
                             capture_output=True, text=True, timeout=timeout)
@@ -344,39 +561,82 @@ def run_vidt_main(args, launcher=(), timeout=240):
     return result.stdout
 
 
+def free_ports(count):
+    """``count`` distinct free ports (held open together while chosen, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
-def test_distillation_training_then_evaluation(coco_root, tmp_path):
-    teacher = build_detector(parse_args(), "swin_base_win7_22k", "none", distil=True, with_projectors=False)
-    teacher_path = tmp_path / "vidt_base_150.pth"
-    save_released_form(teacher, teacher_path)
-    del teacher
+def load_eval_arrays(path, num_classes=3):
+    arrays = torch.load(path, weights_only=True)
+    assert arrays["precision"].shape == (10, 101, num_classes, 4, 3)  # IoU x recall x class x area x maxDets
+    assert arrays["params"]["maxDets"] == [1, 10, 100]
+    return arrays
+
+
+def tensorboard_tags(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_fine_tuning_a_plain_vidt_file_distilled_from_a_student_trained_here(nano, coco_root, tmp_path):
+    """Item by item: a plain ViDT file fine-tunes with fresh projectors, our own student file is the
+    teacher, and the run folder holds args.json, tensorboard scalars, log.txt and COCOeval's arrays."""
+    plain_path, teacher_path = tmp_path / "vidt_nano_50.pth", tmp_path / "teacher.pth"
+    save_released_form(without_projectors(nano.state_dict()), plain_path)
+    torch.save({"model": nano.state_dict(), "epoch": 0, "args": {"backbone_name": "swin_nano"}}, teacher_path)
     out_dir = tmp_path / "run"
     stdout = run_vidt_main([*PAPER_FLAGS, *SMALL_IMAGE_FLAGS, "--backbone_name", "swin_nano", "--epochs", "1",
-                       "--batch_size", "2", "--distil_model", "vidt_base", "--distil_model_path", str(teacher_path),
-                       "--coco_path", str(coco_root), "--output_dir", str(out_dir)])
+                            "--batch_size", "2", "--distil_model", "vidt_nano", "--distil_model_path",
+                            str(teacher_path), "--resume", str(plain_path), "--coco_path", str(coco_root),
+                            "--output_dir", str(out_dir)])
+    assert "its 24 projector keys (a VkD student) are not used by a teacher" in stdout
+    assert "has no projector keys (a plain ViDT file): 24 keys" in stdout
+    assert "fine-tuning from the plain ViDT weights" in stdout
     assert "number of params: 16124965" in stdout
     assert stdout.count("Epoch: [0] [") == 2 and "loss_distil" in stdout
     assert COCO_SUMMARY_LINE in stdout
+    assert "Namespace(" not in stdout and "dist_url" not in stdout  # no raw argument dump
+
     checkpoint = torch.load(out_dir / "checkpoint.pth", weights_only=True)  # our args are a plain dict
     assert state_manifest(checkpoint["model"]) == read_manifest("vidt_swin_nano")
-    assert checkpoint["epoch"] == 0 and checkpoint["args"]["distil_model"] == "vidt_base"
-    assert (out_dir / "eval_stats.json").exists() and (out_dir / "log.txt").exists()
+    assert checkpoint["epoch"] == 0 and checkpoint["args"]["distil_model"] == "vidt_nano"
+    run = json.loads((out_dir / "args.json").read_text())
+    assert len(run["git_commit"]) == 40 and "--distil_model_path" in run["command"]
+    assert run["args"]["dist_backend"] == "gloo" and run["args"]["output_dir"] == str(out_dir)
+    log = json.loads((out_dir / "log.txt").read_text().splitlines()[0])
+    assert len(log["test_coco_eval_bbox"]) == 12 and log["train_loss_distil"] > 0
+    latest = load_eval_arrays(out_dir / "eval" / "latest.pth")
+    assert torch.equal(latest["precision"], load_eval_arrays(out_dir / "eval" / "000.pth")["precision"])
+    scalars = tensorboard_tags(out_dir / "tensorboard")
+    assert len(scalars["train/loss_distil"]) == 2 and scalars["train/lr"] == pytest.approx([1e-4, 1e-4])
+    assert scalars["val/AP"] == pytest.approx([log["test_coco_eval_bbox"][0]])
 
 
-def test_evaluation_of_a_released_nano_file(nano, coco_root, tmp_path):
-    path = tmp_path / "vidt_nano_released.pth"
-    save_released_form(nano, path)
+def test_evaluation_of_a_plain_vidt_file_writes_the_eval_arrays(nano, coco_root, tmp_path):
+    path = tmp_path / "vidt_nano_50.pth"
+    save_released_form(without_projectors(nano.state_dict()), path)
     out_dir = tmp_path / "eval"
     stdout = run_vidt_main([*PAPER_FLAGS, *SMALL_IMAGE_FLAGS, "--backbone_name", "swin_nano", "--batch_size", "2",
-                       "--eval", "True", "--resume", str(path), "--coco_path", str(coco_root),
-                       "--output_dir", str(out_dir)])
+                            "--eval", "True", "--resume", str(path), "--coco_path", str(coco_root),
+                            "--output_dir", str(out_dir)])
     assert f"resumed from {path}" in stdout and COCO_SUMMARY_LINE in stdout
-    assert (out_dir / "eval_stats.json").exists()
+    stats = json.loads((out_dir / "eval_stats.json").read_text())["stats"]
+    arrays = load_eval_arrays(out_dir / "eval.pth")
+    precision = arrays["precision"][:, :, :, 0, 2]  # all areas, 100 detections
+    assert stats["AP"] == pytest.approx(precision[precision > -1].mean().item() if (precision > -1).any() else -1)
 
 
 def test_two_process_gloo_training_and_evaluation(coco_root, tmp_path):
@@ -384,8 +644,26 @@ def test_two_process_gloo_training_and_evaluation(coco_root, tmp_path):
                 f"--master_port={free_port()}"]
     out_dir = tmp_path / "ddp"
     stdout = run_vidt_main([*PAPER_FLAGS, *SMALL_IMAGE_FLAGS, "--backbone_name", "swin_nano", "--epochs", "1",
-                       "--batch_size", "1", "--coco_path", str(coco_root), "--output_dir", str(out_dir),
-                       "--dist-url", f"tcp://127.0.0.1:{free_port()}"], launcher=launcher)
-    assert "distributed init (rank 0 of 2)" in stdout
+                            "--batch_size", "1", "--coco_path", str(coco_root), "--output_dir", str(out_dir)],
+                           launcher=launcher)
+    assert "distributed init (rank 0 of 2, gloo): env://" in stdout
     assert stdout.count(f"{COCO_SUMMARY_LINE} | area=   all") == 1  # one summary, printed by rank 0
     assert (out_dir / "checkpoint.pth").exists()
+
+
+def test_a_run_folder_holding_a_run_is_refused_or_moved_aside(tmp_path):
+    """A new detection run never destroys an old one: refused, or with --overwrite moved aside."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pth").write_bytes(b"an earlier run's weights")
+    flags = ["--device", "cpu", "--output_dir", str(run_dir), "--coco_path", str(tmp_path / "no_coco")]
+    result = subprocess.run([sys.executable, "main.py", *flags], cwd=VIDT_DIR, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert result.returncode == 2
+    assert "already holds a run (checkpoint.pth)" in result.stderr and "--overwrite" in result.stderr
+    assert (run_dir / "checkpoint.pth").read_bytes() == b"an earlier run's weights"
+
+    subprocess.run([sys.executable, "main.py", *flags, "--overwrite"], cwd=VIDT_DIR, capture_output=True,
+                   text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    [aside] = [path for path in tmp_path.iterdir() if path.name.startswith("run.previous-")]
+    assert (aside / "checkpoint.pth").read_bytes() == b"an earlier run's weights"

@@ -1,1 +1,1 @@
-"""ViDT object detection with VkD feature distillation (see ../shared/VIDT_SPEC.md)."""
+"""ViDT object detection with VkD feature distillation (see README.md in this folder)."""

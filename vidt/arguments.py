@@ -1,13 +1,14 @@
-"""Command-line flags of ViDT/VkD (VIDT_SPEC section 1), plus the small-image flags of this tree.
+"""Command-line flags of ViDT/VkD, plus the small-image flags of this tree.
 
 Boolean flags take a value, as in the original (``--eval True``); only 'true'/'false' are accepted.
-Flags that the original defines but never uses are kept so the seed's commands parse; setting one to
+Flags that the original defines but never uses are kept so the paper's commands parse; setting one to
 a non-default value is an error (see ``check_supported``) instead of being silently ignored.
 """
 import argparse
 
 from vidt.models.build import TEACHER_BACKBONES
 from vidt.models.swin_ram import SWIN_VARIANTS
+from vidt.util.misc import BadInput
 
 DEFAULT_TRAIN_SIZES = list(range(480, 801, 16))
 MIN_IMAGE_SIDE = 32
@@ -24,7 +25,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("ViDT + VkD detection", add_help=False)
     add = parser.add_argument
 
-    # Optimisation and schedule (VIDT_SPEC section 6)
+    # Optimisation and schedule
     add("--lr", default=1e-4, type=float, help="lr of every parameter group (default 1e-4)")
     add("--lr_backbone", default=1e-5, type=float, help="unused by ViDT (the backbone trains at --lr); default 1e-5")
     add("--lr_drop", default=40, type=int,
@@ -40,7 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--warmup-lr", type=float, default=1e-6, help="warmup start lr (default 1e-6)")
     add("--min-lr", type=float, default=1e-7, help="cosine floor (default 1e-7)")
     add("--warmup-epochs", type=int, default=0, help="warmup epochs (default 0)")
-    add("--decay-rate", "--dr", type=float, default=0.1, help="cosine cycle decay (default 0.1)")
+    add("--decay-rate", "--dr", type=float, default=0.1,
+        help="cosine cycle decay; unused with ViDT's single cycle (default 0.1)")
     add("--n_iter_to_acc", default=1, type=int,
         help="gradient accumulation steps; must divide --batch_size (default 1)")
 
@@ -86,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="unused by ViDT (no reduced lr for offsets)")
     add("--lr_linear_proj_mult", default=0.1, type=float, help="unused by ViDT (default 0.1)")
 
-    # VkD distillation (VIDT_SPEC section 5)
+    # VkD distillation
     add("--distil_model", default=None, type=str,
         help="teacher: vidt_nano, vidt_tiny, vidt_small or vidt_base (default none)")
     add("--distil_model_path", default=None, type=str, help="teacher checkpoint (DETR form, loaded strictly)")
@@ -94,9 +96,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Data
     add("--dataset_file", default="coco", choices=["coco", "voc"], help="dataset (only coco is supported)")
-    add("--coco_path", default="/home/Research/MyData/COCO2017", type=str, help="COCO root")
+    add("--coco_path", default=None, type=str,
+        help="COCO 2017 root with train2017/, val2017/ and annotations/ (needed; no default)")
     add("--coco_panoptic_path", default=None, type=str, help="unused")
-    add("--remove_difficult", default=False, type=true_or_false, help="unused (VOC only)")
+    add("--remove_difficult", default=False, type=true_or_false, nargs="?", const=True,
+        help="unused (VOC only); a bare switch as in the original, or True/False")
     add("--eval_size", default=800, type=int, help="validation short side (default 800)")
     add("--train_sizes", default=DEFAULT_TRAIN_SIZES, type=int, nargs="+",
         help="training short sides (default 480..800 step 16)")
@@ -105,20 +109,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     add("--num_workers", default=2, type=int, help="data loader workers per process (default 2)")
 
     # Run control
-    add("--output_dir", default="", help="run folder under logs/ (default: <method>_<backbone_name>)")
+    add("--output_dir", default="",
+        help="run folder under logs/ (default, as in the original: <method>-<BACKBONE>-batch-<b>-epoch-<e>)")
     add("--device", default="cuda", help="cuda or cpu (default cuda)")
     add("--seed", default=42, type=int, help="base seed; each process uses seed + rank (default 42)")
     add("--resume", default="", help="checkpoint to resume from or to evaluate (loaded strictly)")
     add("--start_epoch", default=0, type=int, help="first epoch (overwritten on resume)")
+    add("--overwrite", action="store_true",
+        help="start a new run in a run folder that holds one: the old run is moved aside to "
+             "<folder>.previous-<time>, never deleted (without it such a folder is refused)")
     add("--eval", default=False, type=true_or_false, help="evaluate only (default False)")
     add("--print_freq", default=100, type=int, help="log every N iterations (default 100)")
 
-    # Distributed (overwritten by torchrun / torch.distributed.launch --use_env / SLURM variables)
-    add("--dist-url", default="tcp://127.0.0.1:3457", help="process group init method")
-    add("--dist-backend", default="nccl", help="process group backend; CPU runs use gloo")
-    add("--rank", default=0, type=int, help="set from the environment")
-    add("--world_size", default=1, type=int, help="set from the environment")
-    add("--distributed", default=False, type=true_or_false, help="set from the environment")
+    # Distributed (rank and world size come from torchrun / torch.distributed.launch --use_env / Slurm)
+    add("--dist-url", default="env://",
+        help="process group init method (default env://: the launcher's MASTER_ADDR and MASTER_PORT)")
+    add("--dist-backend", default="nccl", help="process group backend on CUDA (default nccl); CPU runs use gloo")
+    add("--rank", default=0, type=int, help="set by the launcher")
+    add("--world_size", default=1, type=int, help="set by the launcher; a different value stops the run")
+    add("--distributed", default=False, type=true_or_false, nargs="?", const=True,
+        help="set by the launcher; given without one, the run stops (a bare switch as in the original)")
     add("--local_rank", "--local-rank", default=0, type=int,
         help="passed by torch.distributed.launch without --use_env; the rank is read from the environment")
     return parser
@@ -127,6 +137,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # (flag, default, reason): accepted for command-line compatibility, but with no effect in ViDT.
 INERT_FLAGS = (
     ("lr_backbone", 1e-5, "the backbone trains at --lr in ViDT"),
+    ("decay_rate", 0.1, "the cosine runs one cycle and --sched step decays by 0.1, as in the original"),
     ("position_embedding", "sine", "ViDT has no configurable position embedding"),
     ("pos_dim", 256, "ViDT uses --reduced_dim as the [DET] position width"),
     ("dim_feedforward", 1024, "ViDT fixes the decoder FFN at 1024"),
@@ -140,6 +151,7 @@ INERT_FLAGS = (
     ("iouaware_loss_coef", 2, "--iou_aware is not supported"),
     ("token_loss_coef", 2, "--token_label is not supported"),
 )
+DASHED_FLAGS = {"decay_rate"}  # spelled with '-' on the command line, as in the original
 UNSUPPORTED_OPTIONS = (
     ("method", "vidt", "--method vidt_wo_neck is not supported; use --method vidt"),
     ("dataset_file", "coco", "--dataset_file voc is not supported; use coco"),
@@ -155,20 +167,23 @@ def check_supported(args) -> None:
     """Stop with one clear line for options that cannot take effect here."""
     for name, default, message in UNSUPPORTED_OPTIONS:
         if getattr(args, name) != default:
-            raise SystemExit(f"error: {message}")
+            raise BadInput(message)
     for name, default, reason in INERT_FLAGS:
         if getattr(args, name) != default:
-            raise SystemExit(f"error: --{name} has no effect ({reason}); leave it at its default {default}")
+            flag = "--" + (name.replace("_", "-") if name in DASHED_FLAGS else name)
+            raise BadInput(f"{flag} has no effect ({reason}); leave it at its default {default}")
     if args.backbone_name not in SWIN_VARIANTS:
-        raise SystemExit(f"error: --backbone_name {args.backbone_name} is not supported; "
-                         f"choose from {sorted(SWIN_VARIANTS)}")
+        raise BadInput(f"--backbone_name {args.backbone_name} is not supported; "
+                       f"choose from {sorted(SWIN_VARIANTS)}")
     if args.distil_model is not None and args.distil_model not in TEACHER_BACKBONES:
-        raise SystemExit(f"error: --distil_model {args.distil_model} is not supported; "
-                         f"choose from {sorted(TEACHER_BACKBONES)}")
+        raise BadInput(f"--distil_model {args.distil_model} is not supported; "
+                       f"choose from {sorted(TEACHER_BACKBONES)}")
     if args.batch_size % args.n_iter_to_acc:
-        raise SystemExit(f"error: --n_iter_to_acc {args.n_iter_to_acc} must divide --batch_size {args.batch_size}")
+        raise BadInput(f"--n_iter_to_acc {args.n_iter_to_acc} must divide --batch_size {args.batch_size}")
     if args.distil_model is not None and not args.distil_model_path:
-        raise SystemExit("error: --distil_model needs --distil_model_path")
+        raise BadInput("--distil_model needs --distil_model_path")
+    if args.coco_path is None:
+        raise BadInput("--coco_path is needed: the COCO 2017 root with train2017/, val2017/ and annotations/")
     if min(args.train_sizes) < MIN_IMAGE_SIDE or args.eval_size < MIN_IMAGE_SIDE:
-        raise SystemExit(f"error: --train_sizes and --eval_size must be at least {MIN_IMAGE_SIDE} "
-                         f"(the [DET x PATCH] mask has stride 32)")
+        raise BadInput(f"--train_sizes and --eval_size must be at least {MIN_IMAGE_SIDE} "
+                       f"(the [DET x PATCH] mask has stride 32)")

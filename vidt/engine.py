@@ -4,12 +4,12 @@ import re
 import sys
 import time
 from collections import defaultdict
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable
 
 import torch
 
 from vidt.datasets.coco_eval import CocoEvaluator
-from vidt.util.misc import NestedTensor, reduce_dict
+from vidt.util.misc import reduce_dict
 
 AUX_SUFFIX = re.compile(r"_\d+$")
 
@@ -43,14 +43,6 @@ def _printed(name: str) -> bool:
     return not (name.endswith("_unscaled") or AUX_SUFFIX.search(name))
 
 
-def _chunks(samples: NestedTensor, targets: List[Dict], parts: int):
-    """Split a batch into ``parts`` equal micro-batches for gradient accumulation."""
-    size = len(targets) // parts
-    for start in range(0, len(targets), size):
-        yield (NestedTensor(samples.tensors[start:start + size], samples.mask[start:start + size]),
-               targets[start:start + size])
-
-
 def _weighted_sum(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]) -> torch.Tensor:
     return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
@@ -65,35 +57,50 @@ def _log_values(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, max_norm: float,
-                    n_iter_to_acc: int = 1, print_freq: int = 100) -> Dict[str, float]:
+                    n_iter_to_acc: int = 1, print_freq: int = 100, tb_writer=None) -> Dict[str, float]:
+    """One epoch over ``data_loader``.
+
+    With gradient accumulation the loader yields micro-batches of batch_size / n_iter_to_acc images, each
+    padded on its own (the original divides --batch_size before building the loader), and the optimizer
+    steps after every n_iter_to_acc of them. As in the original, gradients are cleared only after a step,
+    so an epoch's leftover micro-batches count towards the next epoch's first step.
+    """
     model.train()
     criterion.train()
     logger = MetricLogger(f"Epoch: [{epoch}]", print_freq, len(data_loader))
     for iteration, (samples, targets) in enumerate(data_loader):
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        optimizer.zero_grad()
-        for micro_samples, micro_targets in _chunks(samples, targets, n_iter_to_acc):
-            outputs = model(micro_samples)
-            loss_dict = criterion(outputs, micro_targets, micro_samples)
-            loss = _weighted_sum(loss_dict, criterion.weight_dict)
-            total_loss, scaled, unscaled = _log_values(loss_dict, criterion.weight_dict)
-            if not math.isfinite(total_loss.item()):
-                print(f"Loss is {total_loss.item()}, stopping training; terms: {scaled}", flush=True)
-                sys.exit(1)
-            (loss / n_iter_to_acc).backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0
-                     else torch.zeros(()))
-        optimizer.step()
-        logger.update(loss=total_loss, **scaled, **unscaled, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"])
+        outputs = model(samples)
+        loss_dict = criterion(outputs, targets, samples)
+        loss = _weighted_sum(loss_dict, criterion.weight_dict)
+        total_loss, scaled, unscaled = _log_values(loss_dict, criterion.weight_dict)
+        if not math.isfinite(total_loss.item()):
+            print(f"Loss is {total_loss.item()}, stopping training; terms: {scaled}", flush=True)
+            sys.exit(1)
+        (loss / n_iter_to_acc).backward()
+        stepped = {}
+        if (iteration + 1) % n_iter_to_acc == 0:
+            if max_norm > 0:
+                stepped["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        lr = optimizer.param_groups[0]["lr"]
+        logger.update(loss=total_loss, **scaled, **unscaled, **stepped, lr=lr)
         logger.maybe_print(iteration)
+        if tb_writer is not None:
+            step = epoch * len(data_loader) + iteration
+            for name, value in {"loss": total_loss, **scaled, **stepped, "lr": lr}.items():
+                if _printed(name):
+                    tb_writer.add_scalar(f"train/{name}", float(value), step)
     return logger.averages()
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
              coco_gt, device: torch.device, print_freq: int = 100):
-    """Returns (averaged loss terms, the 12 COCO stats on rank 0 or None elsewhere)."""
+    """(averaged loss terms plus, on rank 0, ``coco_eval_bbox``: the 12 COCO stats; the COCOeval on rank 0,
+    None elsewhere)."""
     model.eval()
     criterion.eval()
     evaluator = CocoEvaluator(coco_gt)
@@ -108,4 +115,8 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
         results = postprocessors["bbox"](outputs, orig_sizes)
         evaluator.update({int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)})
         logger.maybe_print(iteration)
-    return logger.averages(), evaluator.summarize()
+    stats = logger.averages()
+    coco_eval = evaluator.summarize()
+    if coco_eval is not None:
+        stats["coco_eval_bbox"] = [float(s) for s in coco_eval.stats]
+    return stats, coco_eval

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the lr schedule of ViDT (VIDT_SPEC section 6)."""
+"""AdamW parameter groups and the lr schedule of NAVER's ViDT."""
 from typing import Dict, List
 
 import torch
@@ -37,9 +37,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args):
 
 
 def step_scheduler(scheduler, finished_epoch: int) -> None:
-    """Called after each epoch. The cosine schedule gets the finished epoch's index, so epochs 0 and 1
-    both run at the base lr and epoch e >= 1 at lr(e-1): the original's one-epoch lag."""
+    """Called after each epoch with the finished epoch's index, as the original calls ``step(epoch)``.
+
+    So the next epoch runs at the schedule's value for the finished one: with the cosine, epochs 0 and 1
+    both run at the base lr and epoch e >= 1 at lr(e-1); with ``--sched step``, at
+    lr * 0.1 ** ((e-1) // lr_drop), so the first drop comes at epoch lr_drop + 1 (the original's
+    one-epoch lag; torch's closed form for ``StepLR.step(epoch)``, computed here without its deprecated call).
+    """
     if isinstance(scheduler, torch.optim.lr_scheduler.StepLR):
-        scheduler.step()
+        factor = scheduler.gamma ** (finished_epoch // scheduler.step_size)
+        for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * factor
+        scheduler.last_epoch = finished_epoch
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
     else:
         scheduler.step(finished_epoch)

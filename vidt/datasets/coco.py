@@ -1,4 +1,4 @@
-"""COCO detection through pycocotools (VIDT_SPEC section 4): every image kept, crowd boxes dropped."""
+"""COCO detection through pycocotools: every image kept, crowd boxes dropped."""
 from pathlib import Path
 
 import torch

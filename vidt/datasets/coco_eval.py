@@ -3,6 +3,8 @@ import contextlib
 import io
 from typing import Dict, List, Optional
 
+import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -28,8 +30,9 @@ class CocoEvaluator:
                 {"image_id": image_id, "category_id": int(label), "bbox": box, "score": float(score)}
                 for box, label, score in rows]
 
-    def summarize(self) -> Optional[List[float]]:
-        """Prints pycocotools' 12-line summary and returns its stats on rank 0; None elsewhere."""
+    def summarize(self) -> Optional[COCOeval]:
+        """Prints pycocotools' 12-line summary and returns the COCOeval (``.stats``, ``.eval``) on rank 0;
+        None elsewhere."""
         merged: Dict[int, List[dict]] = {}
         for part in all_gather_object(self.detections):
             merged.update(part)
@@ -47,4 +50,23 @@ class CocoEvaluator:
             evaluator.accumulate()
         print("IoU metric: bbox")
         evaluator.summarize()
-        return [float(s) for s in evaluator.stats]
+        return evaluator
+
+
+def eval_arrays(evaluator: COCOeval) -> dict:
+    """COCOeval's accumulated ``eval`` dict (what the original saves as eval.pth), readable with
+    ``torch.load(..., weights_only=True)``: the arrays as tensors and ``params`` as a plain dict instead of
+    a pickled pycocotools object."""
+    arrays = evaluator.eval
+    params = {name: _plain(value) for name, value in vars(arrays["params"]).items()}
+    return {"params": params, "counts": _plain(arrays["counts"]), "date": arrays["date"],
+            **{name: torch.from_numpy(np.asarray(arrays[name])) for name in ("precision", "recall", "scores")}}
+
+
+def _plain(value):
+    """numpy arrays and scalars (also inside lists) as Python numbers and lists."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value

@@ -1,4 +1,4 @@
-"""Joint image/target transforms of DETR/ViDT (VIDT_SPEC section 4), on PIL images and xyxy boxes.
+"""Joint image/target transforms of DETR/ViDT, on PIL images and xyxy boxes.
 
 ViDT's resize floors both output sides to a multiple of 16; that quirk is kept.
 """

@@ -1,11 +1,11 @@
-"""build(args) -> (model, criterion, postprocessors), and the VkD teacher (VIDT_SPEC sections 3-5)."""
+"""build(args) -> (model, criterion, postprocessors), and the VkD teacher."""
 from typing import Dict
 
 import torch.nn as nn
 
 from vidt.models.criterion import SetCriterion
 from vidt.models.deformable_transformer import DeformableTransformer
-from vidt.models.detector import Detector, PostProcess
+from vidt.models.detector import PROJECTOR_NAMES, Detector, PostProcess, is_projector_key
 from vidt.models.matcher import HungarianMatcher
 from vidt.models.swin_ram import build_swin_ram
 from vidt.util.checkpoint import load_checkpoint, load_state_dict_strictly, model_state_from
@@ -32,10 +32,30 @@ def build_teacher(args) -> Detector:
     if not args.distil_model_path:
         raise ValueError("--distil_model needs --distil_model_path (the teacher checkpoint)")
     teacher = build_detector(args, TEACHER_BACKBONES[args.distil_model], "none", distil=True, with_projectors=False)
+    source = f"teacher checkpoint {args.distil_model_path}"
     state = model_state_from(load_checkpoint(args.distil_model_path), args.distil_model_path)
-    load_state_dict_strictly(teacher, state, f"teacher checkpoint {args.distil_model_path}")
+    projector_keys = [k for k in state if is_projector_key(k)]
+    if projector_keys:
+        # A student trained here: the projectors map student tokens, so a teacher has no use for them.
+        state = {k: v for k, v in state.items() if not is_projector_key(k)}
+        print(f"| {source}: its {len(projector_keys)} projector keys (a VkD student) are not used by a teacher")
+    load_state_dict_strictly(teacher, state, source)
+    print(f"number of params for teacher: {sum(p.numel() for p in teacher.parameters())}")
     teacher.requires_grad_(False)
     return teacher.eval()
+
+
+def load_student_weights(model: Detector, state: Dict, source: str) -> bool:
+    """Strict load into a student. A file without any projector key (NAVER's plain ViDT, e.g.
+    vidt_nano_50.pth) loads everything else strictly and the six projectors start fresh; any other
+    mismatch stops with the key names. Returns True when the projectors started fresh."""
+    if model.with_projectors and not any(is_projector_key(k) for k in state):
+        fresh = load_state_dict_strictly(model, state, source, may_start_fresh=is_projector_key)
+        print(f"| {source} has no projector keys (a plain ViDT file): {len(fresh)} keys of "
+              f"{', '.join(PROJECTOR_NAMES)} start fresh")
+        return True
+    load_state_dict_strictly(model, state, source)
+    return False
 
 
 def build_weight_dict(args) -> Dict[str, float]:
@@ -56,7 +76,7 @@ def build(args):
     matcher = HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
                                cost_giou=args.set_cost_giou)
     teacher = build_teacher(args) if distil else None
-    criterion = SetCriterion(NUM_CLASSES[args.dataset_file], matcher, build_weight_dict(args),
+    criterion = SetCriterion(matcher, build_weight_dict(args),
                              focal_alpha=args.focal_alpha, teacher=teacher)
     postprocessors: Dict[str, nn.Module] = {"bbox": PostProcess()}
     return model, criterion, postprocessors

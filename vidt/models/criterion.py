@@ -1,4 +1,4 @@
-"""Set criterion of ViDT with the VkD distillation term (VIDT_SPEC sections 4 and 5).
+"""Set criterion of ViDT with the VkD distillation term.
 
 DETR's shape: forward returns a dict of unweighted losses and ``weight_dict`` says how to sum them.
 Like DeiT's DistillationLoss the criterion owns the frozen teacher, so the training loop is the same
@@ -54,16 +54,15 @@ class SetCriterion(nn.Module):
     """Focal class loss, L1 and GIoU box losses on matched pairs, for the final and every aux output.
 
     Parameters:
-        num_classes: logits per query. matcher: HungarianMatcher.
+        matcher: HungarianMatcher.
         weight_dict: loss name -> weight (only names present in the loss dict are summed).
         focal_alpha: alpha of the focal class loss.
         teacher: optional detector with ``distil=True``; frozen here and kept in eval mode.
     """
 
-    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], focal_alpha: float,
+    def __init__(self, matcher: nn.Module, weight_dict: Dict[str, float], focal_alpha: float,
                  teacher: Optional[nn.Module] = None):
         super().__init__()
-        self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.focal_alpha = focal_alpha

@@ -1,4 +1,4 @@
-"""ViDT's neck: a decoder-only deformable transformer over the body's 4 levels (VIDT_SPEC section 3)."""
+"""ViDT's neck: a decoder-only deformable transformer over the body's 4 levels."""
 from typing import List
 
 import torch

@@ -1,6 +1,6 @@
-"""ViDT detector: Swin-with-RAM body, deformable neck, per-level heads (VIDT_SPEC section 3.4).
+"""ViDT detector: Swin-with-RAM body, deformable neck, per-level heads.
 
-With ``with_projectors`` the six VkD projectors of VIDT_SPEC section 5 are registered last, under the
+With ``with_projectors`` the six VkD projectors of roymiles/VkD are registered last, under the
 original attribute names, so the state dict equals the released layout; with ``distil`` the forward
 pass also returns the tokens that the distillation loss compares.
 """
@@ -20,6 +20,12 @@ from vidt.util.misc import NestedTensor, inverse_sigmoid, resize_mask
 
 PATCH_PROJECTORS = ("patch_projector_1", "patch_projector_2", "patch_projector_3", "patch_projector_4")
 PROJECTOR_NAMES = PATCH_PROJECTORS + ("neck_det_projector", "body_det_projector")
+
+
+def is_projector_key(key: str) -> bool:
+    return key.split(".", 1)[0] in PROJECTOR_NAMES
+
+
 CLASS_PRIOR = 0.01  # focal-loss init: every class starts at probability 0.01
 MAX_DETECTIONS = 100
 
@@ -80,11 +86,11 @@ class Detector(nn.Module):
 
         self.backbone = backbone
         self.input_proj = nn.ModuleList(conv1x1_group_norm(c, hidden_dim) for c in backbone.num_channels)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.constant_(proj[0].bias, 0)
         self.tgt_proj = conv1x1_group_norm(backbone.det_tgt_channels, hidden_dim)
         self.query_pos_proj = conv1x1_group_norm(hidden_dim, hidden_dim)
+        for proj in [*self.input_proj, self.tgt_proj, self.query_pos_proj]:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.constant_(proj[0].bias, 0)
         if with_projectors:
             for name in PROJECTOR_NAMES:
                 setattr(self, name, OrthogonalLinear(hidden_dim, hidden_dim))
@@ -121,7 +127,7 @@ class Detector(nn.Module):
         return logits, boxes
 
     def _distil_tokens(self, srcs: List[torch.Tensor], tgt: torch.Tensor, hs: torch.Tensor) -> Dict:
-        """Rows to distil (VIDT_SPEC section 5): 4 projected patch levels in (b,y,x) order, the body's
+        """Rows to distil, as in roymiles/VkD: 4 projected patch levels in (b,y,x) order, the body's
         det tokens after tgt_proj, and all decoder levels' det tokens."""
         patch = [src.permute(0, 2, 3, 1).flatten(0, 2) for src in srcs]
         body = tgt.flatten(0, 1)
@@ -147,4 +153,4 @@ class PostProcess(nn.Module):
         boxes = box_cxcywh_to_xyxy(boxes).gather(1, query[..., None].expand(-1, -1, 4))
         img_h, img_w = target_sizes.unbind(1)
         boxes = boxes * torch.stack([img_w, img_h, img_w, img_h], dim=1)[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]

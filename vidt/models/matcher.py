@@ -1,4 +1,4 @@
-"""Hungarian matching of queries to ground-truth boxes (VIDT_SPEC section 4)."""
+"""Hungarian matching of queries to ground-truth boxes."""
 from typing import Dict, List, Tuple
 
 import torch

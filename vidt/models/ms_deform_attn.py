@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention (Zhu et al., Deformable DETR) in pure PyTorch, VIDT_SPEC section 7.
+"""Multi-scale deformable attention (Zhu et al., Deformable DETR) in pure PyTorch.
 
 The original only runs a compiled CUDA kernel; this is the grid_sample formulation that the original
 keeps "for debug and test", which is differentiable by autograd and runs on any device.

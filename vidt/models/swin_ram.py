@@ -1,4 +1,4 @@
-"""Swin Transformer with ViDT's Reconfigured Attention Module (RAM), VIDT_SPEC section 2.
+"""Swin Transformer with ViDT's Reconfigured Attention Module (RAM), as in NAVER's ViDT.
 
 [PATCH] tokens use ordinary (shifted) window attention; 100 [DET] tokens ride along through every
 block with the same weights: [DET x DET] global attention in every stage and, in the cross stages
@@ -325,7 +325,7 @@ def build_swin_ram(name: str, pre_trained: str, det_token_num: int, pos_dim: int
 
 
 def load_imagenet_weights(model: SwinRAM, path: str) -> None:
-    """Non-strict load of an ImageNet Swin checkpoint (VIDT_SPEC 2.6); ViDT-only parts stay random."""
+    """Non-strict load of an ImageNet Swin checkpoint; ViDT-only parts stay random."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ImageNet Swin weights not found at {path} (no download is attempted); "
                                 f"place the file there, pass its path to --pre_trained, or use --pre_trained none")

@@ -7,7 +7,7 @@ files store args as a plain dict and need no allow-list.
 import argparse
 import os
 import urllib.parse
-from typing import Dict
+from typing import Callable, Dict, List
 
 import torch
 
@@ -59,10 +59,16 @@ def _name_some(keys) -> str:
     return shown + (f" (+{len(keys) - MAX_KEYS_IN_ERROR} more)" if len(keys) > MAX_KEYS_IN_ERROR else "")
 
 
-def load_state_dict_strictly(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True), with the missing/unexpected/mismatched keys named on one line."""
+def load_state_dict_strictly(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
+                             may_start_fresh: Callable[[str], bool] = lambda key: False) -> List[str]:
+    """load_state_dict(strict=True), with the missing/unexpected/mismatched keys named on one line.
+
+    Keys of the model for which ``may_start_fresh`` holds may be absent from the file; they keep their
+    initial values and are returned.
+    """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    fresh = [k for k in expected if k not in state_dict and may_start_fresh(k)]
+    missing = [k for k in expected if k not in state_dict and not may_start_fresh(k)]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [f"{k} {list(state_dict[k].shape)} vs model {list(v.shape)}"
                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
@@ -75,6 +81,5 @@ def load_state_dict_strictly(model: torch.nn.Module, state_dict: Dict[str, torch
         problems.append(f"shape mismatches: {_name_some(mismatched)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model; " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
-
-
+    model.load_state_dict(state_dict, strict=not fresh)
+    return fresh
