@@ -588,17 +588,17 @@ class StudentEMA:
 
 # ============================================================================ checkpoints
 
-def _logged_epoch(line: str) -> Optional[int]:
-    """The epoch of a log.txt line; None for a last line torn by a kill in the middle of its write."""
+def _logged_epoch(line: str, key: str = "epoch") -> Optional[int]:
+    """The epoch (or ``key``) of a log.txt line; None for a last line torn by a kill in the middle of its write."""
     if not line.endswith("\n"):
         return None
     try:
-        return json.loads(line)["epoch"]
+        return json.loads(line)[key]
     except ValueError:
         return None
 
 
-def trim_log(path: str, start_epoch: int) -> None:
+def trim_log(path: str, start_epoch: int, key: str = "epoch") -> None:
     """Keeps only the log.txt lines of epochs before ``start_epoch``, where training (re)starts.
 
     A run killed after writing an epoch's line but before its latest.pth.tar redoes that epoch,
@@ -610,7 +610,7 @@ def trim_log(path: str, start_epoch: int) -> None:
         lines = handle.readlines()
     kept = []
     for line in lines:
-        epoch = _logged_epoch(line)
+        epoch = _logged_epoch(line, key)
         if epoch is not None and epoch < start_epoch:
             kept.append(line)
     if len(kept) < len(lines):
