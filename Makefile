@@ -23,3 +23,7 @@ clean-venv:
 
 ablation: $(STAMP)
 	$(PY) ablation.py
+
+.PHONY: demo-gen
+demo-gen: $(STAMP)
+	$(PY) demo_gen.py

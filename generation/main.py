@@ -23,7 +23,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from datasets import DatasetError
+if __package__ in (None, ""):  # run as a file (python generation/main.py): make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from datasets import DatasetError  # noqa: E402 (after the path set-up above)
 from generation import data as gan_data
 from generation import diffaug
 from generation.biggan import Discriminator, Generator

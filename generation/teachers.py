@@ -9,6 +9,7 @@ the local FID feature extractor.
   resized by nearest neighbour to the size the model was trained at.
 Nothing is ever downloaded: a missing file is one error that says what to fetch and which flag takes it.
 """
+import logging
 import os
 from typing import Optional, Tuple
 
@@ -122,7 +123,12 @@ def load_clip(path: Optional[str], model_name: str = CLIP_MODEL, input_size: int
         state_dict = load_file(path)
     else:
         state_dict = load_state_dict_file(path, preferred_keys=("state_dict", "model"))
-    model = open_clip.create_model(model_name, pretrained=None)
+    # open_clip warns that the model is "initialized randomly": true until the strict load below.
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(model_name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:

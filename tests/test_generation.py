@@ -328,3 +328,18 @@ def test_the_fid_network_cannot_be_the_teacher(tiny_fashion, network_files, tmp_
     argv[argv.index("--fid-weights") + 1] = network_files["teacher"]
     code, _, err = run_main(argv, capsys)
     assert code == 2 and "must not be the distillation teacher" in err
+
+
+def test_every_paper_row_has_a_config_that_resolves():
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "generation")
+    rows = sorted(name for name in os.listdir(folder) if name.startswith("c10_"))
+    assert len(rows) == 9  # 10%, 20%, 100% x (DiffAugment only, VkD + LayerNorm, VkD + whitening); C100 alike
+    whiten = gan_main.parse_arguments(["--config", os.path.join(folder, "c10_10pct_vkd_whiten.yaml")])
+    assert (whiten.dataset, whiten.data_fraction, whiten.iterations, whiten.teacher, whiten.normalisation) == \
+        ("C10", 0.1, 125000, "clip", "whiten")
+    assert (whiten.batch_size, whiten.num_d_steps, whiten.adam_betas, whiten.diffaug) == \
+        (50, 4, [0.0, 0.999], "translation,cutout")
+    baseline = gan_main.parse_arguments(["--config", os.path.join(folder, "c100_100pct_da.yaml"), "--seed", "3"])
+    assert (baseline.dataset, baseline.iterations, baseline.teacher, baseline.seed) == ("C100", 500000, "none", 3)
+    for name in os.listdir(folder):
+        gan_main.parse_arguments(["--config", os.path.join(folder, name)])
