@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -54,15 +54,16 @@ NOT_COMPARABLE = (f"FIDs on {FID_NETWORK} features of 32x32 digits (1,000 sample
                   f"not comparable with Inception FIDs on CIFAR")
 
 
-def run_parallel(jobs: Dict[str, List[str]], workers: int, threads: int) -> Dict[str, float]:
-    """Run the named commands, ``workers`` at a time with ``threads`` threads each; stdout and stderr go to
-    ``<output dir>.log``. Returns each job's wall seconds; a failed job stops the demo with its log's tail."""
+def run_parallel(jobs: Dict[str, Tuple[List[str], str]], workers: int, threads: int) -> Dict[str, float]:
+    """Run the named (command, output dir) jobs, ``workers`` at a time with ``threads`` threads each; stdout and
+    stderr go to ``<output dir>.log``. Returns each job's wall seconds; a failed job stops the demo with its
+    log's tail."""
     pending, running, seconds = list(jobs.items()), {}, {}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
     while pending or running:
         while pending and len(running) < workers:
-            name, command = pending.pop(0)
-            log_path = command[command.index("--output-dir" if "--output-dir" in command else "--output_dir") + 1] + ".log"
+            name, (command, output_dir) = pending.pop(0)
+            log_path = output_dir + ".log"
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             print(f"  start {name}: {shlex.join(command)}  (log: {log_path})", flush=True)
             handle = open(log_path, "w")
@@ -96,7 +97,7 @@ def train_networks(force: bool, workers: int, threads: int) -> dict:
         output_dir = os.path.join(OUT, name)
         if force or not os.path.isfile(os.path.join(output_dir, "teacher.pth")):
             shutil.rmtree(output_dir, ignore_errors=True)
-            jobs[name] = [sys.executable, "main_distributed.py", *flags, "--output_dir", output_dir]
+            jobs[name] = ([sys.executable, "main_distributed.py", *flags, "--output_dir", output_dir], output_dir)
     seconds = run_parallel(jobs, workers, threads) if jobs else {}
     for name in NETWORKS:
         if name not in jobs:
@@ -120,7 +121,7 @@ def train_gans(rows: List[str], seeds: List[int], force: bool, workers: int, thr
             if force:
                 shutil.rmtree(output_dir, ignore_errors=True)
             if not os.path.isfile(os.path.join(output_dir, "results.json")):
-                jobs[f"{row}/seed{seed}"] = gan_command(row, seed)
+                jobs[f"{row}/seed{seed}"] = (gan_command(row, seed), output_dir)
     seconds = run_parallel(jobs, workers, threads)
     runs = {}
     for row in rows:
@@ -203,7 +204,7 @@ def write_results(path: str, summary: dict, rows: List[str], seeds: List[int], c
         f"**These FIDs are not comparable with Inception FIDs on CIFAR**: another feature space, another data "
         f"set, 1,000 samples. Lower is better.",
         "",
-        f"| row | FID at the end, mean ± std | per seed | best FID during training | IS at the end |",
+        "| row | FID at the end, mean ± std | per seed | best FID during training | IS at the end |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
