@@ -248,8 +248,8 @@ def evaluate(evaluator: GeneratorEvaluator, generator_ema: nn.Module, args, devi
         return evaluator.evaluate(sample_function(generator_ema, args.batch_size, device, seed), args.eval_samples)
 
 
-def save_sample_grid(generator_ema: nn.Module, path: str, seed: int, device: torch.device) -> None:
-    """GRID_COLUMNS samples of every class, one class per row, from fixed latents."""
+def save_sample_grid(generator_ema: nn.Module, path: str, seed: int, batch_size: int, device: torch.device) -> None:
+    """GRID_COLUMNS samples of every class, one class per row, from fixed latents (in training-size batches)."""
     from torchvision.utils import save_image
     rng = torch.Generator().manual_seed(seed)
     num_classes = generator_ema.num_classes
@@ -257,7 +257,7 @@ def save_sample_grid(generator_ema: nn.Module, path: str, seed: int, device: tor
     labels = torch.arange(num_classes).repeat_interleave(GRID_COLUMNS)
     with unchanged(generator_ema):
         images = torch.cat([generator_ema(z_chunk.to(device), y_chunk.to(device)).cpu()
-                            for z_chunk, y_chunk in zip(z.split(GRID_COLUMNS * 10), labels.split(GRID_COLUMNS * 10))])
+                            for z_chunk, y_chunk in zip(z.split(batch_size), labels.split(batch_size))])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_image((images + 1) / 2, path, nrow=GRID_COLUMNS, padding=1)
 
@@ -405,7 +405,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
             continue
         if args.output_dir and (iteration % args.sample_every == 0 or finished):
             save_sample_grid(generator_ema, os.path.join(args.output_dir, "samples", f"iter_{iteration:06d}.png"),
-                             args.seed, runtime.device)
+                             args.seed, args.batch_size, runtime.device)
         if evaluator is not None and ((args.eval_every and iteration % args.eval_every == 0) or finished):
             last_results = evaluate(evaluator, generator_ema, args, runtime.device, args.seed + EVAL_SEED_OFFSET)
             improved = "fid" not in best or last_results["fid"] < best["fid"]

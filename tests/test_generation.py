@@ -343,3 +343,21 @@ def test_every_paper_row_has_a_config_that_resolves():
     assert (baseline.dataset, baseline.iterations, baseline.teacher, baseline.seed) == ("C100", 500000, "none", 3)
     for name in os.listdir(folder):
         gan_main.parse_arguments(["--config", os.path.join(folder, name)])
+
+
+def test_the_projector_trains_with_d_and_stays_put_when_g_owns_it(tiny_fashion, network_files, tmp_path, capsys):
+    key = "projector.parametrizations.weight.original"
+    flags = run_flags(tiny_fashion, network_files, tmp_path / "initial", 1)
+    args = gan_main.parse_arguments(flags)
+    _, discriminator, _ = gan_main.build_networks(args, 10, gan_main.build_teacher(args, torch.device("cpu")))
+    initial = discriminator.state_dict()[key]
+    moved = {}
+    for owner in ("D", "G"):
+        argv = run_flags(tiny_fashion, network_files, tmp_path / owner, 1) + [
+            "--projector-optimizer", owner, "--fid-extractor", "none"]
+        code, _, err = run_main(argv, capsys)
+        assert code == 0, err
+        weight = torch.load(tmp_path / owner / "latest.pth", weights_only=True)["D"][key]
+        moved[owner] = (weight - initial).abs().max().item()
+    # The authors' G.projector: the loss lives in the D steps, where toggle-grads freezes everything of G.
+    assert moved["D"] > 0 and moved["G"] == 0
