@@ -13,6 +13,7 @@ Writes args.json, log.txt (JSON lines), tensorboard scalars, samples/iter_N.png 
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -154,11 +155,23 @@ def check_arguments(args) -> None:
         fail("--resume auto looks for output-dir/latest.pth: pass --output-dir")
     if args.fid_extractor != "none" and args.teacher != "none" and args.teacher_path and args.fid_weights \
             and same_file(args.teacher_path, args.fid_weights):
-        fail("the FID network must not be the distillation teacher: --fid-weights and --teacher-path are one file")
+        fail("the FID network must not be the distillation teacher: --fid-weights and --teacher-path hold the same file")
 
 
 def same_file(first: str, second: str) -> bool:
-    return os.path.exists(first) and os.path.exists(second) and os.path.samefile(first, second)
+    """One file, or two files with the same bytes (a copy of the teacher is still the teacher)."""
+    if not (os.path.isfile(first) and os.path.isfile(second)):
+        return False
+    if os.path.samefile(first, second):
+        return True
+    if os.path.getsize(first) != os.path.getsize(second):
+        return False
+    return file_digest(first) == file_digest(second)
+
+
+def file_digest(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 # ============================================================================ building

@@ -323,11 +323,24 @@ def test_a_missing_clip_or_inception_file_is_one_clear_error(tiny_fashion, tmp_p
     assert not os.path.exists(tmp_path / "latest.pth")
 
 
-def test_the_fid_network_cannot_be_the_teacher(tiny_fashion, network_files, tmp_path, capsys):
+@pytest.mark.parametrize("copied", [False, True])
+def test_the_fid_network_cannot_be_the_teacher(tiny_fashion, network_files, tmp_path, capsys, copied):
     argv = run_flags(tiny_fashion, network_files, tmp_path, 1)
-    argv[argv.index("--fid-weights") + 1] = network_files["teacher"]
+    fid_file = network_files["teacher"]
+    if copied:
+        fid_file = str(tmp_path / "copy_of_teacher.pth")
+        with open(network_files["teacher"], "rb") as source, open(fid_file, "wb") as target:
+            target.write(source.read())
+    argv[argv.index("--fid-weights") + 1] = fid_file
     code, _, err = run_main(argv, capsys)
     assert code == 2 and "must not be the distillation teacher" in err
+
+
+def test_missing_cifar_names_the_expected_layout(tmp_path):
+    with pytest.raises(gan_data.DatasetError, match="cifar-10-batches-py"):
+        gan_data.load_image_data("C10", str(tmp_path))
+    with pytest.raises(gan_data.DatasetError, match="needs --data-path"):
+        gan_data.load_image_data("C100", None)
 
 
 def test_every_paper_row_has_a_config_that_resolves():
