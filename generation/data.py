@@ -96,7 +96,8 @@ def _find_idx(root: str, stem: str) -> str:
             if os.path.isfile(os.path.join(folder, name)):
                 return os.path.join(folder, name)
     raise DatasetError(f"Fashion-MNIST file {stem}[.gz] not found in {root} or {root}/FashionMNIST/raw "
-                       f"(Debian: apt-get install dataset-fashion-mnist, then --data-path /usr/share/datasets/fashion-mnist)")
+                       f"(Debian: apt-get install dataset-fashion-mnist, then "
+                       f"--data-path /usr/share/datasets/fashion-mnist)")
 
 
 def _fashion(root: Optional[str]) -> ImageData:

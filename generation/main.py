@@ -375,9 +375,10 @@ def run_training(args, runtime: Runtime, argv) -> None:
     seed_everything(args.seed + runtime.rank)
     real_batches = gan_data.RealBatches(data.train_images[kept], data.train_labels[kept], args.batch_size,
                                         args.seed, args.hflip, runtime.rank, runtime.world_size)
+    sizes = [sum(p.numel() for p in network.parameters()) for network in (generator, discriminator)]
     runtime.log(f"{args.dataset}: {len(kept)} of {len(data.train_labels)} training images "
                 f"({args.data_fraction:g}, {args.subset_draw}); teacher: {teacher.name if teacher else 'none'}; "
-                f"G {sum(p.numel() for p in generator.parameters())} / D {sum(p.numel() for p in discriminator.parameters())} parameters")
+                f"G {sizes[0]} / D {sizes[1]} parameters")
 
     iteration, best = 0, {}
     resume_path = resolve_resume(args)

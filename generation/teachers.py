@@ -94,7 +94,8 @@ def load_timm_network(name: str, path: Optional[str], input_size: int, flag: str
 class ClipImageEncoder(FrozenImageNetwork):
     def __init__(self, model: nn.Module, input_size: int, normalise: bool, name: str, half: bool):
         super().__init__()
-        self.visual, self.input_size, self.normalise, self.name, self.half = model.visual, input_size, normalise, name, half
+        self.visual, self.input_size, self.normalise, self.half = model.visual, input_size, normalise, half
+        self.name = name
         self.feature_dim = int(model.visual.output_dim)
         from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         self.register_buffer("mean", torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
