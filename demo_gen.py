@@ -122,23 +122,19 @@ def train_gans(rows: List[str], seeds: List[int], force: bool, workers: int, thr
                 shutil.rmtree(output_dir, ignore_errors=True)
             if not os.path.isfile(os.path.join(output_dir, "results.json")):
                 jobs[f"{row}/seed{seed}"] = (gan_command(row, seed), output_dir)
-    seconds = run_parallel(jobs, workers, threads)
+    run_parallel(jobs, workers, threads)
     runs = {}
     for row in rows:
         for seed in seeds:
             output_dir = os.path.join(OUT, row, f"seed{seed}")
             with open(os.path.join(output_dir, "results.json")) as handle:
                 result = json.load(handle)
-            name = f"{row}/seed{seed}"
-            if name in seconds:  # reused runs keep the time they took
-                with open(os.path.join(output_dir, "wall_seconds.txt"), "w") as handle:
-                    handle.write(f"{seconds[name]}\n")
-            with open(os.path.join(output_dir, "wall_seconds.txt")) as handle:
-                wall = float(handle.read())
-            runs[name] = {"row": row, "seed": seed, "fid": result["final"]["fid"], "best_fid": result["best"]["fid"],
-                          "best_iteration": result["best"]["iteration"], "is": result["final"].get("is_mean"),
-                          "seconds": wall, "iterations": result["iterations"],
-                          "command": shlex.join(gan_command(row, seed)), "output_dir": output_dir}
+            # Seconds of the training loop with its evaluations (of the last process, for a resumed run).
+            runs[f"{row}/seed{seed}"] = {
+                "row": row, "seed": seed, "fid": result["final"]["fid"], "best_fid": result["best"]["fid"],
+                "best_iteration": result["best"]["iteration"], "is": result["final"].get("is_mean"),
+                "seconds": result["seconds_this_process"], "iterations": result["iterations"],
+                "command": shlex.join(gan_command(row, seed)), "output_dir": output_dir}
     return runs
 
 
@@ -165,7 +161,7 @@ def side_by_side(rows: List[str], seed: int, runs: dict, path: str) -> None:
 
 
 def table(rows: List[str], seeds: List[int], runs: dict) -> List[str]:
-    lines = [f"{'row':<30}{'FID final':>18}{'FID best':>18}{'IS final':>16}{'wall s':>9}"]
+    lines = [f"{'row':<30}{'FID final':>18}{'FID best':>18}{'IS final':>16}{'train s':>9}"]
     for row in rows:
         picked = [runs[f"{row}/seed{seed}"] for seed in seeds]
         inception_scores = [run["is"] for run in picked if run["is"] is not None]
