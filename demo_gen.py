@@ -156,7 +156,7 @@ def side_by_side(rows: List[str], seed: int, runs: dict, path: str) -> None:
         axis.axis("off")
     figure.suptitle(f"G_ema samples after {run['iterations']} iterations, seed {seed}, one class per row "
                     f"(FID: local features, not comparable with Inception FIDs)", fontsize=9)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.95))  # room for the suptitle
     figure.savefig(path, dpi=110)
 
 
