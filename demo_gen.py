@@ -180,15 +180,30 @@ PAPER_ROWS = """| FID, BigGAN + DiffAugment, 10% data | CIFAR-10 | CIFAR-100 |
 | VkD, whitened teacher | **13.16** | **16.87** |"""
 
 
+def comparison(rows: List[str], seeds: List[int], runs: dict) -> List[str]:
+    """Each VkD row's mean final FID against the augmentation-only row's, in units of the larger std."""
+    if "baseline" not in rows or len(seeds) < 2:
+        return []
+    final = {row: [runs[f"{row}/seed{seed}"]["fid"] for seed in seeds] for row in rows}
+    lines = ["Final FID against DiffAugment only (negative: VkD better):", ""]
+    for row in rows:
+        if row == "baseline":
+            continue
+        difference = statistics.mean(final[row]) - statistics.mean(final["baseline"])
+        spread = max(statistics.stdev(final[row]), statistics.stdev(final["baseline"]))
+        lines.append(f"- {ROWS[row][0]}: {difference:+.3f} ({difference / spread:+.2f} of the larger std, {spread:.3f})")
+    return lines
+
+
 def write_results(path: str, summary: dict, rows: List[str], seeds: List[int], command: str) -> None:
     """The small-scale results table, with each figure's command, and the paper's numbers beside it."""
     runs, networks = summary["runs"], summary["networks"]
     lines = [
         "# Data-limited image generation at digits scale: DiffAugment only vs VkD",
         "",
-        f"Made by `{command}` (torch {torch.__version__}, CPU, {len(os.sched_getaffinity(0))} cores, "
-        f"{summary['seconds'] / 60:.0f} min including reused runs). Every number comes from "
-        f"`{OUT}/summary.json` and each run's `results.json`.",
+        f"Made by `{command}` (torch {torch.__version__}, CPU, {len(os.sched_getaffinity(0))} cores), which "
+        f"runs what is missing and reuses finished runs; each run's own command is listed below. Every number "
+        f"comes from `{OUT}/summary.json` and each run's `results.json`.",
         "",
         f"Setting: the BigGAN of [`{CONFIG}`](../{CONFIG}) (G_ch = D_ch = 4, batch 32, 2 D steps per G step, "
         f"{runs[f'{rows[0]}/seed{seeds[0]}']['iterations']} iterations, DiffAugment translation + cutout) on 10% of "
@@ -209,7 +224,9 @@ def write_results(path: str, summary: dict, rows: List[str], seeds: List[int], c
         per_seed = ", ".join(f"{run['fid']:.3f}" for run in picked)
         lines.append(f"| {ROWS[row][0]} | {mean_std([r['fid'] for r in picked])} | {per_seed} | "
                      f"{mean_std([r['best_fid'] for r in picked])} | {mean_std(scores) if scores else '-'} |")
-    lines += ["", f"Seeds {', '.join(map(str, seeds))}; std is the sample standard deviation over seeds.", "",
+    lines += ["", f"Seeds {', '.join(map(str, seeds))}; std is the sample standard deviation over seeds.", ""]
+    lines += comparison(rows, seeds, runs)
+    lines += ["",
               "Commands (each run's own; `python demo_gen.py` runs them and reuses finished ones):", ""]
     lines += [f"- `{name}`: `{run['command'].replace(sys.executable, 'python')}`" for name, run in runs.items()]
     lines += ["", "Networks:", ""]
