@@ -26,3 +26,7 @@ clean-venv:
 
 ablation: $(STAMP)
 	$(PY) ablation.py
+
+.PHONY: demo-gen
+demo-gen: $(STAMP)
+	$(PY) demo_gen.py

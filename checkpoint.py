@@ -62,10 +62,10 @@ def prepare_output_dir(output_dir: str, continuing: bool, overwrite: bool, is_ma
     return aside
 
 
-def record_invocation(args, argv: Sequence[str], world_size: int, lr: float, teacher_weights: Optional[dict] = None,
-                      start_epoch: int = 0) -> None:
-    """``args.json``: the resolved arguments, code version and teacher weights of the run's first
-    invocation, and one entry per invocation (a resume appends; nothing is replaced)."""
+def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: int = 0, **first_record) -> None:
+    """``args.json``: the resolved arguments, code version and ``first_record`` (e.g. the effective lr, the
+    teacher's weights) of the run's first invocation, and one entry per invocation (a resume appends;
+    nothing is replaced)."""
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, ARGS_FILE)
     invocation = dict(command=list(argv), **git_state(), processes=world_size, start_epoch=start_epoch,
@@ -78,8 +78,7 @@ def record_invocation(args, argv: Sequence[str], world_size: int, lr: float, tea
         except (OSError, ValueError):
             os.replace(path, f"{path}.unreadable")  # kept for a person to read, never silently dropped
     if not isinstance(content, dict):
-        content = dict(args=vars(args), **git_state(), command=list(argv), processes=world_size,
-                       global_batch=args.batch_size * world_size, lr_effective=lr, teacher_weights=teacher_weights,
+        content = dict(args=vars(args), **git_state(), command=list(argv), processes=world_size, **first_record,
                        invocations=[])
     content.setdefault("invocations", []).append(invocation)
     temporary = f"{path}.tmp"
@@ -87,17 +86,17 @@ def record_invocation(args, argv: Sequence[str], world_size: int, lr: float, tea
     os.replace(temporary, path)
 
 
-def _logged_epoch(line: str) -> Optional[int]:
-    """The epoch of a log.txt line; None for a last line torn by a kill in the middle of its write."""
+def _logged_counter(line: str, key: str) -> Optional[int]:
+    """The epoch (or other ``key``) of a log.txt line; None for a last line torn by a kill mid-write."""
     if not line.endswith("\n"):
         return None
     try:
-        return json.loads(line)["epoch"]
+        return json.loads(line)[key]
     except ValueError:
         return None
 
 
-def trim_log(path: str, start_epoch: int) -> None:
+def trim_log(path: str, start_epoch: int, key: str = "epoch") -> None:
     """Keeps only the log.txt lines of epochs before ``start_epoch``, where training (re)starts.
 
     A run killed after writing an epoch's line but before its latest.pth.tar redoes that epoch,
@@ -109,7 +108,7 @@ def trim_log(path: str, start_epoch: int) -> None:
         lines = handle.readlines()
     kept = []
     for line in lines:
-        epoch = _logged_epoch(line)
+        epoch = _logged_counter(line, key)
         if epoch is not None and epoch < start_epoch:
             kept.append(line)
     if len(kept) < len(lines):

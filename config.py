@@ -283,7 +283,7 @@ def _typed(action: argparse.Action, value):
     return action.type(value) if isinstance(value, str) else value
 
 
-def _config_defaults(parser: argparse.ArgumentParser, path: str, chain: Tuple[str, ...] = ()) -> Dict[str, object]:
+def config_file_defaults(parser: argparse.ArgumentParser, path: str, chain: Tuple[str, ...] = ()) -> Dict[str, object]:
     if os.path.abspath(path) in chain:
         fail(f"config {path}: 'base' refers back to itself through {' -> '.join(chain)}")
     try:
@@ -296,7 +296,7 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str, chain: Tuple[st
     # 'base: FILE.yaml' (relative to this file) supplies defaults that this file overrides, so a family of
     # configs (the ablation rows) states its shared recipe once.
     base = config.pop("base", None)
-    defaults = (_config_defaults(parser, os.path.join(os.path.dirname(path), base), chain + (os.path.abspath(path),))
+    defaults = (config_file_defaults(parser, os.path.join(os.path.dirname(path), base), chain + (os.path.abspath(path),))
                 if base else {})
     actions = {action.dest: action for action in parser._actions}
     for key, value in config.items():
@@ -318,7 +318,7 @@ def parse_arguments(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        parser.set_defaults(**_config_defaults(parser, args.config))
+        parser.set_defaults(**config_file_defaults(parser, args.config))
         args = parser.parse_args(argv)
     if args.student_ckpt == "none":  # the original's default value
         args.student_ckpt = None

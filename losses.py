@@ -78,6 +78,23 @@ def whiten(x: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
     return (centred.float() @ inv_sqrt).to(x.dtype)
 
 
+def whiten_cholesky(x: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
+    """Whiten a 2-D batch as htdt's ``Whitening1d`` (Ermolov et al. 2021): (x - mean) L^-T, where
+    L L^T = (1 - eps) C + eps I and C is the unbiased feature covariance.
+
+    Same whitened covariance as ``whiten`` up to a rotation. ``eps`` > 0 is what makes the Cholesky
+    factor exist when the batch has fewer rows than features; the factorisation runs in float64
+    because C then has eigenvalues down to 0 and float32 loses positive definiteness.
+    """
+    centred = (x - x.mean(0)).double()
+    cov = centred.T @ centred / (x.shape[0] - 1)
+    shrunk = (1 - eps) * cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype, device=x.device)
+    lower = torch.linalg.cholesky(shrunk)
+    # Row-vector batch: solve L W^T = centred^T, i.e. W = centred L^-T.
+    whitened = torch.linalg.solve_triangular(lower, centred.T, upper=False).T
+    return whitened.to(x.dtype)
+
+
 NORMALISATIONS = {
     "layernorm": layernorm,
     "batchstd": batch_standardise,

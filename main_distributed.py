@@ -123,7 +123,9 @@ def run_training(args, runtime: Runtime, argv) -> None:
     tb_writer = None
     if args.output_dir and runtime.is_main:
         teacher = getattr(criterion, "teacher", None)
-        record_invocation(args, argv, runtime.world_size, lr, getattr(teacher, "weights", None), trainer.start_epoch)
+        record_invocation(args, argv, runtime.world_size, trainer.start_epoch, lr_effective=lr,
+                          global_batch=args.batch_size * runtime.world_size,
+                          teacher_weights=getattr(teacher, "weights", None))
         trim_log(os.path.join(args.output_dir, LOG), trainer.start_epoch)
         from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
         tb_writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))

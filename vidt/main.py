@@ -128,7 +128,7 @@ def main(args) -> None:
     if moved_to:
         print(f"| the previous run in {args.output_dir} was moved to {moved_to}")
     if is_main_process():
-        record_invocation(args, sys.argv[1:], get_world_size(), args.lr, start_epoch=args.start_epoch)
+        record_invocation(args, sys.argv[1:], get_world_size(), args.start_epoch)
     print(f"| git commit {utils.git_state()['git_commit']}; run folder {args.output_dir}")
 
     # Build

@@ -1,0 +1,190 @@
+"""Real images for GAN training and FID reference statistics, held in memory as uint8 [N, 3, 32, 32].
+
+- C10 / C100: torchvision's CIFAR layout (``cifar-10-batches-py/`` or ``cifar-100-python/`` under
+  ``--data-path``), never downloaded. FID reference: the test split (10k), as KD-DLGAN.
+- DIGITS: scikit-learn's 8x8 digits, exported once by ``datasets.export_digits`` (32x32 nearest
+  upscaling, fixed stratified 80/20 split). FID reference: the 360 held-out images.
+- FASHION: Fashion-MNIST from its four IDX files (``.gz`` or not), in ``--data-path`` itself (Debian's
+  ``dataset-fashion-mnist`` puts them in /usr/share/datasets/fashion-mnist) or in torchvision's
+  ``FashionMNIST/raw/``. The 28x28 images are zero-padded to 32x32 (no resampling) and repeated to RGB.
+  FID reference: the 10k test images.
+
+Training fractions follow KD-DLGAN: drawn uniformly without replacement with a fixed seed (0), so
+every run and every seed trains on the same images; ``balanced`` draws the fraction from every class.
+"""
+import gzip
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+import datasets
+from datasets import DatasetError
+
+DATASETS = ("C10", "C100", "DIGITS", "FASHION")
+SUBSET_DRAWS = ("uniform", "balanced")
+IMAGE_SIZE = 32
+FASHION_PAD = 2  # 28 + 2 + 2 = 32
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_DTYPES = {0x08: np.uint8}
+
+
+@dataclass
+class ImageData:
+    train_images: torch.Tensor  # uint8 [N, 3, 32, 32]
+    train_labels: torch.Tensor  # int64 [N]
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+
+
+def _cifar(name: str, root: Optional[str]) -> ImageData:
+    from torchvision.datasets import CIFAR10, CIFAR100
+    dataset_class, folder = (CIFAR10, "cifar-10-batches-py") if name == "C10" else (CIFAR100, "cifar-100-python")
+    if not root or not os.path.isdir(root):
+        raise DatasetError(f"--dataset {name} needs --data-path: the folder holding {folder}/ (torchvision's layout)")
+    try:
+        splits = [dataset_class(root, train=train, download=False) for train in (True, False)]
+    except RuntimeError:
+        raise DatasetError(f"{name} not found in {root}: expected {folder}/ as torchvision writes it; "
+                           f"nothing is downloaded") from None
+    tensors = [(torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(split.targets))
+               for split in splits]
+    return ImageData(*tensors[0], *tensors[1], num_classes=len(splits[0].classes))
+
+
+def _read_folder_split(split_dir: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    classes = sorted(entry for entry in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, entry)))
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for file_name in sorted(os.listdir(os.path.join(split_dir, name))):
+            with Image.open(os.path.join(split_dir, name, file_name)) as image:
+                images.append(np.asarray(image.convert("RGB")))
+            labels.append(label)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+
+
+def _digits(root: Optional[str]) -> ImageData:
+    folder = datasets.export_digits(root or datasets.DEFAULT_DIGITS_ROOT)
+    train = _read_folder_split(os.path.join(folder, "train"))
+    test = _read_folder_split(os.path.join(folder, "val"))
+    return ImageData(*train, *test, num_classes=10)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX array (LeCun's MNIST format: magic 0 0 dtype ndim, big-endian sizes, then the data)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        content = handle.read()
+    if len(content) < 4 or content[0] != 0 or content[1] != 0 or content[2] not in IDX_DTYPES:
+        raise DatasetError(f"{path} is not an unsigned-byte IDX file")
+    ndim = content[3]
+    shape = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(content, dtype=IDX_DTYPES[content[2]], offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DatasetError(f"{path} is truncated: header says {shape}, found {data.size} values")
+    return data.reshape(shape)
+
+
+def _find_idx(root: str, stem: str) -> str:
+    for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
+        for name in (stem, stem + ".gz"):
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+    raise DatasetError(f"Fashion-MNIST file {stem}[.gz] not found in {root} or {root}/FashionMNIST/raw "
+                       f"(Debian: apt-get install dataset-fashion-mnist, then "
+                       f"--data-path /usr/share/datasets/fashion-mnist)")
+
+
+def _fashion(root: Optional[str]) -> ImageData:
+    if not root:
+        raise DatasetError("--dataset FASHION needs --data-path: the folder with the Fashion-MNIST IDX files")
+    tensors = []
+    for split in ("train", "test"):
+        images_file, labels_file = (_find_idx(root, stem) for stem in FASHION_FILES[split])
+        images = torch.from_numpy(read_idx(images_file).copy())
+        images = torch.nn.functional.pad(images, (FASHION_PAD,) * 4).unsqueeze(1).repeat(1, 3, 1, 1)
+        tensors += [images, torch.from_numpy(read_idx(labels_file).astype(np.int64))]
+    return ImageData(*tensors, num_classes=10)
+
+
+def load_image_data(name: str, root: Optional[str]) -> ImageData:
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if name in ("C10", "C100"):
+        return _cifar(name, root)
+    if name == "DIGITS":
+        return _digits(root)
+    return _fashion(root)
+
+
+def subset_indices(labels: torch.Tensor, fraction: float, draw: str = "uniform", seed: int = 0) -> List[int]:
+    """The training images kept for ``fraction`` < 1 (KD-DLGAN's ``--num_samples``): sorted indices."""
+    if not 0 < fraction <= 1:
+        raise DatasetError(f"--data-fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return list(range(len(labels)))
+    if draw == "balanced":
+        return datasets.balanced_subset_indices(labels.tolist(), fraction, seed)
+    # KD-DLGAN: np.random.seed(0); np.random.choice(N, num_samples, replace=False).
+    count = int(round(fraction * len(labels)))
+    return sorted(np.random.RandomState(seed).choice(len(labels), count, replace=False).tolist())
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the generator's tanh range."""
+    return images.float() / 127.5 - 1
+
+
+class RealBatches:
+    """An endless stream of real batches: a fresh permutation every epoch, a disjoint share per process.
+
+    Drawn from (seed, epoch) alone, and ``state_dict`` holds the position, so a resumed run reads the
+    same batches as an uninterrupted one. Incomplete batches at the end of an epoch are dropped, as
+    BigGAN's loader does (drop_last).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int, hflip: bool,
+                 rank: int = 0, world_size: int = 1):
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed, self.hflip = batch_size, seed, hflip
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = len(images) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise DatasetError(f"{len(images)} training images cannot fill one batch of {batch_size} on "
+                               f"{world_size} process(es): lower --batch-size or raise --data-fraction")
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(len(self.images), generator=generator)
+        share = self.batches_per_epoch * self.batch_size
+        return order[self.rank * share:(self.rank + 1) * share]
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation()
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation()
+        chosen = self._order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+        self.position += 1
+        images = to_model_range(self.images[chosen])
+        if self.hflip:
+            # The protocol's only augmentation of the data itself (DiffAugment comes later, in the step).
+            flip = torch.rand(len(chosen)) < 0.5
+            images[flip] = images[flip].flip(-1)
+        return images, self.labels[chosen]

@@ -1,0 +1,502 @@
+"""Data-limited class-conditional BigGAN with VkD (paper: image generation on CIFAR-10/100 with 10%, 20%
+and 100% of the training data), on 1..N processes.
+
+    python -m generation.main --config configs/generation/c10_10pct_vkd_whiten.yaml --data-path DATA \\
+        --teacher-path open_clip_pytorch_model.bin --fid-weights pt_inception-2015-12-05-6726825d.pth --output-dir OUT
+    torchrun --nproc_per_node=N -m generation.main ...          (gradients averaged over processes)
+    python -m generation.main --eval-checkpoint OUT/best.pth ...  (FID of a saved generator, no training)
+
+Writes args.json, log.txt (JSON lines), tensorboard scalars, samples/iter_N.png grids, latest.pth
+(atomically, every --save-every iterations), best.pth (best FID) and results.json to --output-dir;
+``--resume auto`` continues an interrupted run exactly where it stopped.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+if __package__ in (None, ""):  # run as a file (python generation/main.py): make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from checkpoint import prepare_output_dir, record_invocation, trim_log
+from config import config_file_defaults
+from datasets import DatasetError  # noqa: E402 (after the path set-up above)
+from distributed import Runtime, launcher_ranks, select_device
+from generation import data as gan_data
+from generation import diffaug
+from generation.biggan import Discriminator, Generator
+from generation.engine import GanStep, GeneratorEMA, LeCam
+from generation.fid import FID_EXTRACTORS, GeneratorEvaluator, build_fid_network
+from generation.teachers import CLIP_INPUT_SIZE, CLIP_MODEL, FrozenImageNetwork, load_clip, load_timm_network
+from generation.vkd import NORMALISATIONS, PAIRINGS, WHITENINGS, GanVkDLoss, build_normalisation
+from losses import OrthogonalProjector
+from models import file_sha256
+from orthogonal_maps import ORTHOGONAL_MAPS
+from utils import CheckpointError, all_finite, fail, safe_torch_load, save_atomically, seed_everything, write_json
+
+LATEST, BEST, LOG, RESULTS = "latest.pth", "best.pth", "log.txt", "results.json"
+RUN_FILES = (LATEST, BEST, LOG, RESULTS, "args.json", "tensorboard", "samples")  # a folder with any holds a run
+TEACHERS = ("none", "clip", "timm")
+PROJECTOR_OWNERS = ("D", "G")
+GRID_COLUMNS = 10
+EVAL_SEED_OFFSET = 7919  # evaluation draws its own latents, so evaluating never shifts training randomness
+
+
+# ============================================================================ command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("BigGAN + DiffAugment (+ LeCam) (+ VkD) for 32x32 images")
+    add = parser.add_argument
+    flag = dict(action=argparse.BooleanOptionalAction)
+    add("--config", default=None, metavar="FILE.yaml", help="YAML file of defaults; the command line overrides it")
+    # Data
+    add("--dataset", default="C10", choices=gan_data.DATASETS, help="(default: C10)")
+    add("--data-path", default=None, help="dataset folder (DIGITS: export folder, default data/digits)")
+    add("--data-fraction", default=1.0, type=float, help="fraction of the training split kept (default: 1.0)")
+    add("--subset-draw", default="uniform", choices=gan_data.SUBSET_DRAWS,
+        help="uniform without replacement as KD-DLGAN, or class-balanced (default: uniform)")
+    add("--subset-seed", default=0, type=int, help="seed of the subset draw, fixed across runs (default: 0)")
+    add("--hflip", default=True, help="random horizontal flip of real images (default: on, as KD-DLGAN)", **flag)
+    # Networks
+    add("--g-ch", default=64, type=int, help="generator width: blocks have 4 x ch channels (default: 64)")
+    add("--d-ch", default=64, type=int, help="discriminator width: blocks have 4 x ch channels (default: 64)")
+    add("--dim-z", default=128, type=int, help="latent size (default: 128)")
+    # Optimisation
+    add("--iterations", default=125000, type=int, help="G iterations (default: 125000 = CIFAR 10%%, 5000 epochs)")
+    add("--batch-size", default=50, type=int, help="per-process batch of every D and G step (default: 50)")
+    add("--num-d-steps", default=4, type=int, help="D steps per G step (default: 4)")
+    add("--g-lr", default=2e-4, type=float, help="(default: 2e-4)")
+    add("--d-lr", default=2e-4, type=float, help="(default: 2e-4)")
+    add("--adam-betas", default=[0.0, 0.999], type=float, nargs=2, help="(default: 0 0.999)")
+    add("--adam-eps", default=1e-8, type=float, help="(default: 1e-8)")
+    add("--ema-decay", default=0.9999, type=float, help="EMA decay of G (default: 0.9999)")
+    add("--ema-start", default=1000, type=int, help="iteration from which G_ema averages; a copy before (default: 1000)")
+    add("--diffaug", default="translation,cutout", help="DiffAugment policy: translation,cutout[,color] or none")
+    add("--lecam-weight", default=0.0, type=float, help="LeCam weight; KD-DLGAN's lc- scripts use 0.3 (default: 0, off)")
+    add("--lecam-decay", default=0.9, type=float, help="(default: 0.9)")
+    add("--lecam-start", default=1000, type=int, help="iteration after which LeCam applies (default: 1000)")
+    # VkD
+    add("--teacher", default="none", choices=TEACHERS, help="distillation teacher (default: none = DA only)")
+    add("--teacher-model", default=None, help=f"CLIP architecture in open_clip (default {CLIP_MODEL}) or timm name")
+    add("--teacher-path", default=None, help="local teacher weights (nothing is downloaded)")
+    add("--teacher-input-size", default=0, type=int,
+        help=f"teacher input side, nearest upsampling (default: {CLIP_INPUT_SIZE} for CLIP, else the image size)")
+    add("--clip-normalise", default=False, help="CLIP mean/std on the teacher input (KD-DLGAN: off)", **flag)
+    add("--vkd-weight", default=1.0, type=float, help="lambda of the VkD term (default: 1)")
+    add("--normalisation", default="whiten", choices=NORMALISATIONS, help="teacher normalisation (default: whiten)")
+    add("--whitening", default="cholesky", choices=WHITENINGS, help="whitening variant (default: cholesky, as htdt)")
+    add("--whiten-eps", default=1e-4, type=float, help="whitening shrinkage eps > 0 (default: 1e-4)")
+    add("--real-fake-normalisation", default="separate", choices=PAIRINGS,
+        help="normalise real and fake teacher features separately or as one batch (default: separate)")
+    add("--kd-dim", default=0, type=int, help="D's KD-head width (default: 0 = the teacher's feature width)")
+    add("--projector-optimizer", default="D", choices=PROJECTOR_OWNERS,
+        help="optimizer owning the projector; with G it is frozen in the D steps like the rest of G (default: D)")
+    add("--train-projector", default=True, help="train the projector (default: on)", **flag)
+    add("--orthogonal-map", default=None, choices=ORTHOGONAL_MAPS, help="(default: torch's choice for the shape)")
+    # Evaluation
+    add("--fid-extractor", default="inception", choices=FID_EXTRACTORS,
+        help="inception (the paper's protocol), a local timm classifier, or none (default: inception)")
+    add("--fid-weights", default=None, help="local weights of the FID network")
+    add("--fid-model", default=None, help="timm name of the FID network with --fid-extractor timm")
+    add("--fid-input-size", default=32, type=int, help="input side of a timm FID network (default: 32)")
+    add("--fid-reference", default="test", choices=("test", "train"), help="real images of FID (default: test split)")
+    add("--eval-samples", default=10000, type=int, help="generated samples per FID (default: 10000)")
+    add("--eval-every", default=4000, type=int, help="iterations between FIDs; 0: at the end only (default: 4000)")
+    add("--is-splits", default=10, type=int, help="Inception Score splits (default: 10)")
+    add("--eval-checkpoint", default=None, help="only evaluate the G_ema of this checkpoint")
+    add("--eval-repeats", default=1, type=int, help="with --eval-checkpoint: FIDs with fresh samples (default: 1)")
+    # Run
+    add("--output-dir", default="", help="where to write; empty for nothing")
+    add("--resume", default="", help="checkpoint to resume, or 'auto' for output-dir/latest.pth")
+    add("--overwrite", action="store_true",
+        help="start a new run in an --output-dir that holds one: the old run is moved aside, never deleted")
+    add("--seed", default=0, type=int, help="each process uses seed + rank (default: 0)")
+    add("--device", default=None, help="default: cuda if available, else cpu")
+    add("--print-freq", default=100, type=int, help="iterations between progress lines (default: 100)")
+    add("--save-every", default=1000, type=int, help="iterations between latest.pth saves (default: 1000)")
+    add("--sample-every", default=4000, type=int, help="iterations between sample grids (default: 4000)")
+    add("--local-rank", "--local_rank", default=0, type=int, dest="local_rank", help="set by the launchers")
+    add("--dist-url", default="env://", help="process group init method")
+    return parser
+
+
+def parse_arguments(argv) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**config_file_defaults(parser, args.config))
+        args = parser.parse_args(argv)
+    return args
+
+
+def check_arguments(args) -> None:
+    """Impossible values: one line and exit code 2, before any work."""
+    for name in ("iterations", "batch_size", "num_d_steps", "print_freq", "save_every", "sample_every", "g_ch",
+                 "d_ch", "dim_z", "eval_samples", "is_splits", "eval_repeats"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.eval_every < 0:
+        fail(f"--eval-every must be >= 0, got {args.eval_every}")
+    try:
+        diffaug.parse_policy(args.diffaug)
+        if args.teacher != "none":
+            build_normalisation(args.normalisation, args.whitening, args.whiten_eps)
+    except ValueError as error:
+        fail(str(error))
+    if args.teacher == "timm" and not args.teacher_model:
+        fail("--teacher timm needs --teacher-model NAME (a timm model name)")
+    if args.fid_extractor == "timm" and not args.fid_model:
+        fail("--fid-extractor timm needs --fid-model NAME (a timm model name)")
+    if args.resume == "auto" and not args.output_dir:
+        fail("--resume auto looks for output-dir/latest.pth: pass --output-dir")
+    if args.fid_extractor != "none" and args.teacher != "none" and args.teacher_path and args.fid_weights \
+            and same_file(args.teacher_path, args.fid_weights):
+        fail("the FID network must not be the distillation teacher: --fid-weights and --teacher-path hold the same file")
+
+
+def same_file(first: str, second: str) -> bool:
+    """One file, or two files with the same bytes (a copy of the teacher is still the teacher)."""
+    if not (os.path.isfile(first) and os.path.isfile(second)):
+        return False
+    if os.path.samefile(first, second):
+        return True
+    if os.path.getsize(first) != os.path.getsize(second):
+        return False
+    return file_sha256(first) == file_sha256(second)
+
+
+# ============================================================================ building
+
+def init_runtime(args) -> Runtime:
+    rank, world_size, local_rank = launcher_ranks(args.local_rank)
+    device = select_device(args.device, local_rank)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=args.dist_url,
+                                world_size=world_size, rank=rank)
+    return Runtime(rank, world_size, device)
+
+
+def build_teacher(args, device: torch.device) -> Optional[FrozenImageNetwork]:
+    if args.teacher == "none":
+        return None
+    if args.teacher == "clip":
+        return load_clip(args.teacher_path, args.teacher_model or CLIP_MODEL,
+                         args.teacher_input_size or CLIP_INPUT_SIZE, args.clip_normalise, device)
+    return load_timm_network(args.teacher_model, args.teacher_path, args.teacher_input_size or gan_data.IMAGE_SIZE,
+                             "--teacher-path").to(device)
+
+
+def build_networks(args, num_classes: int, teacher: Optional[FrozenImageNetwork]):
+    """G, D (with KD head and projector when distilling) and G_ema; identical on every process."""
+    torch.manual_seed(args.seed)
+    generator = Generator(args.g_ch, args.dim_z, num_classes)
+    kd_dim = (args.kd_dim or teacher.feature_dim) if teacher is not None else 0
+    discriminator = Discriminator(args.d_ch, num_classes, kd_dim)
+    if teacher is not None:
+        if kd_dim > teacher.feature_dim:
+            fail(f"--kd-dim {kd_dim} exceeds the teacher's {teacher.feature_dim} features: an orthogonal "
+                 f"projector needs out >= in")
+        discriminator.projector = OrthogonalProjector(kd_dim, teacher.feature_dim, orthogonal_map=args.orthogonal_map)
+        discriminator.projector.requires_grad_(args.train_projector)
+    return generator, discriminator, copy.deepcopy(generator)
+
+
+def parameter_split(args, generator: nn.Module, discriminator: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """(G's optimizer parameters, D's): the projector joins its owner's list, or none when frozen."""
+    projector = list(discriminator.projector.parameters()) if discriminator.projector is not None else []
+    projector_ids = {id(parameter) for parameter in projector}
+    d_parameters = [p for p in discriminator.parameters() if id(p) not in projector_ids]
+    g_parameters = list(generator.parameters())
+    if args.train_projector:
+        (d_parameters if args.projector_optimizer == "D" else g_parameters).extend(projector)
+    return g_parameters, d_parameters
+
+
+def build_evaluator(args, data: gan_data.ImageData, runtime: Runtime) -> Optional[GeneratorEvaluator]:
+    if args.fid_extractor == "none" or not runtime.is_main:
+        return None
+    network = build_fid_network(args.fid_extractor, args.fid_weights, args.fid_model, args.fid_input_size)
+    reference = data.test_images if args.fid_reference == "test" else data.train_images
+    return GeneratorEvaluator(network, gan_data.to_model_range(reference), args.batch_size, runtime.device,
+                              args.is_splits)
+
+
+@contextlib.contextmanager
+def unchanged(module: nn.Module):
+    """Run ``module`` in train mode and put its state back: BigGAN samples with batch statistics, which
+    (like spectral norm's power iteration) update buffers that sampling must not change."""
+    state = copy.deepcopy(module.state_dict())
+    module.train()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.load_state_dict(state)
+
+
+def sample_function(generator: nn.Module, batch_size: int, device: torch.device, seed: int):
+    """``sample(n)``: n images from ``generator`` with uniform labels, drawn in full batches (batch norm
+    then always sees the training batch size)."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def sample(count: int) -> torch.Tensor:
+        z = torch.randn(batch_size, generator.dim_z, generator=rng)
+        labels = torch.randint(0, generator.num_classes, (batch_size,), generator=rng)
+        return generator(z.to(device), labels.to(device))[:count]
+
+    return sample
+
+
+def evaluate(evaluator: GeneratorEvaluator, generator_ema: nn.Module, args, device, seed: int) -> Dict[str, float]:
+    with unchanged(generator_ema):
+        return evaluator.evaluate(sample_function(generator_ema, args.batch_size, device, seed), args.eval_samples)
+
+
+def save_sample_grid(generator_ema: nn.Module, path: str, seed: int, batch_size: int, device: torch.device) -> None:
+    """GRID_COLUMNS samples of every class, one class per row, from fixed latents (in training-size batches)."""
+    from torchvision.utils import save_image
+    rng = torch.Generator().manual_seed(seed)
+    num_classes = generator_ema.num_classes
+    z = torch.randn(num_classes * GRID_COLUMNS, generator_ema.dim_z, generator=rng)
+    labels = torch.arange(num_classes).repeat_interleave(GRID_COLUMNS)
+    with unchanged(generator_ema):
+        images = torch.cat([generator_ema(z_chunk.to(device), y_chunk.to(device)).cpu()
+                            for z_chunk, y_chunk in zip(z.split(batch_size), labels.split(batch_size))])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_image((images + 1) / 2, path, nrow=GRID_COLUMNS, padding=1)
+
+
+# ============================================================================ checkpoints
+
+def checkpoint_content(args, step: GanStep, generator_ema: nn.Module, real_batches, iteration: int,
+                       best: Dict[str, float]) -> dict:
+    return {
+        "G": step.generator.state_dict(), "D": step.discriminator.state_dict(), "G_ema": generator_ema.state_dict(),
+        "g_optimizer": step.g_optimizer.state_dict(), "d_optimizer": step.d_optimizer.state_dict(),
+        "real_batches": real_batches.state_dict(), "lecam": step.lecam.state_dict() if step.lecam else None,
+        "iteration": iteration, "best": dict(best), "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if step.device.type == "cuda" else None,
+        "args": dict(vars(args)),
+    }
+
+
+def restore(path: str, step: GanStep, generator_ema: nn.Module, real_batches) -> Tuple[int, Dict[str, float]]:
+    checkpoint = safe_torch_load(path)
+    try:
+        step.generator.load_state_dict(checkpoint["G"])
+        step.discriminator.load_state_dict(checkpoint["D"])
+        generator_ema.load_state_dict(checkpoint["G_ema"])
+        step.g_optimizer.load_state_dict(checkpoint["g_optimizer"])
+        step.d_optimizer.load_state_dict(checkpoint["d_optimizer"])
+        real_batches.load_state_dict(checkpoint["real_batches"])
+        if step.lecam is not None and checkpoint.get("lecam"):
+            step.lecam.load_state_dict(checkpoint["lecam"])
+        torch.set_rng_state(checkpoint["rng"])
+        if checkpoint.get("cuda_rng") is not None and step.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"])
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{path} does not fit this run: {str(error).splitlines()[0]}") from None
+    return int(checkpoint["iteration"]), dict(checkpoint.get("best", {}))
+
+
+def resolve_resume(args) -> Optional[str]:
+    if args.resume != "auto":
+        return args.resume or None
+    latest = os.path.join(args.output_dir, LATEST)
+    return latest if os.path.isfile(latest) else None
+
+
+# ============================================================================ runs
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Progress:
+    """Mean loss terms since the last line, seconds per iteration and the ETA of the run."""
+
+    def __init__(self, start_iteration: int, total: int):
+        self.start_iteration, self.total, self.started = start_iteration, total, time.time()
+        self.sums: Dict[str, float] = {}
+        self.count = 0
+
+    def add(self, terms: Dict[str, float]) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.count += 1
+
+    def line(self, iteration: int) -> Tuple[str, Dict[str, float]]:
+        means = {name: value / max(self.count, 1) for name, value in self.sums.items()}
+        self.sums, self.count = {}, 0
+        per_iteration = (time.time() - self.started) / max(iteration - self.start_iteration, 1)
+        eta = per_iteration * (self.total - iteration)
+        terms = " ".join(f"{name} {value:.4f}" for name, value in means.items())
+        return (f"it {iteration}/{self.total} | {terms} | {per_iteration:.3f} s/it | ETA {format_seconds(eta)}",
+                means)
+
+
+def append_log(args, record: dict) -> None:
+    with open(os.path.join(args.output_dir, LOG), "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def run_training(args, runtime: Runtime, argv) -> None:
+    moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume), overwrite=args.overwrite,
+                                  is_main=runtime.is_main, run_files=RUN_FILES)
+    if moved_to:
+        runtime.log(f"The previous run in {args.output_dir} was moved to {moved_to}")
+    data = gan_data.load_image_data(args.dataset, args.data_path)
+    kept = gan_data.subset_indices(data.train_labels, args.data_fraction, args.subset_draw, args.subset_seed)
+    teacher = build_teacher(args, runtime.device)
+    generator, discriminator, generator_ema = build_networks(args, data.num_classes, teacher)
+    evaluator = build_evaluator(args, data, runtime)
+    for module in (generator, discriminator, generator_ema):
+        module.to(runtime.device)
+    g_parameters, d_parameters = parameter_split(args, generator, discriminator)
+    betas = tuple(args.adam_betas)
+    step = GanStep(
+        generator=generator, discriminator=discriminator,
+        g_optimizer=torch.optim.Adam(g_parameters, lr=args.g_lr, betas=betas, eps=args.adam_eps),
+        d_optimizer=torch.optim.Adam(d_parameters, lr=args.d_lr, betas=betas, eps=args.adam_eps),
+        g_parameters=g_parameters, d_parameters=d_parameters,
+        ema=GeneratorEMA(generator, generator_ema, args.ema_decay, args.ema_start),
+        batch_size=args.batch_size, num_d_steps=args.num_d_steps, policy=tuple(diffaug.parse_policy(args.diffaug)),
+        vkd=(GanVkDLoss(teacher, build_normalisation(args.normalisation, args.whitening, args.whiten_eps),
+                        args.vkd_weight, args.real_fake_normalisation) if teacher is not None else None),
+        lecam=LeCam(args.lecam_weight, args.lecam_decay, args.lecam_start) if args.lecam_weight > 0 else None,
+        world_size=runtime.world_size, device=runtime.device)
+    seed_everything(args.seed + runtime.rank)
+    real_batches = gan_data.RealBatches(data.train_images[kept], data.train_labels[kept], args.batch_size,
+                                        args.seed, args.hflip, runtime.rank, runtime.world_size)
+    sizes = [sum(p.numel() for p in network.parameters()) for network in (generator, discriminator)]
+    runtime.log(f"{args.dataset}: {len(kept)} of {len(data.train_labels)} training images "
+                f"({args.data_fraction:g}, {args.subset_draw}); teacher: {teacher.name if teacher else 'none'}; "
+                f"G {sizes[0]} / D {sizes[1]} parameters")
+
+    iteration, best = 0, {}
+    resume_path = resolve_resume(args)
+    if resume_path:
+        iteration, best = restore(resume_path, step, generator_ema, real_batches)
+        runtime.log(f"Resumed from {resume_path} at iteration {iteration}")
+    if iteration >= args.iterations:
+        runtime.log(f"Nothing to train: the run has finished its {args.iterations} iterations")
+        return
+    writer = None
+    if args.output_dir and runtime.is_main:
+        record_invocation(args, argv, runtime.world_size, iteration, training_images=len(kept))
+        trim_log(os.path.join(args.output_dir, LOG), iteration + 1, key="iteration")
+        from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
+        writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+
+    started = time.time()
+    progress = Progress(iteration, args.iterations)
+    last_results: Dict[str, float] = {}
+    while iteration < args.iterations:
+        terms = step.iteration(real_batches, iteration)
+        iteration += 1
+        progress.add(terms)
+        if any(value != value or abs(value) == float("inf") for value in terms.values()):
+            fail(f"a loss became non-finite at iteration {iteration} ({terms}); {LATEST} was left as it was", exit_code=1)
+        finished = iteration == args.iterations
+        if iteration % args.print_freq == 0 or finished:
+            text, means = progress.line(iteration)
+            runtime.log(text)
+            if writer is not None:
+                append_log(args, dict(iteration=iteration, **means))
+                for name, value in means.items():
+                    writer.add_scalar(f"train/{name}", value, iteration)
+        if not runtime.is_main:
+            continue
+        if args.output_dir and (iteration % args.sample_every == 0 or finished):
+            save_sample_grid(generator_ema, os.path.join(args.output_dir, "samples", f"iter_{iteration:06d}.png"),
+                             args.seed, args.batch_size, runtime.device)
+        if evaluator is not None and ((args.eval_every and iteration % args.eval_every == 0) or finished):
+            last_results = evaluate(evaluator, generator_ema, args, runtime.device, args.seed + EVAL_SEED_OFFSET)
+            improved = "fid" not in best or last_results["fid"] < best["fid"]
+            if improved:
+                best = {"fid": last_results["fid"], "iteration": iteration}
+            runtime.log(f"it {iteration}: {evaluator.describe(last_results)}; best FID {best['fid']:.3f} "
+                        f"at it {best['iteration']}")
+            if writer is not None:
+                append_log(args, dict(iteration=iteration, **last_results))
+                writer.add_scalar("eval/fid", last_results["fid"], iteration)
+                if improved:
+                    save_atomically({"G_ema": generator_ema.state_dict(), "iteration": iteration,
+                                     "fid": last_results["fid"], "args": dict(vars(args))},
+                                    os.path.join(args.output_dir, BEST))
+        if args.output_dir and (iteration % args.save_every == 0 or finished):
+            if not all_finite(generator.state_dict()) or not all_finite(discriminator.state_dict()):
+                fail(f"the weights became non-finite by iteration {iteration}; {LATEST} was left as it was", exit_code=1)
+            save_atomically(checkpoint_content(args, step, generator_ema, real_batches, iteration, best),
+                            os.path.join(args.output_dir, LATEST))
+    if runtime.distributed:
+        dist.barrier()
+    if writer is not None:
+        writer.close()
+        write_json(os.path.join(args.output_dir, RESULTS),
+                   dict(final=last_results, best=best, iterations=iteration, training_images=len(kept),
+                        seconds_this_process=round(time.time() - started, 1), teacher=teacher.name if teacher else None))
+
+
+def run_evaluation(args, runtime: Runtime) -> None:
+    """FID (and IS) of a checkpoint's G_ema, ``--eval-repeats`` times with fresh samples."""
+    if not runtime.is_main:
+        return
+    checkpoint = safe_torch_load(args.eval_checkpoint)
+    if not isinstance(checkpoint, dict) or "G_ema" not in checkpoint:
+        raise CheckpointError(f"{args.eval_checkpoint} holds no 'G_ema' (expected latest.pth or best.pth of a run)")
+    saved = checkpoint.get("args", {})
+    data = gan_data.load_image_data(args.dataset, args.data_path)
+    generator = Generator(saved.get("g_ch", args.g_ch), saved.get("dim_z", args.dim_z), data.num_classes)
+    try:
+        generator.load_state_dict(checkpoint["G_ema"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{args.eval_checkpoint} does not fit the generator: {str(error).splitlines()[0]}") from None
+    generator.to(runtime.device)
+    evaluator = build_evaluator(args, data, runtime)
+    if evaluator is None:
+        fail("--eval-checkpoint needs an FID network: --fid-extractor inception or timm")
+    runs = []
+    for repeat in range(args.eval_repeats):
+        runs.append(evaluate(evaluator, generator, args, runtime.device, args.seed + EVAL_SEED_OFFSET + repeat))
+        runtime.log(f"repeat {repeat + 1}/{args.eval_repeats}: {evaluator.describe(runs[-1])}")
+    fids = torch.tensor([run["fid"] for run in runs])
+    spread = f" +- {fids.std().item():.3f}" if len(runs) > 1 else ""
+    runtime.log(f"FID {fids.mean().item():.3f}{spread} over {len(runs)} evaluation(s) of {args.eval_checkpoint}"
+                + ("" if evaluator.comparable else " (local features: not comparable with Inception FIDs)"))
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_json(os.path.join(args.output_dir, "eval_results.json"),
+                   dict(checkpoint=os.path.abspath(args.eval_checkpoint), runs=runs, fid_mean=fids.mean().item(),
+                        args=vars(args)))
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_arguments(argv)
+    check_arguments(args)
+    runtime = init_runtime(args)
+    try:
+        if args.eval_checkpoint:
+            run_evaluation(args, runtime)
+        else:
+            run_training(args, runtime, argv)
+    except (DatasetError, CheckpointError) as error:
+        fail(str(error))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

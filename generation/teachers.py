@@ -1,0 +1,141 @@
+"""Frozen image networks that read generator-range images ([-1, 1], 32x32): the distillation teacher and
+the local FID feature extractor.
+
+- CLIP (the paper's teacher, as KD-DLGAN): open_clip's image tower, weights from a local file only.
+  KD-DLGAN feeds the discriminator's (augmented) inputs to CLIP ViT-B/32 upsampled x7 by nearest
+  neighbour (32 -> 224) and *without* CLIP's mean/std normalisation; ``--clip-normalise`` adds it.
+- timm: any timm model from a local file; the pooled pre-logits features, on images normalised with
+  the ImageNet mean/std (what this repository's ``main_distributed.py --train-teacher`` trains with),
+  resized by nearest neighbour to the size the model was trained at.
+Nothing is ever downloaded: a missing file is one error that says what to fetch and which flag takes it.
+"""
+import logging
+import os
+from typing import Optional, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import datasets
+import models
+from utils import CheckpointError, load_state_dict_file
+
+CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI's ViT-B/32 uses QuickGELU
+CLIP_INPUT_SIZE = 224
+CLIP_WEIGHTS_HINT = ("open_clip's OpenAI ViT-B/32 weights, e.g. open_clip_pytorch_model.bin from the Hugging Face "
+                     "repository timm/vit_base_patch32_clip_224.openai")
+
+
+def require_file(path: Optional[str], what: str, flag: str, hint: str) -> str:
+    """``path`` when it is a file; else a one-line CheckpointError naming what to download and the flag."""
+    if not path:
+        raise CheckpointError(f"{what} needs a local weights file: download {hint} and pass it with {flag} FILE")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} weights file not found: {path}; download {hint} and pass it with {flag} FILE")
+    return path
+
+
+def resize_nearest(images: torch.Tensor, size: int) -> torch.Tensor:
+    return images if images.shape[-1] == size else F.interpolate(images, size=(size, size), mode="nearest")
+
+
+class FrozenImageNetwork(nn.Module):
+    """Base: frozen, always in eval mode, fp32 outputs. ``forward`` returns (features [B, D], logits or None)."""
+
+    feature_dim: int
+    name: str
+
+    def freeze(self) -> None:
+        self.eval()
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+
+class TimmNetwork(FrozenImageNetwork):
+    def __init__(self, model: nn.Module, input_size: int, name: str):
+        super().__init__()
+        self.model, self.input_size, self.name = model, input_size, name
+        self.register_buffer("mean", torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+        with torch.no_grad():
+            self.feature_dim = self(torch.zeros(1, 3, input_size, input_size))[0].shape[1]
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = (resize_nearest(images, self.input_size) + 1) / 2
+        hidden = self.model.forward_features((x - self.mean) / self.std)
+        return (self.model.forward_head(hidden, pre_logits=True).float(), self.model.forward_head(hidden).float())
+
+
+def _classifier_outputs(name: str, state_dict) -> int:
+    """The number of classes a timm state dict was trained for, read from its classifier weight."""
+    classifier = timm.create_model(name, pretrained=False, num_classes=1).pretrained_cfg.get("classifier")
+    key = f"{classifier}.weight" if classifier else None
+    if key not in state_dict:
+        raise CheckpointError(f"cannot find the classifier ('{key}') of {name} in the weights file")
+    return int(state_dict[key].shape[0])
+
+
+def load_timm_network(name: str, path: Optional[str], input_size: int, flag: str) -> TimmNetwork:
+    """A timm model strictly loaded from ``path`` (a dict with 'model', or a bare state dict)."""
+    require_file(path, f"timm model '{name}'", flag,
+                 f"or train the weights (python main_distributed.py --train-teacher --teacher {name} ...)")
+    if name not in timm.list_models():
+        raise CheckpointError(f"unknown timm model '{name}'")
+    num_classes = _classifier_outputs(name, load_state_dict_file(path, preferred_keys=("model", "state_dict")))
+    model = models.create_teacher(name, num_classes=num_classes, teacher_path=path)
+    return TimmNetwork(model, input_size, name)
+
+
+class ClipImageEncoder(FrozenImageNetwork):
+    def __init__(self, model: nn.Module, input_size: int, normalise: bool, name: str, half: bool):
+        super().__init__()
+        self.visual, self.input_size, self.normalise, self.half = model.visual, input_size, normalise, half
+        self.name = name
+        self.feature_dim = int(model.visual.output_dim)
+        from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+        self.register_buffer("mean", torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        x = resize_nearest(images, self.input_size)
+        if self.normalise:
+            x = ((x + 1) / 2 - self.mean) / self.std
+        # KD-DLGAN runs CLIP in fp16 on the GPU; the loss needs fp32 (Cholesky).
+        x = x.half() if self.half else x
+        return self.visual(x).float(), None
+
+
+def load_clip(path: Optional[str], model_name: str = CLIP_MODEL, input_size: int = CLIP_INPUT_SIZE,
+              normalise: bool = False, device: torch.device = torch.device("cpu")) -> ClipImageEncoder:
+    """open_clip's image encoder with weights from a local open_clip state dict (.bin/.pt or .safetensors)."""
+    require_file(path, "the CLIP teacher", "--teacher-path", CLIP_WEIGHTS_HINT)
+    try:
+        import open_clip
+    except ImportError:
+        raise CheckpointError("the CLIP teacher needs open_clip: pip install open_clip_torch") from None
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file  # safe by design: tensors only
+        state_dict = load_file(path)
+    else:
+        state_dict = load_state_dict_file(path, preferred_keys=("state_dict", "model"))
+    # open_clip warns that the model is "initialized randomly": true until the strict load below.
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(model_name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} is not an open_clip {model_name} state dict "
+                              f"({str(error).splitlines()[0]}); download {CLIP_WEIGHTS_HINT}") from None
+    half = device.type == "cuda"
+    if half:
+        model.half()
+    return ClipImageEncoder(model.to(device), input_size, normalise, f"CLIP {model_name}", half)
