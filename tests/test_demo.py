@@ -180,6 +180,7 @@ def test_main_writes_a_summary_whose_verdict_agrees_with_its_numbers(tmp_path, m
         return {"command": f"main_distributed.py {name}", "epochs": epochs, "seconds": 10.0,
                 "acc1": epochs[-1]["val_acc1"], "acc5": epochs[-1]["val_acc5"]}
 
+    monkeypatch.chdir(tmp_path)  # demo.main changes the working folder; monkeypatch restores it afterwards
     monkeypatch.setattr(demo, "ROOT", str(tmp_path))
     monkeypatch.setattr(demo, "run", fake_run)
     monkeypatch.setattr(demo.datasets, "export_digits", lambda root, force=False: root)
