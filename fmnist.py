@@ -251,7 +251,8 @@ def section(report: dict) -> str:
         per_seed = ", ".join(f"{a:.2f}" for a in row["acc1_per_seed"]) or "—"
         lines.append(f"| {row['title']} | {_mean_std(row)} | {per_seed} | {scale_text} | "
                      f"[`{os.path.basename(row['config'])}`](../{row['config']}) |")
-    noise = test_set_noise(statistics.mean([row["acc1_mean"] for row in rows if row["acc1_mean"] is not None]))
+    means = [row["acc1_mean"] for row in rows if row["acc1_mean"] is not None]
+    noise = test_set_noise(statistics.mean(means)) if means else float("nan")
     lines += [
         "", "![Fashion-MNIST](fmnist.png)", "",
         "**Paired comparisons** (first row minus second, per seed; a difference exceeds the noise when its "
@@ -268,7 +269,8 @@ def section(report: dict) -> str:
                      f"{comparison['question']} | {per_seed} | {spread} | {interval} | {_verdict(comparison)} |")
     lines += ["", "**What the numbers say.**", ""] + [answer + "\n" for answer in conclusion(report)]
     lines += ["Commands: `make fmnist` runs everything (finished runs are reused, `FORCE=1` reruns); one run is "
-              f"`{rows[0]['commands'][0] if rows[0]['commands'] else 'see results/fmnist.json'}` "
+              f"`.venv/bin/python main_distributed.py --config {rows[0]['config']} --seed 0 --output_dir "
+              f"{os.path.join(OUT, rows[0]['row'], 'seed0')}` "
               "(the other rows and seeds change only the config and `--seed`; all are in `results/fmnist.json`). "
               "`.venv/bin/python fmnist.py --report-only` rewrites this section from the finished runs."]
     return "\n".join(lines)

@@ -147,3 +147,15 @@ def test_plot_and_results_files(tmp_path):
     page = (tmp_path / "README.md").read_text()
     assert page.startswith("# Digits ablation\n\nkept\n") and "## Fashion-MNIST" in page
     assert '"exceeds_noise": true' in (tmp_path / "fmnist.json").read_text()
+
+
+def test_section_and_plot_before_any_student_run_finished(tmp_path):
+    report = report_for([91.0], [90.0])
+    report["rows"] = [row(name, [], seeds=()) for name in sorted(EXPECTED_ROWS)]
+    by_name = {r["row"]: r for r in report["rows"]}
+    report["comparisons"] = [dict(fmnist.paired(by_name, fmnist.VKD, other), question=q) for other, q in fmnist.PAIRS]
+    report["comparisons"].append(dict(fmnist.paired(by_name, *fmnist.COLLAPSE_PAIR), question="collapse?"))
+    text = fmnist.section(report)
+    assert text.count("too few seeds to tell") == 5 and "| 1. row1_no_distillation | not run | — | — |" in text
+    assert "--config configs/fmnist/row1_no_distillation.yaml --seed 0 --output_dir runs/fmnist/row1_no_distillation/seed0" in text
+    fmnist.plot(report, str(tmp_path / "empty.png"))
