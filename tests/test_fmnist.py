@@ -150,7 +150,7 @@ def test_plot_and_results_files(tmp_path):
 
 
 def test_section_and_plot_before_any_student_run_finished(tmp_path):
-    report = report_for([91.0], [90.0])
+    report = report_for([91.0, 92.0, 93.5], [90.0, 90.5, 91.5])
     report["rows"] = [row(name, [], seeds=()) for name in sorted(EXPECTED_ROWS)]
     by_name = {r["row"]: r for r in report["rows"]}
     report["comparisons"] = [dict(fmnist.paired(by_name, fmnist.VKD, other), question=q) for other, q in fmnist.PAIRS]
