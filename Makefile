@@ -24,6 +24,6 @@ clean-venv:
 ablation: $(STAMP)
 	$(PY) ablation.py
 
-# Fashion-MNIST (Debian's dataset-fashion-mnist): teacher + 6 rows x 3 seeds, resumable; niced, 2 threads a run.
+# Fashion-MNIST (Debian's dataset-fashion-mnist): teacher + 6 rows x 3 seeds, resumable; niced, one thread a run.
 fmnist: $(STAMP)
 	nice -n 19 $(PY) fmnist.py
