@@ -29,28 +29,56 @@ RESULTS = "results"
 SEEDS = (0, 1, 2)
 
 
-def row_configs():
-    """Each row's name, file and resolved settings (its file over ``base``)."""
+def row_configs(configs: str = CONFIGS):
+    """Each row's name, file and resolved settings (its file over ``base``) in the folder ``configs``."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(CONFIGS, "row*.yaml"))):
+    for path in sorted(glob.glob(os.path.join(configs, "row*.yaml"))):
         with open(path) as handle:
             text = handle.read()
         settings = yaml.safe_load(text)
-        with open(os.path.join(CONFIGS, settings.pop("base"))) as handle:
+        with open(os.path.join(configs, settings.pop("base"))) as handle:
             resolved = {**yaml.safe_load(handle), **settings}
         rows.append({"name": os.path.basename(path)[:-5], "path": path,
                      "title": text.splitlines()[0].lstrip("# "), "settings": resolved})
     return rows
 
 
-def train(row, seed: int, force: bool) -> dict:
-    output_dir = os.path.join(OUT, row["name"], f"seed{seed}")
+def train(row, seed: int, force: bool, out: str = OUT) -> dict:
+    output_dir = os.path.join(out, row["name"], f"seed{seed}")
     command = [sys.executable, "main_distributed.py", "--config", row["path"], "--seed", str(seed),
                "--output_dir", output_dir]
     reuse = not force and os.path.isfile(os.path.join(output_dir, "wall_seconds.txt"))
     epochs, seconds = demo.timed_run(command, output_dir, reuse, quiet=True)
-    return {"seed": seed, "acc1": epochs[-1]["val_acc1"], "seconds": seconds, "command": shlex.join(["python"] + command[1:]),
+    return {"seed": seed, "acc1": epochs[-1]["val_acc1"], "seconds": seconds, "command": shell_command(command),
             "output_dir": output_dir, "reused": reuse}
+
+
+def shell_command(command) -> str:
+    """``command`` as a shell line to run from the repository root, naming the interpreter as a reader has
+    it (``make`` sets up ``.venv``), not by this run's absolute path."""
+    interpreter = os.path.join(".venv", "bin", "python") if os.path.basename(sys.prefix) == ".venv" else "python"
+    return shlex.join([interpreter, *command[1:]])
+
+
+def section_markers(name: str):
+    return f"<!-- begin {name} -->", f"<!-- end {name} -->"
+
+
+def replace_section(page: str, name: str, text: str) -> str:
+    """``page`` with its section ``name`` (between the section's markers) set to ``text``; appended if absent.
+
+    Other drivers (``fmnist.py``) keep their part of ``results/README.md`` this way."""
+    begin, end = section_markers(name)
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    if begin in page and end in page:
+        return page[:page.index(begin)] + block + page[page.index(end) + len(end):].lstrip("\n")
+    return page.rstrip("\n") + "\n\n" + block
+
+
+def marked_sections(page: str) -> str:
+    """Everything from the first section marker on (the parts other drivers own), or ''."""
+    begin = section_markers("")[0].split(" -->")[0]
+    return page[page.index(begin):] if begin in page else ""
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -84,13 +112,16 @@ def similarity_preservation(row, run) -> float:
     return linear_cka(torch.cat(pooled), torch.cat(projected))
 
 
-def summarise(row, runs, cka) -> dict:
+def summarise(row, runs, **measures) -> dict:
+    """A row's accuracy over its finished runs (std needs two), their timings and commands, and ``measures``."""
     accuracies = [run["acc1"] for run in runs]
     return {"row": row["name"], "title": row["title"], "config": row["path"], "settings": row["settings"],
-            "acc1_mean": statistics.mean(accuracies), "acc1_std": statistics.stdev(accuracies),
-            "acc1_per_seed": accuracies, "seconds_per_run": [run["seconds"] for run in runs],
+            "acc1_mean": statistics.mean(accuracies) if accuracies else None,
+            "acc1_std": statistics.stdev(accuracies) if len(accuracies) > 1 else None,
+            "seeds": [run["seed"] for run in runs], "acc1_per_seed": accuracies,
+            "seconds_per_run": [run["seconds"] for run in runs],
             "seconds": sum(run["seconds"] for run in runs), "commands": [run["command"] for run in runs],
-            "cka_student_vs_projected": cka}
+            **measures}
 
 
 PAPER_NUMBERS = """\
@@ -164,6 +195,22 @@ def results_page(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(folder: str, name: str, report: dict, plot_report, edit_page) -> None:
+    """``folder/NAME.json`` (the report), ``folder/NAME.png`` (``plot_report(report, path)``) and
+    ``folder/README.md`` replaced by ``edit_page(its current text, or '')``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    plot_report(report, os.path.join(folder, f"{name}.png"))
+    readme = os.path.join(folder, "README.md")
+    page = ""
+    if os.path.isfile(readme):
+        with open(readme) as handle:
+            page = handle.read()
+    with open(readme, "w") as handle:
+        handle.write(edit_page(page))
+
+
 def main() -> None:
     os.chdir(ROOT)
     force = os.environ.get("FORCE", "") not in ("", "0")
@@ -185,16 +232,13 @@ def main() -> None:
                   f"elapsed {elapsed / 60:.1f} min, eta {eta:.1f} min", flush=True)
         with_projector = row["settings"]["alpha"] > 0
         cka = [similarity_preservation(row, run) for run in runs] if with_projector else None
-        summaries.append(summarise(row, runs, cka))
-    os.makedirs(RESULTS, exist_ok=True)
+        summaries.append(summarise(row, runs, cka_student_vs_projected=cka))
     report = {"teacher_acc1": teacher["acc1"], "seeds": list(SEEDS), "rows": summaries,
               "seconds": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__}
-    with open(os.path.join(RESULTS, "ablation.json"), "w") as handle:
-        json.dump(report, handle, indent=2)
-    plot(report, os.path.join(RESULTS, "ablation.png"))
-    with open(os.path.join(RESULTS, "README.md"), "w") as handle:
-        handle.write(results_page(report))
+    # The page is this report's; sections that other drivers own are kept after it.
+    write_results(RESULTS, "ablation", report, plot,
+                  lambda page: results_page(report) + ("\n" + marked_sections(page) if marked_sections(page) else ""))
     print(f"wrote {RESULTS}/ablation.json, {RESULTS}/ablation.png and {RESULTS}/README.md "
           f"in {report['seconds'] / 60:.1f} min")
 

@@ -16,11 +16,14 @@ Data sets (``args.data_set``):
 - FOLDER: any ImageFolder with ``train/`` and ``val/``; nb_classes = number of class folders.
 - CIFAR: torchvision CIFAR-100 read from ``data_path`` (never downloaded).
 - DIGITS: scikit-learn's 8x8 handwritten digits, exported once to an ImageFolder (``export_digits``).
+- FMNIST: Fashion-MNIST's original IDX files (gzipped or not) read from ``data_path``: Debian's
+  ``dataset-fashion-mnist`` folder (the default) or torchvision's ``FashionMNIST/raw`` layout.
 Class indices always follow the sorted class folders of ``train/`` (torchvision's rule), for the
 validation split too, so a val folder lacking a class cannot shift the labels.
 """
 import argparse
 import functools
+import gzip
 import json
 import os
 import random
@@ -40,8 +43,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 from samplers import DistributedEvalSampler, RASampler, SeededRandomSampler
 
-DATA_SETS = ("IMNET", "CIFAR", "FOLDER", "DIGITS")
-SUBSET_FRACTIONS = {"1PERCENT": 0.01, "10PERCENT": 0.10}
+DATA_SETS = ("IMNET", "CIFAR", "FOLDER", "DIGITS", "FMNIST")
+SUBSET_FRACTIONS = {"1PERCENT": 0.01, "10PERCENT": 0.10, "20PERCENT": 0.20}
 IMAGENET_CLASSES = 1000
 CIFAR_CLASSES = 100
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,6 +67,19 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_MAX_VALUE = 16  # load_digits() pixel values lie in [0, 16]
 DIGITS_MANIFEST = "export_complete.json"
 DEFAULT_DIGITS_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "digits")
+
+# FMNIST: where Debian's dataset-fashion-mnist package installs the original files.
+DEFAULT_FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")
+FMNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+# Folders under --data-path searched in order: the files themselves, then torchvision's layouts.
+FMNIST_LAYOUTS = ("", "raw", os.path.join("FashionMNIST", "raw"))
+# Fixed, independent of --seed: the teacher and every student seed train on the same subset, and
+# seeds differ only in initialisation and data order.
+FMNIST_SUBSET_SEED = 0
+IDX_UBYTE = 0x08
 
 
 class DatasetError(ValueError):
@@ -284,6 +300,74 @@ def _build_cifar(is_train: bool, args) -> Tuple[Dataset, int]:
     return dataset, CIFAR_CLASSES
 
 
+class IDXImages(Dataset):
+    """Grayscale images held as a uint8 array [N, H, W] with their labels (Fashion-MNIST's IDX files).
+
+    Each image becomes a 3-channel PIL image (the gray value copied to R, G and B) before the usual
+    train/eval transform, which resizes it to ``input_size`` (bicubic), exactly as a folder image:
+    the ImageNet pipeline (ColorJitter, 3-channel Normalize, the students' 3-channel stem) expects RGB.
+    """
+
+    def __init__(self, data: np.ndarray, targets: Sequence[int], classes: Sequence[str], transform: Callable):
+        self.data = data
+        self.targets = list(targets)
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.data[index]).convert("RGB")
+        return self.transform(image), self.targets[index]
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (gzipped when its name ends in .gz) as a uint8 array of ``ndim`` dims."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as error:
+        raise DatasetError(f"cannot read IDX file {path}: {str(error).splitlines()[0]}") from None
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:2] != b"\0\0" or raw[2] != IDX_UBYTE or raw[3] != ndim:
+        raise DatasetError(f"not an IDX file of {ndim}-D unsigned bytes: {path} (replace it with the original file)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) - header != int(np.prod(shape)):
+        raise DatasetError(f"IDX file {path} holds {len(raw) - header} bytes of data, its header announces "
+                           f"{int(np.prod(shape))} (shape {shape}): the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(root: str, name: str) -> Optional[str]:
+    for layout in FMNIST_LAYOUTS:
+        for candidate in (name, name + ".gz"):
+            path = os.path.join(root, layout, candidate)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _build_fmnist(is_train: bool, args) -> Tuple[Dataset, int]:
+    root = args.data_path or DEFAULT_FMNIST_ROOT
+    images_name, labels_name = FMNIST_FILES[is_train]
+    images_path, labels_path = _find_idx(root, images_name), _find_idx(root, labels_name)
+    if images_path is None or labels_path is None:
+        missing = images_name if images_path is None else labels_name
+        raise DatasetError(f"Fashion-MNIST not found: no {missing}[.gz] in {root} (nor in its raw/ or "
+                           f"FashionMNIST/raw/); install Debian's package (apt-get install dataset-fashion-mnist, "
+                           f"files in {DEFAULT_FMNIST_ROOT}) or pass --data-path to the folder holding torchvision's "
+                           f"FashionMNIST/raw; nothing is downloaded")
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise DatasetError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
+    if labels.size and labels.max() >= len(FMNIST_CLASSES):
+        raise DatasetError(f"{labels_path} has label {labels.max()}; Fashion-MNIST labels lie in 0-9")
+    dataset = IDXImages(images, labels.tolist(), FMNIST_CLASSES, build_transform(is_train, args))
+    return dataset, len(FMNIST_CLASSES)
+
+
 def balanced_subset_indices(targets: Sequence[int], fraction: float, seed: int) -> List[int]:
     """``fraction`` of every class (at least one image each), chosen with ``seed``; sorted."""
     targets = np.asarray(targets)
@@ -299,7 +383,7 @@ def balanced_subset_indices(targets: Sequence[int], fraction: float, seed: int) 
 def _restrict(dataset: Dataset, indices: List[int]) -> None:
     """Keeps only ``indices``, in place, so the data set keeps its type and attributes."""
     dataset.targets = [dataset.targets[i] for i in indices]
-    if isinstance(dataset, datasets.CIFAR100):
+    if isinstance(dataset, (datasets.CIFAR100, IDXImages)):
         dataset.data = dataset.data[indices]
     else:
         dataset.samples = [dataset.samples[i] for i in indices]
@@ -317,6 +401,8 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
         raise DatasetError(f"unknown subset {args.subset!r}; valid: {', '.join(SUBSET_FRACTIONS)} or none")
     if args.data_set == "CIFAR":
         dataset, nb_classes = _build_cifar(is_train, args)
+    elif args.data_set == "FMNIST":
+        dataset, nb_classes = _build_fmnist(is_train, args)
     elif args.data_set == "DIGITS":
         dataset, nb_classes = _build_image_folder(export_digits(args.data_path or DEFAULT_DIGITS_ROOT),
                                                   is_train, args)
@@ -327,7 +413,8 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
             warnings.warn(f"IMNET expects {IMAGENET_CLASSES} classes but {args.data_path} has {nb_classes} "
                           f"class folders; training with {nb_classes}")
     if is_train and args.subset is not None:
-        _restrict(dataset, balanced_subset_indices(dataset.targets, SUBSET_FRACTIONS[args.subset], args.seed))
+        seed = FMNIST_SUBSET_SEED if args.data_set == "FMNIST" else args.seed
+        _restrict(dataset, balanced_subset_indices(dataset.targets, SUBSET_FRACTIONS[args.subset], seed))
     return dataset, nb_classes
 
 

@@ -1,4 +1,5 @@
 """Data sets, transforms, samplers, loaders and bad-input errors on tiny data built in tmp_path (CPU, seconds)."""
+import gzip
 import os
 import re
 
@@ -422,12 +423,12 @@ def test_class_folder_without_images(tmp_path):
 
 def test_unknown_data_set_lists_valid_ones(tmp_path):
     assert_one_line_error(folder_args(tmp_path, data_set="IMAGENET"), True,
-                          "unknown data set 'IMAGENET'; valid: IMNET, CIFAR, FOLDER, DIGITS")
+                          "unknown data set 'IMAGENET'; valid: IMNET, CIFAR, FOLDER, DIGITS, FMNIST")
 
 
 def test_unknown_subset(tmp_path):
     assert_one_line_error(folder_args(make_image_folder(tmp_path), subset="5PERCENT"), True,
-                          "unknown subset '5PERCENT'; valid: 1PERCENT, 10PERCENT")
+                          "unknown subset '5PERCENT'; valid: 1PERCENT, 10PERCENT, 20PERCENT")
 
 
 def test_cifar_absent_is_a_clear_error_and_never_downloads(tmp_path):
@@ -440,3 +441,111 @@ def test_cifar_absent_is_a_clear_error_and_never_downloads(tmp_path):
 def test_default_data_args_rejects_unknown_fields():
     with pytest.raises(TypeError, match="unknown data argument"):
         default_data_args(batchsize=3)
+
+
+# ----------------------------------------------------------------------------- FMNIST (IDX files)
+
+
+def write_idx(path, array, compress):
+    """An IDX file of unsigned bytes, as Fashion-MNIST ships them: magic 0x0000 0x08 ndim, big-endian dims."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if compress else open
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with opener(str(path) + (".gz" if compress else ""), "wb") as handle:
+        handle.write(header + array.tobytes())
+
+
+def make_fmnist(folder, compress=True, train_per_class=3, test_per_class=1):
+    """Train and t10k IDX files of 28x28 images whose every pixel is 10 x label + index in the class."""
+    for prefix, per_class in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = np.tile(np.arange(10), per_class)
+        order = [np.sum(labels[:i] == labels[i]) for i in range(len(labels))]
+        images = np.stack([np.full((28, 28), 10 * label + k) for label, k in zip(labels, order)])
+        images[:, 0, 0] = 255  # one bright corner pixel, to check the resize keeps orientation
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), images, compress)
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), labels, compress)
+    return str(folder)
+
+
+def fmnist_args(root, **overrides):
+    return default_data_args(**dict(dict(data_set="FMNIST", data_path=str(root), input_size=32, num_workers=0,
+                                         pin_mem=False, batch_size=4), **overrides))
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fmnist_reads_debian_folder_gzipped_or_not(tmp_path, compress):
+    root = make_fmnist(tmp_path, compress=compress)
+    train, nb_classes = build_dataset(True, fmnist_args(root))
+    test, _ = build_dataset(False, fmnist_args(root, eval_crop_ratio=1.0))
+    assert (nb_classes, len(train), len(test)) == (10, 30, 10)
+    assert train.classes[9] == "Ankle boot" and train.targets[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert train.data.shape == (30, 28, 28) and train.data[13, 5, 5] == 10 * 3 + 1
+    sample, target = test[7]  # eval: whole image (ratio 1), bicubic 28 -> 32, gray copied to 3 channels
+    assert sample.shape == (3, 32, 32) and target == 7
+    assert torch.allclose(sample[0] * 0.229 + 0.485, sample[1] * 0.224 + 0.456, atol=1e-6)  # same gray in R and G
+    pixel = (sample[0, 16, 16] * 0.229 + 0.485).item() * 255
+    assert abs(pixel - 70) < 1  # flat interior keeps 10 x label + 0
+    assert sample[0, 0, 0] > sample[0, 31, 31]  # the bright corner stays top-left
+
+
+def test_fmnist_reads_torchvision_layout(tmp_path):
+    make_fmnist(tmp_path / "FashionMNIST" / "raw", compress=False)
+    train, _ = build_dataset(True, fmnist_args(tmp_path))
+    assert len(train) == 30
+
+
+def test_fmnist_goes_through_the_same_transforms_subset_and_loaders(tmp_path):
+    root = make_fmnist(tmp_path, train_per_class=10)
+    args = fmnist_args(root, subset="20PERCENT", seed=5)
+    train, _ = build_dataset(True, args)
+    assert np.bincount(train.targets).tolist() == [2] * 10  # class-balanced
+    again, _ = build_dataset(True, fmnist_args(root, subset="20PERCENT", seed=9))
+    assert np.array_equal(train.data, again.data)  # the same subset for every --seed
+    assert train.data.shape == (20, 28, 28) and all(train.data[i, 5, 5] // 10 == t for i, t in enumerate(train.targets))
+    assert isinstance(train.transform.transforms[0], datasets.transforms.RandomResizedCrop)
+    test, _ = build_dataset(False, args)
+    train_loader, val_loader = build_loaders(args, train, test, distributed=False, rank=0, world_size=1)
+    samples, targets, unreadable = next(iter(train_loader))
+    assert samples.shape == (4, 3, 32, 32) and targets.dtype == torch.int64 and unreadable.item() == 0
+    assert sum(len(batch[1]) for batch in val_loader) == 10
+
+
+def test_fmnist_missing_files_name_the_package_and_torchvision(tmp_path):
+    assert_one_line_error(fmnist_args(tmp_path), True,
+                          f"Fashion-MNIST not found: no train-images-idx3-ubyte.* in {re.escape(str(tmp_path))} "
+                          ".*apt-get install dataset-fashion-mnist.*/usr/share/datasets/fashion-mnist.*FashionMNIST/raw")
+
+
+def test_fmnist_default_folder_is_debians():
+    assert datasets.DEFAULT_FMNIST_ROOT == "/usr/share/datasets/fashion-mnist"
+    args = default_data_args(data_set="FMNIST", input_size=32)
+    if not os.path.isdir(datasets.DEFAULT_FMNIST_ROOT):
+        assert_one_line_error(args, False, "no t10k-images-idx3-ubyte.* in /usr/share/datasets/fashion-mnist")
+
+
+def test_fmnist_bad_files_are_one_line_errors(tmp_path):
+    root = make_fmnist(tmp_path, compress=False)
+    labels = os.path.join(root, "t10k-labels-idx1-ubyte")
+    write_idx(labels, np.arange(9) % 10, compress=False)
+    assert_one_line_error(fmnist_args(root), False, "holds 10 images but .*t10k-labels-idx1-ubyte holds 9 labels")
+    write_idx(labels, np.full(10, 12), compress=False)
+    assert_one_line_error(fmnist_args(root), False, "has label 12; Fashion-MNIST labels lie in 0-9")
+    images = os.path.join(root, "t10k-images-idx3-ubyte")
+    with open(images, "r+b") as handle:
+        handle.truncate(1000)
+    assert_one_line_error(fmnist_args(root), False, "holds 984 bytes of data, its header announces 7840 .*truncated")
+    with open(images, "wb") as handle:
+        handle.write(b"<html>not an idx file</html>")
+    assert_one_line_error(fmnist_args(root), False, "not an IDX file of 3-D unsigned bytes: .*t10k-images")
+    with open(images + ".gz", "wb") as handle:
+        handle.write(b"\x1f\x8b broken gzip")
+    os.remove(images)
+    assert_one_line_error(fmnist_args(root), False, "cannot read IDX file .*t10k-images-idx3-ubyte.gz")
+
+
+def test_fmnist_error_exits_2_through_the_entry_point(tmp_path, run_main):
+    code, _, err = run_main(["--data-set", "FMNIST", "--data-path", str(tmp_path), "--input-size", "32",
+                             "--alpha", "0", "--gamma", "0", "--epochs", "1", "--device", "cpu"])
+    assert code == 2
+    assert "Fashion-MNIST not found" in err and "apt-get install dataset-fashion-mnist" in err
