@@ -157,7 +157,7 @@ def test_runs_are_pinned_and_vkd_keeps_its_projector_an_isometry():
 
 
 def test_every_demo_command_is_accepted_and_repeatable(tmp_path):
-    from main_distributed import check_arguments, parse_arguments
+    from config import check_arguments, parse_arguments
     for name in demo.RUNS:
         args, explicit = parse_arguments(demo.COMMON + demo.RUNS[name] + ["--output_dir", str(tmp_path / name)])
         check_arguments(args, explicit)

@@ -7,7 +7,7 @@ import yaml
 
 import ablation
 import fmnist
-from main_distributed import parse_arguments
+from config import parse_arguments
 
 EXPECTED_ROWS = {
     "row1_no_distillation": {"alpha": 0.0, "gamma": 0.0, "projector_weight_decay": False},
