@@ -118,10 +118,11 @@ def trim_log(path: str, start_epoch: int, key: str = "epoch") -> None:
         os.replace(temporary, path)
 
 
-def resolve_resume(args) -> Optional[str]:
+def resolve_resume(args, latest_name: str = LATEST) -> Optional[str]:
+    """``--resume``'s file: the path given, or with 'auto' the run folder's latest checkpoint if there is one."""
     if args.resume != "auto":
         return args.resume or None
-    latest = os.path.join(args.output_dir, LATEST)
+    latest = os.path.join(args.output_dir, latest_name)
     return latest if os.path.isfile(latest) else None
 
 

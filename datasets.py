@@ -349,8 +349,13 @@ def _find_idx(root: str, name: str) -> Optional[str]:
     return None
 
 
-def _build_fmnist(is_train: bool, args) -> Tuple[Dataset, int]:
-    root = args.data_path or DEFAULT_FMNIST_ROOT
+def read_fmnist(root: Optional[str], is_train: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """One Fashion-MNIST split from its IDX files: images [N, 28, 28] and labels [N], both uint8.
+
+    ``root`` (default: Debian's folder) may hold the files itself, in ``raw/`` or in torchvision's
+    ``FashionMNIST/raw/``, gzipped or not.
+    """
+    root = root or DEFAULT_FMNIST_ROOT
     images_name, labels_name = FMNIST_FILES[is_train]
     images_path, labels_path = _find_idx(root, images_name), _find_idx(root, labels_name)
     if images_path is None or labels_path is None:
@@ -364,6 +369,11 @@ def _build_fmnist(is_train: bool, args) -> Tuple[Dataset, int]:
         raise DatasetError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
     if labels.size and labels.max() >= len(FMNIST_CLASSES):
         raise DatasetError(f"{labels_path} has label {labels.max()}; Fashion-MNIST labels lie in 0-9")
+    return images, labels
+
+
+def _build_fmnist(is_train: bool, args) -> Tuple[Dataset, int]:
+    images, labels = read_fmnist(args.data_path, is_train)
     dataset = IDXImages(images, labels.tolist(), FMNIST_CLASSES, build_transform(is_train, args))
     return dataset, len(FMNIST_CLASSES)
 

@@ -19,7 +19,6 @@ reuses the exported data and the teacher; ``FORCE=1 make demo`` redoes everythin
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ import time
 from typing import Optional, Sequence, Tuple
 
 import datasets
+import utils
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join("data", "digits")
@@ -263,13 +263,7 @@ def format_table(results: dict, n: int) -> str:
 def machine_description() -> dict:
     """CPU model, threads, torch version and date: the numbers' last digits depend on the first three."""
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "threads": THREADS, "torch": torch.__version__,
+    return {"cpu": utils.cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": THREADS, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 

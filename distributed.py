@@ -18,6 +18,7 @@ import torch.distributed as dist
 from utils import fail
 
 DEFAULT_MASTER_PORT = "29500"
+DEFAULT_TIMEOUT_MINUTES = 30.0  # torch's own default for gloo
 # gloo names the source file of the transport that failed at the start of its errors (a peer that
 # died: "Connection reset by peer"; a silent one: "Timed out waiting ... for recv"), and raises them
 # as plain RuntimeErrors; nccl and the rendezvous store raise torch.distributed.DistError subclasses.
@@ -109,10 +110,15 @@ def init_runtime(args, explicit) -> Runtime:
     if args.amp == "fp16" and device.type != "cuda":
         fail("--amp fp16 needs a CUDA device; use --amp bf16 or --amp none on the CPU")
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=args.dist_url,
-                                world_size=world_size, rank=rank,
-                                timeout=datetime.timedelta(minutes=args.dist_timeout))
+        join_process_group(device, args.dist_url, world_size, rank, args.dist_timeout)
     return Runtime(rank, world_size, device)
+
+
+def join_process_group(device: torch.device, init_method: str, world_size: int, rank: int,
+                       timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
+    """nccl on cuda, gloo on cpu; a collective waiting longer than the timeout (a dead rank) fails."""
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
+                            world_size=world_size, rank=rank, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 def is_communication_failure(error: BaseException) -> bool:

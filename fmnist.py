@@ -12,7 +12,6 @@ import argparse
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -21,6 +20,7 @@ import torch
 import ablation
 import demo
 import models
+import utils
 from utils import load_student_checkpoint
 
 ROOT = ablation.ROOT
@@ -105,12 +105,7 @@ def test_set_noise(accuracy: float) -> float:
 
 
 def hardware() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model = "unknown CPU"
-    return f"{len(os.sched_getaffinity(0))} cores of {model}, no GPU"
+    return f"{len(os.sched_getaffinity(0))} cores of {utils.cpu_model()}, no GPU"
 
 
 def build_report(rows, teacher: dict) -> dict:

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import pickle
+import platform
 import random
 import re
 import subprocess
@@ -66,6 +67,15 @@ def git_state() -> Dict[str, object]:
     """The commit of this code and whether the working tree differs from it (None outside a git checkout)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (the last digits of CPU results depend on it)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def write_json(path: str, content: dict) -> None:

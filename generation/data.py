@@ -4,15 +4,13 @@
   ``--data-path``), never downloaded. FID reference: the test split (10k), as KD-DLGAN.
 - DIGITS: scikit-learn's 8x8 digits, exported once by ``datasets.export_digits`` (32x32 nearest
   upscaling, fixed stratified 80/20 split). FID reference: the 360 held-out images.
-- FASHION: Fashion-MNIST from its four IDX files (``.gz`` or not), in ``--data-path`` itself (Debian's
-  ``dataset-fashion-mnist`` puts them in /usr/share/datasets/fashion-mnist) or in torchvision's
-  ``FashionMNIST/raw/``. The 28x28 images are zero-padded to 32x32 (no resampling) and repeated to RGB.
+- FASHION: Fashion-MNIST from its four IDX files, read by ``datasets.read_fmnist`` (``--data-path``,
+  default Debian's /usr/share/datasets/fashion-mnist, or torchvision's ``FashionMNIST/raw/`` under it). The 28x28 images are zero-padded to 32x32 (no resampling) and repeated to RGB.
   FID reference: the 10k test images.
 
 Training fractions follow KD-DLGAN: drawn uniformly without replacement with a fixed seed (0), so
 every run and every seed trains on the same images; ``balanced`` draws the fraction from every class.
 """
-import gzip
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -28,9 +26,6 @@ DATASETS = ("C10", "C100", "DIGITS", "FASHION")
 SUBSET_DRAWS = ("uniform", "balanced")
 IMAGE_SIZE = 32
 FASHION_PAD = 2  # 28 + 2 + 2 = 32
-FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-IDX_DTYPES = {0x08: np.uint8}
 
 
 @dataclass
@@ -75,40 +70,13 @@ def _digits(root: Optional[str]) -> ImageData:
     return ImageData(*train, *test, num_classes=10)
 
 
-def read_idx(path: str) -> np.ndarray:
-    """An IDX array (LeCun's MNIST format: magic 0 0 dtype ndim, big-endian sizes, then the data)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        content = handle.read()
-    if len(content) < 4 or content[0] != 0 or content[1] != 0 or content[2] not in IDX_DTYPES:
-        raise DatasetError(f"{path} is not an unsigned-byte IDX file")
-    ndim = content[3]
-    shape = tuple(int.from_bytes(content[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(content, dtype=IDX_DTYPES[content[2]], offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise DatasetError(f"{path} is truncated: header says {shape}, found {data.size} values")
-    return data.reshape(shape)
-
-
-def _find_idx(root: str, stem: str) -> str:
-    for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
-        for name in (stem, stem + ".gz"):
-            if os.path.isfile(os.path.join(folder, name)):
-                return os.path.join(folder, name)
-    raise DatasetError(f"Fashion-MNIST file {stem}[.gz] not found in {root} or {root}/FashionMNIST/raw "
-                       f"(Debian: apt-get install dataset-fashion-mnist, then "
-                       f"--data-path /usr/share/datasets/fashion-mnist)")
-
-
 def _fashion(root: Optional[str]) -> ImageData:
-    if not root:
-        raise DatasetError("--dataset FASHION needs --data-path: the folder with the Fashion-MNIST IDX files")
     tensors = []
-    for split in ("train", "test"):
-        images_file, labels_file = (_find_idx(root, stem) for stem in FASHION_FILES[split])
-        images = torch.from_numpy(read_idx(images_file).copy())
+    for is_train in (True, False):
+        images, labels = datasets.read_fmnist(root, is_train)
+        images = torch.from_numpy(images.copy())
         images = torch.nn.functional.pad(images, (FASHION_PAD,) * 4).unsqueeze(1).repeat(1, 3, 1, 1)
-        tensors += [images, torch.from_numpy(read_idx(labels_file).astype(np.int64))]
+        tensors += [images, torch.from_numpy(labels.astype(np.int64))]
     return ImageData(*tensors, num_classes=10)
 
 

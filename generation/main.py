@@ -26,10 +26,10 @@ import torch.nn as nn
 if __package__ in (None, ""):  # run as a file (python generation/main.py): make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from checkpoint import prepare_output_dir, record_invocation, trim_log
+from checkpoint import prepare_output_dir, record_invocation, resolve_resume, trim_log
 from config import config_file_defaults
 from datasets import DatasetError  # noqa: E402 (after the path set-up above)
-from distributed import Runtime, launcher_ranks, select_device
+from distributed import Runtime, join_process_group, launcher_ranks, select_device
 from generation import data as gan_data
 from generation import diffaug
 from generation.biggan import Discriminator, Generator
@@ -179,8 +179,7 @@ def init_runtime(args) -> Runtime:
     rank, world_size, local_rank = launcher_ranks(args.local_rank)
     device = select_device(args.device, local_rank)
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=args.dist_url,
-                                world_size=world_size, rank=rank)
+        join_process_group(device, args.dist_url, world_size, rank)
     return Runtime(rank, world_size, device)
 
 
@@ -307,13 +306,6 @@ def restore(path: str, step: GanStep, generator_ema: nn.Module, real_batches) ->
     return int(checkpoint["iteration"]), dict(checkpoint.get("best", {}))
 
 
-def resolve_resume(args) -> Optional[str]:
-    if args.resume != "auto":
-        return args.resume or None
-    latest = os.path.join(args.output_dir, LATEST)
-    return latest if os.path.isfile(latest) else None
-
-
 # ============================================================================ runs
 
 def format_seconds(seconds: float) -> str:
@@ -384,7 +376,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
                 f"G {sizes[0]} / D {sizes[1]} parameters")
 
     iteration, best = 0, {}
-    resume_path = resolve_resume(args)
+    resume_path = resolve_resume(args, LATEST)
     if resume_path:
         iteration, best = restore(resume_path, step, generator_ema, real_batches)
         runtime.log(f"Resumed from {resume_path} at iteration {iteration}")

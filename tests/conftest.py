@@ -1,5 +1,6 @@
 """Fixtures shared by the entry-point tests: a tiny ImageFolder, a tiny teacher file, and ways to run
 ``main_distributed.py`` in this process or under a launcher."""
+import gzip
 import os
 import socket
 import subprocess
@@ -111,3 +112,13 @@ def launch():
                               text=True, timeout=timeout)
 
     return run
+
+
+def write_idx(path, array, compress):
+    """An IDX file of unsigned bytes, as Fashion-MNIST ships them: magic 0x0000 0x08 ndim, big-endian dims."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if compress else open
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with opener(str(path) + (".gz" if compress else ""), "wb") as handle:
+        handle.write(header + array.tobytes())

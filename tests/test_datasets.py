@@ -1,11 +1,11 @@
 """Data sets, transforms, samplers, loaders and bad-input errors on tiny data built in tmp_path (CPU, seconds)."""
-import gzip
 import os
 import re
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_idx
 from PIL import Image
 
 import datasets
@@ -444,16 +444,6 @@ def test_default_data_args_rejects_unknown_fields():
 
 
 # ----------------------------------------------------------------------------- FMNIST (IDX files)
-
-
-def write_idx(path, array, compress):
-    """An IDX file of unsigned bytes, as Fashion-MNIST ships them: magic 0x0000 0x08 ndim, big-endian dims."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    opener = gzip.open if compress else open
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with opener(str(path) + (".gz" if compress else ""), "wb") as handle:
-        handle.write(header + array.tobytes())
 
 
 def make_fmnist(folder, compress=True, train_per_class=3, test_per_class=1):

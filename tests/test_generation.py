@@ -1,6 +1,5 @@
 """CPU tests of the image-generation tree (generation/): BigGAN, DiffAugment, the VkD term, FID, data and the
 training entry point, on tiny data written to tmp_path."""
-import gzip
 import json
 import os
 
@@ -8,7 +7,9 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import write_idx
 
+import datasets
 import losses
 from generation import data as gan_data
 from generation import main as gan_main
@@ -196,20 +197,14 @@ def test_fid_of_two_samples_of_one_gaussian_is_near_zero_and_of_shifted_ones_the
 
 # ----------------------------------------------------------------------------- data
 
-def write_idx(path: str, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(size).to_bytes(4, "big") for size in array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def tiny_fashion(tmp_path_factory) -> str:
     """Fashion-MNIST's four IDX files (gzipped) with 60 train and 20 test random 28x28 images of 10 classes."""
     root = tmp_path_factory.mktemp("fashion")
     generator = np.random.RandomState(0)
     for split, count in (("train", 60), ("t10k", 20)):
-        write_idx(str(root / f"{split}-images-idx3-ubyte.gz"), generator.randint(0, 256, (count, 28, 28)))
-        write_idx(str(root / f"{split}-labels-idx1-ubyte.gz"), np.arange(count) % 10)
+        write_idx(str(root / f"{split}-images-idx3-ubyte"), generator.randint(0, 256, (count, 28, 28)), compress=True)
+        write_idx(str(root / f"{split}-labels-idx1-ubyte"), np.arange(count) % 10, compress=True)
     return str(root)
 
 
@@ -218,7 +213,7 @@ def test_fashion_idx_files_load_padded_to_32(tiny_fashion):
     assert data.train_images.shape == (60, 3, 32, 32) and data.test_images.shape == (20, 3, 32, 32)
     assert data.train_images.dtype == torch.uint8 and data.num_classes == 10
     assert data.train_images[:, :, :2].sum() == 0 and torch.equal(data.train_images[:, 0], data.train_images[:, 2])
-    raw = gan_data.read_idx(os.path.join(tiny_fashion, "train-images-idx3-ubyte.gz"))
+    raw = datasets.read_idx(os.path.join(tiny_fashion, "train-images-idx3-ubyte.gz"), 3)
     assert torch.equal(data.train_images[:, 0, 2:30, 2:30], torch.from_numpy(raw.copy()))
 
 

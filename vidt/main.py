@@ -16,11 +16,9 @@ sys.path.insert(0, _REPO_ROOT)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import random  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler  # noqa: E402
 
@@ -48,12 +46,6 @@ from vidt.util.misc import (  # noqa: E402
 OPEN_FILES = 4096  # the original raises the soft limit for its data-loader workers
 EVAL_SNAPSHOT_EVERY = 50  # epochs between kept copies of COCOeval's arrays, as in the original
 EXTRA_CHECKPOINT_EVERY = 100  # besides every --lr_drop epochs, as in the original
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def raise_open_file_limit() -> None:
@@ -121,7 +113,7 @@ def main(args) -> None:
     init_distributed_mode(args)
     setup_for_distributed_printing(is_main_process())
     device = device_of(args)
-    seed_everything(args.seed + get_rank())
+    utils.seed_everything(args.seed + get_rank())
     args.output_dir = run_folder(args)
     moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume) or args.eval, overwrite=args.overwrite,
                                   is_main=is_main_process(), run_files=RUN_FILES)
