@@ -8,30 +8,24 @@ when it cannot, setting it is an error (see ``NOT_APPLICABLE``).
 import argparse
 import difflib
 import os
-from typing import Dict, Set, Tuple
+from typing import Set
 
 import timm
 import torch
-import yaml
 
 import datasets
 import models
-import orthogonal_maps
-from losses import FEATURE_LOSSES, NORMALISATIONS
-from utils import fail
+from vkd import orthogonal_maps
+from vkd.config import OneLineErrorParser, parse_with_config
+from vkd.errors import BadInput
+from vkd.losses import FEATURE_LOSSES
+from vkd.norms import NORMALISATIONS
 
 SCHEDULES = ("cosine", "tanh", "step", "poly", "constant")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 INFINITY = float("inf")
 MAX_SUGGESTIONS = 5  # close matches listed for an unknown teacher name
 ORIGINAL_WORKERS = 12
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Parsing errors (an unknown flag, a value of the wrong type) as one line, without the usage text."""
-
-    def error(self, message: str):
-        fail(f"{message} (--help lists every flag)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,63 +260,22 @@ NOT_APPLICABLE = (
 )
 
 
-def _explicit_destinations(parser: argparse.ArgumentParser, argv) -> Set[str]:
-    """Destinations given on the command line (not defaults): parse again with a marker as every default."""
-    not_given = object()  # not a string, so argparse never type-converts it
-    shadow = build_parser()
-    shadow.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), not_given))
-    return {dest for dest, value in vars(shadow.parse_args(argv)).items() if value is not not_given}
+class Chosen(frozenset):
+    """The destinations given on the command line; ``from_file``: those the ``--config`` file set."""
 
-
-def _typed(action: argparse.Action, value):
-    # YAML reads "5e-4" as a string (its floats need a dot); convert strings as the command line would.
-    if action.type is None:
-        return value
-    if isinstance(value, list):
-        return [action.type(item) if isinstance(item, str) else item for item in value]
-    return action.type(value) if isinstance(value, str) else value
-
-
-def config_file_defaults(parser: argparse.ArgumentParser, path: str, chain: Tuple[str, ...] = ()) -> Dict[str, object]:
-    if os.path.abspath(path) in chain:
-        fail(f"config {path}: 'base' refers back to itself through {' -> '.join(chain)}")
-    try:
-        with open(path) as handle:
-            config = yaml.safe_load(handle) or {}
-    except (OSError, yaml.YAMLError) as error:
-        fail(f"could not read config {path}: {str(error).splitlines()[0]}")
-    if not isinstance(config, dict):
-        fail(f"config {path} must be a mapping of flag names to values")
-    # 'base: FILE.yaml' (relative to this file) supplies defaults that this file overrides, so a family of
-    # configs (the ablation rows) states its shared recipe once.
-    base = config.pop("base", None)
-    defaults = (config_file_defaults(parser, os.path.join(os.path.dirname(path), base), chain + (os.path.abspath(path),))
-                if base else {})
-    actions = {action.dest: action for action in parser._actions}
-    for key, value in config.items():
-        dest = str(key).lstrip("-").replace("-", "_")
-        if dest not in actions or dest in ("config", "help"):
-            fail(f"config {path}: unknown key '{key}'")
-        try:
-            value = _typed(actions[dest], value)
-        except (TypeError, ValueError):
-            fail(f"config {path}: {key}: {value!r} is not a valid value")
-        if actions[dest].choices is not None and value not in actions[dest].choices:
-            fail(f"config {path}: {key} must be one of {', '.join(map(str, actions[dest].choices))}, got {value!r}")
-        defaults[dest] = value
-    return defaults
+    def __new__(cls, command_line, from_file=()):
+        chosen = super().__new__(cls, command_line)
+        chosen.from_file = frozenset(from_file) - chosen
+        return chosen
 
 
 def parse_arguments(argv):
-    """The resolved arguments and the set of destinations given on the command line."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.config:
-        parser.set_defaults(**config_file_defaults(parser, args.config))
-        args = parser.parse_args(argv)
+    """The resolved arguments and the destinations set on purpose: on the command line, or by the
+    ``--config`` file (whose keys are checked like the flags they name)."""
+    args, explicit, from_file = parse_with_config(build_parser(), argv)
     if args.student_ckpt == "none":  # the original's default value
         args.student_ckpt = None
-    return args, _explicit_destinations(parser, argv)
+    return args, Chosen(explicit, from_file)
 
 
 def check_arguments(args, explicit: Set[str]) -> None:
@@ -330,45 +283,49 @@ def check_arguments(args, explicit: Set[str]) -> None:
     for name, value in (("batch-size", args.batch_size), ("epochs", args.epochs), ("print-freq", args.print_freq),
                         ("checkpoint-freq", args.checkpoint_freq), ("threads", args.threads or 1)):
         if value < 1:
-            fail(f"--{name} must be at least 1, got {value}")
+            raise BadInput(f"--{name} must be at least 1, got {value}")
     for dest, (low, high, closed_low, closed_high) in VALUE_RANGES.items():
         value = getattr(args, dest)
         if value is not None and not ((low <= value if closed_low else low < value)
                                       and (value <= high if closed_high else value < high)):
             interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
-            fail(f"--{dest.replace('_', '-')} must be in {interval}, got {value:g}")
+            raise BadInput(f"--{dest.replace('_', '-')} must be in {interval}, got {value:g}")
     if min(args.skip_nonfinite, args.start_epoch, args.seed) < 0:
-        fail("--skip-nonfinite, --start_epoch and --seed must be >= 0")
+        raise BadInput("--skip-nonfinite, --start_epoch and --seed must be >= 0")
     if args.eval_student and not args.student_ckpt:
-        fail("--eval-student needs --student-ckpt PATH")
+        raise BadInput("--eval-student needs --student-ckpt PATH")
     if args.eval_student and (args.eval or args.train_teacher):
-        fail("--eval-student evaluates a student checkpoint; it cannot be combined with --eval or --train-teacher")
+        raise BadInput("--eval-student evaluates a student checkpoint; it cannot be combined with --eval or --train-teacher")
     if args.eval and not args.resume:
-        fail("--eval evaluates the run's checkpoint: pass --resume PATH or --resume auto with --output_dir")
+        raise BadInput("--eval evaluates the run's checkpoint: pass --resume PATH or --resume auto with --output_dir")
     if args.overwrite and (args.resume or not args.output_dir or args.eval or args.eval_student):
-        fail("--overwrite starts a new training run in --output_dir, moving the old one aside: it needs --output_dir "
+        raise BadInput("--overwrite starts a new training run in --output_dir, moving the old one aside: it needs --output_dir "
              "and cannot be combined with --resume, --eval or --eval-student")
     if args.resume == "auto" and not args.output_dir:
-        fail("--resume auto looks for output_dir/latest.pth.tar: pass --output_dir")
+        raise BadInput("--resume auto looks for output_dir/latest.pth.tar: pass --output_dir")
     if args.bce_loss and datasets.mixup_active(args) and args.smoothing > 0:
-        fail("--bce-loss binarises targets, and label smoothing under mixup would make every target 1: "
+        raise BadInput("--bce-loss binarises targets, and label smoothing under mixup would make every target 1: "
              "pass --smoothing 0 (as DeiT III)")
     distilling = not args.train_teacher and (args.alpha > 0 or args.gamma > 0)
     if not args.train_mode and distilling:
-        fail("--no-train-mode runs the student in eval mode, which returns only averaged logits: "
+        raise BadInput("--no-train-mode runs the student in eval mode, which returns only averaged logits: "
              "it needs --alpha 0 --gamma 0")
     if not args.train_teacher and args.student_model not in models.STUDENT_MODELS:
-        fail(f"unknown student model '{args.student_model}'; valid: {', '.join(models.STUDENT_MODELS)}")
+        raise BadInput(f"unknown student model '{args.student_model}'; valid: {', '.join(models.STUDENT_MODELS)}")
     if (args.train_teacher or (distilling and not args.eval)) and args.teacher.split(".")[0] not in timm.list_models():
         # timm has over a thousand names: list the closest ones rather than all of them.
         closest = difflib.get_close_matches(args.teacher, timm.list_models(), n=MAX_SUGGESTIONS)
         suggestion = f"closest: {', '.join(closest)}" if closest else "e.g. regnety_160, resnet18"
-        fail(f"unknown teacher model '{args.teacher}'; any name in timm.list_models() works ({suggestion})")
+        raise BadInput(f"unknown teacher model '{args.teacher}'; any name in timm.list_models() works ({suggestion})")
     evaluating = args.eval_student or args.eval
     for dest in sorted(explicit):
         if evaluating and dest not in EVAL_FLAGS:
-            fail(f"--{dest.replace('_', '-')} has no effect when evaluating (--eval-student / --eval)")
+            raise BadInput(f"--{dest.replace('_', '-')} has no effect when evaluating (--eval-student / --eval)")
+    # A training recipe's keys are checked like its flags; evaluating with a recipe file is fine.
+    from_file = () if evaluating else getattr(explicit, "from_file", ())
+    for dest in sorted(set(explicit) | set(from_file)):
+        where = f"config {args.config}: {dest.replace('_', '-')}" if dest in from_file else f"--{dest.replace('_', '-')}"
         for applies, flags, reason in NOT_APPLICABLE:
             if dest in flags and applies(args):
-                fail(f"--{dest.replace('_', '-')} has no effect here: {reason}")
+                raise BadInput(f"{where} has no effect here: {reason}")
 

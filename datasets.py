@@ -42,6 +42,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from samplers import DistributedEvalSampler, RASampler, SeededRandomSampler
+from vkd.errors import DatasetError
 
 DATA_SETS = ("IMNET", "CIFAR", "FOLDER", "DIGITS", "FMNIST")
 SUBSET_FRACTIONS = {"1PERCENT": 0.01, "10PERCENT": 0.10, "20PERCENT": 0.20}
@@ -80,10 +81,6 @@ FMNIST_LAYOUTS = ("", "raw", os.path.join("FashionMNIST", "raw"))
 # seeds differ only in initialisation and data order.
 FMNIST_SUBSET_SEED = 0
 IDX_UBYTE = 0x08
-
-
-class DatasetError(ValueError):
-    """Bad data input (missing folder, empty class, unknown name...): one line naming the path."""
 
 
 class UnreadableImageError(DatasetError):

@@ -27,7 +27,7 @@ import time
 from typing import Optional, Sequence, Tuple
 
 import datasets
-import utils
+from vkd.runs import cpu_model
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join("data", "digits")
@@ -263,7 +263,7 @@ def format_table(results: dict, n: int) -> str:
 def machine_description() -> dict:
     """CPU model, threads, torch version and date: the numbers' last digits depend on the first three."""
     import torch
-    return {"cpu": utils.cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": THREADS, "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": THREADS, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 

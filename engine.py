@@ -3,7 +3,6 @@
 The loops are the same for distillation, for the undistilled baseline and for training a teacher:
 the criterion (``losses.VkDLoss``) owns the frozen teacher and returns the already-weighted terms.
 """
-import datetime
 import math
 import resource
 import sys
@@ -14,13 +13,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from vkd.errors import RunFailed
+from vkd.progress import Progress
 
 LOSS_TERMS = ("loss", "ce", "kd", "vkd")
 TOP_K = 5
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailed):
     """A non-finite loss once ``--skip-nonfinite`` is used up; the message holds every loss term's value."""
 
 
@@ -38,32 +39,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class _Progress:
-    """A tqdm bar on an interactive rank 0, else a log line every ``print_freq`` iterations (rank 0 only)."""
-
-    def __init__(self, header: str, total: int, print_freq: int, enabled: bool):
-        self.header, self.total, self.print_freq, self.enabled = header, total, print_freq, enabled
-        self.start = time.time()
-        use_bar = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc=header, dynamic_ncols=True) if use_bar else None
-
-    def update(self, index: int, fields: Dict[str, str]) -> None:
-        if not self.enabled:
-            return
-        text = "  ".join(f"{name} {value}" for name, value in fields.items())
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(1)
-        elif index % self.print_freq == 0 or index == self.total - 1:
-            elapsed = time.time() - self.start
-            eta = datetime.timedelta(seconds=int(elapsed / (index + 1) * (self.total - index - 1)))
-            print(f"{self.header} [{index + 1}/{self.total}]  eta {eta}  {text}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _logits(outputs) -> torch.Tensor:
@@ -109,7 +84,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
     steps = len(data_loader)
     sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)
     seen = unreadable = skipped = 0
-    progress = _Progress(f"Epoch: [{epoch}]", steps, print_freq, is_main)
+    progress = Progress(f"Epoch: [{epoch}]", steps, print_freq, is_main)
     start = time.time()
     for index, (samples, targets, num_unreadable) in enumerate(data_loader):
         global_step = epoch * steps + index
@@ -150,7 +125,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.update(model, global_step)
+            ema.update(global_step, model)
 
         seen += batch
         sums += torch.stack([terms[name].detach().double() for name in LOSS_TERMS]) * batch
@@ -160,7 +135,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
         fields.update({name: f"{value:.4f}" for name, value in zip(LOSS_TERMS, means)})
         fields["img/s"] = f"{seen * world_size / (time.time() - start):.1f}"
         fields["mem"] = f"{_peak_memory_mb(device):.0f}MB"
-        progress.update(index, fields)
+        progress.update(index + 1, fields)
         if tb_writer is not None:
             tb_writer.add_scalar("train/lr", lr, global_step)
             for name in LOSS_TERMS:
@@ -188,7 +163,7 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, amp_dtype: Opt
     """
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # top1, top5, CE sum, images, unreadable
-    progress = _Progress("Test:", len(data_loader), print_freq, is_main)
+    progress = Progress("Test:", len(data_loader), print_freq, is_main)
     for index, (images, targets, num_unreadable) in enumerate(data_loader):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -200,7 +175,7 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, amp_dtype: Opt
         totals += torch.tensor([value.item() for value in batch_totals] + [len(targets), int(num_unreadable)],
                                dtype=torch.float64, device=device)
         count = totals[3].item()
-        progress.update(index, {"acc1": f"{100 * totals[0].item() / count:.3f}",
+        progress.update(index + 1, {"acc1": f"{100 * totals[0].item() / count:.3f}",
                                 "acc5": f"{100 * totals[1].item() / count:.3f}"})
     progress.close()
     if sharded:

@@ -20,8 +20,8 @@ import torch
 import ablation
 import demo
 import models
-import utils
 from utils import load_student_checkpoint
+from vkd.runs import cpu_model
 
 ROOT = ablation.ROOT
 CONFIGS = os.path.join("configs", "fmnist")
@@ -105,7 +105,7 @@ def test_set_noise(accuracy: float) -> float:
 
 
 def hardware() -> str:
-    return f"{len(os.sched_getaffinity(0))} cores of {utils.cpu_model()}, no GPU"
+    return f"{len(os.sched_getaffinity(0))} cores of {cpu_model()}, no GPU"
 
 
 def build_report(rows, teacher: dict) -> dict:

@@ -16,32 +16,18 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import datasets
-from checkpoint import (
-    LATEST,
-    LOG,
-    TEACHER_FILE,
-    Trainer,
-    prepare_output_dir,
-    record_invocation,
-    resolve_resume,
-    trim_log,
-)
+from checkpoint import LATEST, TEACHER_FILE, Trainer
 from config import AMP_DTYPES, check_arguments, parse_arguments
-from distributed import Runtime, init_runtime, is_communication_failure
-from engine import NonFiniteLossError, evaluate, train_one_epoch
+from engine import evaluate, train_one_epoch
 from models.build import build, build_student, build_teacher_to_train
-from optim import StudentEMA, build_lr_scheduler, build_optimizer, effective_lr
-from utils import (
-    CheckpointError,
-    epoch_seed,
-    fail,
-    first_line,
-    git_state,
-    load_student_checkpoint,
-    save_atomically,
-    seed_everything,
-    write_json,
-)
+from optim import build_lr_scheduler, build_optimizer, effective_lr
+from utils import init_runtime, load_student_checkpoint
+from vkd.checkpoints import first_line, save_atomically
+from vkd.cli import entry_point, fail
+from vkd.distributed import Runtime, is_communication_failure
+from vkd.ema import ModelEMA, linear_momentum
+from vkd.reproducibility import epoch_seed, seed_everything
+from vkd.runs import LOG, git_state, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json
 
 
 def warn_unreadable(runtime: Runtime, count: int, what: str) -> None:
@@ -102,7 +88,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
     ema = None
     if args.student_ema:
         ema_device = torch.device("cpu") if args.student_ema_force_cpu else runtime.device
-        ema = StudentEMA(model, args.student_ema_decay, steps_per_epoch * total_epochs, ema_device)
+        ema = ModelEMA(model, linear_momentum(args.student_ema_decay, steps_per_epoch * total_epochs), ema_device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.amp == "fp16")
     trainer = Trainer(args, runtime.world_size, model, optimizer, scaler, lr_scheduler, ema,
                       start_epoch=args.start_epoch)
@@ -110,7 +96,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
         # The original's fine-tuning start: weights only. A checkpoint found by --resume overrides them.
         load_student_checkpoint(model, args.student_ckpt)
         runtime.log(f"Student initialised from {args.student_ckpt}")
-    resume_path = resolve_resume(args)
+    resume_path = resolve_resume(args, LATEST)
     if resume_path:
         trainer.restore(resume_path)
         runtime.log(f"Resumed from {resume_path}: continuing at epoch {trainer.start_epoch}")
@@ -171,6 +157,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
         tb_writer.close()
 
 
+@entry_point
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, explicit = parse_arguments(argv)
@@ -183,16 +170,12 @@ def main(argv=None) -> None:
         if args.eval_student:
             run_evaluation(args, runtime, args.student_ckpt, "the student network")
         elif args.eval:
-            path = resolve_resume(args)
+            path = resolve_resume(args, LATEST)
             if path is None:
                 fail(f"--eval: no {LATEST} in {args.output_dir}")
             run_evaluation(args, runtime, path, "the network")
         else:
             run_training(args, runtime, argv)
-    except (datasets.DatasetError, CheckpointError) as error:
-        fail(str(error))
-    except NonFiniteLossError as error:
-        fail(f"{error}; the last checkpoint was left as it was", exit_code=1)
     except RuntimeError as error:
         if not (runtime.distributed and is_communication_failure(error)):
             raise

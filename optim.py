@@ -1,6 +1,5 @@
 """Optimisation: parameter groups (with the projector weight-decay choice), the optimizer, the per-iteration
-LR schedule, and the student EMA."""
-import copy
+LR schedule."""
 
 import torch
 import torch.nn as nn
@@ -49,26 +48,3 @@ def build_lr_scheduler(args, optimizer, steps_per_epoch: int):
         warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
         noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed,
         step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-
-
-class StudentEMA:
-    """Exponential moving average of the weights, momentum rising linearly from ``start_momentum`` at
-    the first iteration to 1.0 at the last (the original: 0.996 -> 1.0). Buffers (BN statistics,
-    the projector's base) are copied, not averaged."""
-
-    def __init__(self, model: nn.Module, start_momentum: float, total_steps: int, device: torch.device):
-        self.model = copy.deepcopy(model).to(device).eval().requires_grad_(False)
-        self.start_momentum, self.total_steps = start_momentum, total_steps
-
-    def momentum(self, step: int) -> float:
-        return self.start_momentum + (1.0 - self.start_momentum) * step / self.total_steps
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        momentum = self.momentum(step)
-        source = getattr(model, "module", model)
-        for average, current in zip(self.model.parameters(), source.parameters()):
-            average.mul_(momentum).add_(current.detach().to(average.device), alpha=1.0 - momentum)
-        for average, current in zip(self.model.buffers(), source.buffers()):
-            average.copy_(current)
-

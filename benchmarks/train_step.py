@@ -23,7 +23,7 @@ import torch.nn as nn
 from losses import VkDLoss
 from models import create_student
 from optim import parameter_groups
-from orthogonal_maps import ORTHOGONAL_MAPS
+from vkd.orthogonal_maps import ORTHOGONAL_MAPS
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_DECAY = 0.05

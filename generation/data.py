@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import datasets
-from datasets import DatasetError
+from vkd.errors import DatasetError
 
 DATASETS = ("C10", "C100", "DIGITS", "FASHION")
 SUBSET_DRAWS = ("uniform", "balanced")

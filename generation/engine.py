@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from generation.diffaug import diff_augment
+from vkd.ema import ModelEMA
 
 
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -60,25 +61,6 @@ class LeCam:
         self.ema_real, self.ema_fake = float(state["ema_real"]), float(state["ema_fake"])
 
 
-class GeneratorEMA:
-    """BigGAN's EMA of G over its whole state dict (weights and buffers): a plain copy before ``start``."""
-
-    def __init__(self, source: nn.Module, target: nn.Module, decay: float, start: int):
-        self.source, self.target, self.decay, self.start = source, target, decay, start
-        self.target.load_state_dict(source.state_dict())
-        self.target.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, iteration: int) -> None:
-        decay = self.decay if iteration >= self.start else 0.0
-        target = self.target.state_dict()
-        for key, value in self.source.state_dict().items():
-            if value.is_floating_point():
-                target[key].lerp_(value, 1 - decay)
-            else:
-                target[key].copy_(value)
-
-
 def set_requires_grad(parameters: List[nn.Parameter], flag: bool) -> None:
     for parameter in parameters:
         parameter.requires_grad_(flag)
@@ -106,7 +88,7 @@ class GanStep:
     d_optimizer: torch.optim.Optimizer
     g_parameters: List[nn.Parameter]
     d_parameters: List[nn.Parameter]
-    ema: GeneratorEMA
+    ema: ModelEMA
     batch_size: int
     num_d_steps: int
     policy: Tuple[str, ...]

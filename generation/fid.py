@@ -21,7 +21,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from generation.teachers import FrozenImageNetwork, load_timm_network, require_file
-from utils import safe_torch_load
+from vkd.checkpoints import safe_torch_load
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_HINT = (f"torch-fidelity's Inception weights {INCEPTION_FILE} (from the torch-fidelity GitHub "

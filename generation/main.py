@@ -13,7 +13,6 @@ Writes args.json, log.txt (JSON lines), tensorboard scalars, samples/iter_N.png 
 import argparse
 import contextlib
 import copy
-import json
 import os
 import sys
 import time
@@ -23,27 +22,27 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-if __package__ in (None, ""):  # run as a file (python generation/main.py): make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from checkpoint import prepare_output_dir, record_invocation, resolve_resume, trim_log
-from config import config_file_defaults
-from datasets import DatasetError  # noqa: E402 (after the path set-up above)
-from distributed import Runtime, join_process_group, launcher_ranks, select_device
 from generation import data as gan_data
 from generation import diffaug
 from generation.biggan import Discriminator, Generator
-from generation.engine import GanStep, GeneratorEMA, LeCam
+from generation.engine import GanStep, LeCam
 from generation.fid import FID_EXTRACTORS, GeneratorEvaluator, build_fid_network
 from generation.teachers import CLIP_INPUT_SIZE, CLIP_MODEL, FrozenImageNetwork, load_clip, load_timm_network
-from generation.vkd import NORMALISATIONS, PAIRINGS, WHITENINGS, GanVkDLoss, build_normalisation
-from losses import OrthogonalProjector
-from models import file_sha256
-from orthogonal_maps import ORTHOGONAL_MAPS
-from utils import CheckpointError, all_finite, fail, safe_torch_load, save_atomically, seed_everything, write_json
+from generation.vkd import NORMALISATIONS, PAIRINGS, GanVkDLoss
+from vkd.checkpoints import all_finite, file_sha256, safe_torch_load, save_atomically
+from vkd.cli import entry_point
+from vkd.config import OneLineErrorParser, parse_with_config
+from vkd.distributed import Runtime, start_processes
+from vkd.ema import ModelEMA, after_start
+from vkd.errors import BadInput, CheckpointError, RunFailed
+from vkd.norms import WHITENINGS, build_normalisation
+from vkd.orthogonal_maps import ORTHOGONAL_MAPS
+from vkd.progress import Progress, RunningMeans, append_json_line, tensorboard_writer
+from vkd.projector import OrthogonalProjector
+from vkd.reproducibility import seed_everything
+from vkd.runs import LOG, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json
 
-LATEST, BEST, LOG, RESULTS = "latest.pth", "best.pth", "log.txt", "results.json"
-RUN_FILES = (LATEST, BEST, LOG, RESULTS, "args.json", "tensorboard", "samples")  # a folder with any holds a run
+LATEST, BEST, RESULTS = "latest.pth", "best.pth", "results.json"
 TEACHERS = ("none", "clip", "timm")
 PROJECTOR_OWNERS = ("D", "G")
 GRID_COLUMNS = 10
@@ -53,7 +52,7 @@ EVAL_SEED_OFFSET = 7919  # evaluation draws its own latents, so evaluating never
 # ============================================================================ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("BigGAN + DiffAugment (+ LeCam) (+ VkD) for 32x32 images")
+    parser = OneLineErrorParser("BigGAN + DiffAugment (+ LeCam) (+ VkD) for 32x32 images")
     add = parser.add_argument
     flag = dict(action=argparse.BooleanOptionalAction)
     add("--config", default=None, metavar="FILE.yaml", help="YAML file of defaults; the command line overrides it")
@@ -129,12 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_arguments(argv) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.config:
-        parser.set_defaults(**config_file_defaults(parser, args.config))
-        args = parser.parse_args(argv)
-    return args
+    return parse_with_config(build_parser(), argv)[0]
 
 
 def check_arguments(args) -> None:
@@ -142,24 +136,24 @@ def check_arguments(args) -> None:
     for name in ("iterations", "batch_size", "num_d_steps", "print_freq", "save_every", "sample_every", "g_ch",
                  "d_ch", "dim_z", "eval_samples", "is_splits", "eval_repeats"):
         if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.eval_every < 0:
-        fail(f"--eval-every must be >= 0, got {args.eval_every}")
+        raise BadInput(f"--eval-every must be >= 0, got {args.eval_every}")
     try:
         diffaug.parse_policy(args.diffaug)
         if args.teacher != "none":
             build_normalisation(args.normalisation, args.whitening, args.whiten_eps)
     except ValueError as error:
-        fail(str(error))
+        raise BadInput(str(error)) from None
     if args.teacher == "timm" and not args.teacher_model:
-        fail("--teacher timm needs --teacher-model NAME (a timm model name)")
+        raise BadInput("--teacher timm needs --teacher-model NAME (a timm model name)")
     if args.fid_extractor == "timm" and not args.fid_model:
-        fail("--fid-extractor timm needs --fid-model NAME (a timm model name)")
+        raise BadInput("--fid-extractor timm needs --fid-model NAME (a timm model name)")
     if args.resume == "auto" and not args.output_dir:
-        fail("--resume auto looks for output-dir/latest.pth: pass --output-dir")
+        raise BadInput("--resume auto looks for output-dir/latest.pth: pass --output-dir")
     if args.fid_extractor != "none" and args.teacher != "none" and args.teacher_path and args.fid_weights \
             and same_file(args.teacher_path, args.fid_weights):
-        fail("the FID network must not be the distillation teacher: --fid-weights and --teacher-path hold the same file")
+        raise BadInput("the FID network must not be the distillation teacher: --fid-weights and --teacher-path hold the same file")
 
 
 def same_file(first: str, second: str) -> bool:
@@ -176,11 +170,7 @@ def same_file(first: str, second: str) -> bool:
 # ============================================================================ building
 
 def init_runtime(args) -> Runtime:
-    rank, world_size, local_rank = launcher_ranks(args.local_rank)
-    device = select_device(args.device, local_rank)
-    if world_size > 1:
-        join_process_group(device, args.dist_url, world_size, rank)
-    return Runtime(rank, world_size, device)
+    return start_processes(args.device, args.local_rank, args.dist_url)
 
 
 def build_teacher(args, device: torch.device) -> Optional[FrozenImageNetwork]:
@@ -201,7 +191,7 @@ def build_networks(args, num_classes: int, teacher: Optional[FrozenImageNetwork]
     discriminator = Discriminator(args.d_ch, num_classes, kd_dim)
     if teacher is not None:
         if kd_dim > teacher.feature_dim:
-            fail(f"--kd-dim {kd_dim} exceeds the teacher's {teacher.feature_dim} features: an orthogonal "
+            raise BadInput(f"--kd-dim {kd_dim} exceeds the teacher's {teacher.feature_dim} features: an orthogonal "
                  f"projector needs out >= in")
         discriminator.projector = OrthogonalProjector(kd_dim, teacher.feature_dim, orthogonal_map=args.orthogonal_map)
         discriminator.projector.requires_grad_(args.train_projector)
@@ -308,43 +298,9 @@ def restore(path: str, step: GanStep, generator_ema: nn.Module, real_batches) ->
 
 # ============================================================================ runs
 
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
-
-
-class Progress:
-    """Mean loss terms since the last line, seconds per iteration and the ETA of the run."""
-
-    def __init__(self, start_iteration: int, total: int):
-        self.start_iteration, self.total, self.started = start_iteration, total, time.time()
-        self.sums: Dict[str, float] = {}
-        self.count = 0
-
-    def add(self, terms: Dict[str, float]) -> None:
-        for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-        self.count += 1
-
-    def line(self, iteration: int) -> Tuple[str, Dict[str, float]]:
-        means = {name: value / max(self.count, 1) for name, value in self.sums.items()}
-        self.sums, self.count = {}, 0
-        per_iteration = (time.time() - self.started) / max(iteration - self.start_iteration, 1)
-        eta = per_iteration * (self.total - iteration)
-        terms = " ".join(f"{name} {value:.4f}" for name, value in means.items())
-        return (f"it {iteration}/{self.total} | {terms} | {per_iteration:.3f} s/it | ETA {format_seconds(eta)}",
-                means)
-
-
-def append_log(args, record: dict) -> None:
-    with open(os.path.join(args.output_dir, LOG), "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
 def run_training(args, runtime: Runtime, argv) -> None:
     moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume), overwrite=args.overwrite,
-                                  is_main=runtime.is_main, run_files=RUN_FILES)
+                                  is_main=runtime.is_main)
     if moved_to:
         runtime.log(f"The previous run in {args.output_dir} was moved to {moved_to}")
     data = gan_data.load_image_data(args.dataset, args.data_path)
@@ -361,7 +317,8 @@ def run_training(args, runtime: Runtime, argv) -> None:
         g_optimizer=torch.optim.Adam(g_parameters, lr=args.g_lr, betas=betas, eps=args.adam_eps),
         d_optimizer=torch.optim.Adam(d_parameters, lr=args.d_lr, betas=betas, eps=args.adam_eps),
         g_parameters=g_parameters, d_parameters=d_parameters,
-        ema=GeneratorEMA(generator, generator_ema, args.ema_decay, args.ema_start),
+        ema=ModelEMA(generator, after_start(args.ema_decay, args.ema_start), average_buffers=True,
+                     average_model=generator_ema),
         batch_size=args.batch_size, num_d_steps=args.num_d_steps, policy=tuple(diffaug.parse_policy(args.diffaug)),
         vkd=(GanVkDLoss(teacher, build_normalisation(args.normalisation, args.whitening, args.whiten_eps),
                         args.vkd_weight, args.real_fake_normalisation) if teacher is not None else None),
@@ -387,24 +344,25 @@ def run_training(args, runtime: Runtime, argv) -> None:
     if args.output_dir and runtime.is_main:
         record_invocation(args, argv, runtime.world_size, iteration, training_images=len(kept))
         trim_log(os.path.join(args.output_dir, LOG), iteration + 1, key="iteration")
-        from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
-        writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+        writer = tensorboard_writer(args.output_dir)
 
     started = time.time()
-    progress = Progress(iteration, args.iterations)
+    progress = Progress("Iteration", args.iterations, args.print_freq, runtime.is_main, first=iteration)
+    running = RunningMeans()
     last_results: Dict[str, float] = {}
     while iteration < args.iterations:
         terms = step.iteration(real_batches, iteration)
         iteration += 1
-        progress.add(terms)
+        running.add(terms)
         if any(value != value or abs(value) == float("inf") for value in terms.values()):
-            fail(f"a loss became non-finite at iteration {iteration} ({terms}); {LATEST} was left as it was", exit_code=1)
+            raise RunFailed(f"a loss became non-finite at iteration {iteration} ({terms}); {LATEST} was left as it was")
         finished = iteration == args.iterations
         if iteration % args.print_freq == 0 or finished:
-            text, means = progress.line(iteration)
-            runtime.log(text)
+            means = running.means()
+            running.reset()
+            progress.line(iteration, {name: f"{value:.4f}" for name, value in means.items()})
             if writer is not None:
-                append_log(args, dict(iteration=iteration, **means))
+                append_json_line(os.path.join(args.output_dir, LOG), dict(iteration=iteration, **means))
                 for name, value in means.items():
                     writer.add_scalar(f"train/{name}", value, iteration)
         if not runtime.is_main:
@@ -420,7 +378,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
             runtime.log(f"it {iteration}: {evaluator.describe(last_results)}; best FID {best['fid']:.3f} "
                         f"at it {best['iteration']}")
             if writer is not None:
-                append_log(args, dict(iteration=iteration, **last_results))
+                append_json_line(os.path.join(args.output_dir, LOG), dict(iteration=iteration, **last_results))
                 writer.add_scalar("eval/fid", last_results["fid"], iteration)
                 if improved:
                     save_atomically({"G_ema": generator_ema.state_dict(), "iteration": iteration,
@@ -428,7 +386,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
                                     os.path.join(args.output_dir, BEST))
         if args.output_dir and (iteration % args.save_every == 0 or finished):
             if not all_finite(generator.state_dict()) or not all_finite(discriminator.state_dict()):
-                fail(f"the weights became non-finite by iteration {iteration}; {LATEST} was left as it was", exit_code=1)
+                raise RunFailed(f"the weights became non-finite by iteration {iteration}; {LATEST} was left as it was")
             save_atomically(checkpoint_content(args, step, generator_ema, real_batches, iteration, best),
                             os.path.join(args.output_dir, LATEST))
     if runtime.distributed:
@@ -457,7 +415,7 @@ def run_evaluation(args, runtime: Runtime) -> None:
     generator.to(runtime.device)
     evaluator = build_evaluator(args, data, runtime)
     if evaluator is None:
-        fail("--eval-checkpoint needs an FID network: --fid-extractor inception or timm")
+        raise BadInput("--eval-checkpoint needs an FID network: --fid-extractor inception or timm")
     runs = []
     for repeat in range(args.eval_repeats):
         runs.append(evaluate(evaluator, generator, args, runtime.device, args.seed + EVAL_SEED_OFFSET + repeat))
@@ -473,6 +431,7 @@ def run_evaluation(args, runtime: Runtime) -> None:
                         args=vars(args)))
 
 
+@entry_point
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_arguments(argv)
@@ -483,8 +442,6 @@ def main(argv=None) -> None:
             run_evaluation(args, runtime)
         else:
             run_training(args, runtime, argv)
-    except (DatasetError, CheckpointError) as error:
-        fail(str(error))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

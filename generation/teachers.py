@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import datasets
 import models
-from utils import CheckpointError, load_state_dict_file
+from vkd.checkpoints import load_state_dict_file
+from vkd.errors import CheckpointError
 
 CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI's ViT-B/32 uses QuickGELU
 CLIP_INPUT_SIZE = 224

@@ -6,37 +6,20 @@ teacher's features of the same images, normalised batch-wise (whitening by defau
 
     L_VkD = weight * ( rho(P s_real, N(t_real)) + rho(P s_fake, N(t_fake)) )
 
-Like losses.VkDLoss, the criterion owns the frozen teacher and the normalisation; the projector
-lives on the discriminator (``D.projector``). The term is added to D's loss in the D steps, where
+Like the classification criterion (``losses.VkDLoss``), it owns the frozen teacher and the normalisation
+(``vkd.norms``); the projector lives on the discriminator (``D.projector``). The term is added to D's loss in the D steps, where
 KD-DLGAN computes its own distillation terms.
 """
-import functools
 from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import losses
 from generation.teachers import FrozenImageNetwork
 
 NORMALISATIONS = ("whiten", "layernorm", "batchstd", "none")
-WHITENINGS = ("cholesky", "zca")
 PAIRINGS = ("separate", "joint")
-
-
-def build_normalisation(name: str, whitening: str = "cholesky", eps: float = 1e-4) -> Callable:
-    """The teacher normalisation: ``whiten`` uses ``whitening`` (htdt's Cholesky or ZCA) with ``eps``."""
-    if name == "whiten":
-        if whitening not in WHITENINGS:
-            raise ValueError(f"unknown whitening '{whitening}'; choose from {', '.join(WHITENINGS)}")
-        if eps <= 0:
-            raise ValueError(f"whitening needs eps > 0 (a batch can be narrower than the features), got {eps}")
-        function = losses.whiten_cholesky if whitening == "cholesky" else losses.whiten
-        return functools.partial(function, eps=eps)
-    if name not in NORMALISATIONS:
-        raise ValueError(f"unknown normalisation '{name}'; choose from {', '.join(NORMALISATIONS)}")
-    return losses.NORMALISATIONS[name]
 
 
 class GanVkDLoss(nn.Module):

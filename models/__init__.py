@@ -1,5 +1,4 @@
 """Students and teachers. ``import models`` registers the DeiT students with timm."""
-import hashlib
 import os
 import socket
 import urllib.parse
@@ -9,8 +8,10 @@ import timm
 import torch
 import torch.nn as nn
 
-from losses import OrthogonalProjector
 from models.deit import STUDENT_MODELS, DistilledVisionTransformer
+from vkd.checkpoints import file_sha256, load_state_dict_file, strict_load
+from vkd.errors import BadInput
+from vkd.projector import OrthogonalProjector
 
 PROJECTORS = ("orthogonal", "linear")
 DEFAULT_PROJECTOR_IMPL = "fast"  # orthogonal_maps.FastOrthogonal: same function as torch's, much faster
@@ -42,7 +43,7 @@ def build_projector(kind: str, in_dim: int, out_dim: int, orthogonal_map: Option
     raise ValueError(f"unknown projector '{kind}'; choose from {', '.join(PROJECTORS)}")
 
 
-class TeacherError(ValueError):
+class TeacherError(BadInput):
     """A teacher that cannot be built as asked: weights out of reach, or a classifier that does not fit."""
 
 
@@ -55,14 +56,6 @@ HUB_PORT, HUB_TIMEOUT_S = 443, 5.0
 def pretrained_name(name: str) -> str:
     """``name`` with the pretrained tag timm will download (``arch.tag``)."""
     return name if "." in name else DEFAULT_PRETRAINED_TAGS.get(name, name)
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _hub_reachable(endpoint: str) -> bool:
@@ -109,7 +102,6 @@ def create_teacher(name: str, num_classes: Optional[int] = None, teacher_path: O
     is then a ``TeacherError``. ``channels_last`` stores the convolution weights channels-last: the same
     function, and convolutions then run in that (faster) layout; only the last bits of outputs differ.
     """
-    from utils import load_state_dict_file, strict_load  # utils imports models lazily too
     if name.split(".")[0] not in timm.list_models():
         raise TeacherError(f"unknown teacher model '{name}'; any timm model name works (e.g. regnety_160, resnet18)")
     if teacher_path is None:

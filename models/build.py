@@ -8,18 +8,20 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import datasets
 import models
 from losses import VkDLoss
-from utils import fail
+from vkd.errors import BadInput
 
 
-def _model_or_fail(build_model: Callable[[], nn.Module]) -> nn.Module:
+def _model_or_bad_input(build_model: Callable[[], nn.Module]) -> nn.Module:
     try:
         return build_model()
-    except ValueError as error:
-        fail(str(error))
+    except BadInput:
+        raise
+    except ValueError as error:  # an architecture that cannot be built as asked
+        raise BadInput(str(error)) from None
 
 
 def build_student(args, nb_classes: int, teacher_dim: Optional[int] = None) -> nn.Module:
-    return _model_or_fail(lambda: models.create_student(
+    return _model_or_bad_input(lambda: models.create_student(
         args.student_model, num_classes=nb_classes, img_size=args.input_size, teacher_dim=teacher_dim,
         projector=args.projector, orthogonal_map=args.orthogonal_map, projector_impl=args.projector_impl,
         drop_rate=args.drop, drop_path_rate=args.drop_path))
@@ -32,24 +34,24 @@ def build_teacher_to_train(args, nb_classes: int) -> nn.Module:
     try:
         return timm.create_model(args.teacher, pretrained=args.teacher_pretrained, **kwargs)
     except TypeError as error:
-        fail(f"teacher '{args.teacher}' does not take these options: {error}")
+        raise BadInput(f"teacher '{args.teacher}' does not take these options: {error}") from None
     except Exception as error:  # pretrained download without network, gated hub repository ...
         if not args.teacher_pretrained:
             raise
-        fail(f"could not download pretrained weights for '{args.teacher}' ({type(error).__name__}); "
-             f"drop --teacher-pretrained to train from scratch")
+        raise BadInput(f"could not download pretrained weights for '{args.teacher}' ({type(error).__name__}); "
+                       f"drop --teacher-pretrained to train from scratch") from None
 
 
 def build_teacher(args, nb_classes: int, log: Callable[[str], None] = print) -> nn.Module:
     """The frozen distillation teacher; its logits must cover the data set's classes when gamma > 0."""
-    teacher = _model_or_fail(lambda: models.create_teacher(args.teacher, teacher_path=args.teacher_path,
+    teacher = _model_or_bad_input(lambda: models.create_teacher(args.teacher, teacher_path=args.teacher_path,
                                                            channels_last=args.teacher_channels_last))
     checksum = f" (sha256 {teacher.weights['sha256']})" if "sha256" in teacher.weights else ""
     log(f"Teacher {args.teacher}: weights {teacher.weights['source']}{checksum}")
     if args.gamma > 0 and teacher.num_classes != nb_classes:
-        fail(f"teacher has {teacher.num_classes} classes, data set has {nb_classes}: train one with --train-teacher "
-             f"--teacher {args.teacher} --output_dir DIR and pass --teacher-path DIR/teacher.pth "
-             f"(or --gamma 0 to distil features only)")
+        raise BadInput(f"teacher has {teacher.num_classes} classes, data set has {nb_classes}: train one with --train-teacher "
+                       f"--teacher {args.teacher} --output_dir DIR and pass --teacher-path DIR/teacher.pth "
+                       f"(or --gamma 0 to distil features only)")
     return teacher
 
 

@@ -7,18 +7,13 @@ import torch.nn as nn
 from torch.nn.utils import parametrizations
 
 import models
-from losses import (
-    OrthogonalLinear,
-    OrthogonalProjector,
-    VkDLoss,
-    batch_standardise,
-    feature_distillation_loss,
-    layernorm,
-    logit_distillation_loss,
-    whiten,
-)
+from losses import VkDLoss
 from models import create_student
-from utils import CheckpointError, load_student_checkpoint
+from utils import load_student_checkpoint
+from vkd.errors import CheckpointError
+from vkd.losses import feature_distillation_loss, logit_distillation_loss
+from vkd.norms import batch_standardise, layernorm, whiten
+from vkd.projector import OrthogonalLinear, OrthogonalProjector
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "reference")
 

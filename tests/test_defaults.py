@@ -11,7 +11,9 @@ import torch
 import models
 from config import parse_arguments
 from optim import build_optimizer
-from utils import CheckpointError, add_ddp_prefix, load_student_checkpoint
+from utils import load_student_checkpoint
+from vkd.checkpoints import add_ddp_prefix
+from vkd.errors import CheckpointError
 
 
 def read_args_json(folder):

@@ -10,7 +10,7 @@ from PIL import Image
 
 import models
 from datasets import build_transform, default_data_args
-from utils import safe_torch_load
+from vkd.checkpoints import safe_torch_load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,6 @@ import torch
 from conftest import write_idx
 
 import datasets
-import losses
 from generation import data as gan_data
 from generation import main as gan_main
 from generation.biggan import Discriminator, Generator
@@ -18,8 +17,10 @@ from generation.diffaug import cutout, diff_augment, parse_policy, translation
 from generation.engine import LeCam
 from generation.fid import GeneratorEvaluator
 from generation.teachers import FrozenImageNetwork, TimmNetwork
-from generation.vkd import GanVkDLoss, build_normalisation
-from losses import OrthogonalProjector
+from generation.vkd import GanVkDLoss
+from vkd import norms
+from vkd.norms import build_normalisation
+from vkd.projector import OrthogonalProjector
 
 TEACHER, FID_NETWORK = "test_resnet", "test_efficientnet"
 
@@ -68,8 +69,8 @@ def test_whitening_needs_a_positive_eps():
 def test_cholesky_and_zca_whitening_differ_by_a_rotation():
     torch.manual_seed(1)
     features = torch.randn(200, 6) @ torch.randn(6, 6)
-    cholesky = losses.whiten_cholesky(features, eps=1e-8).double()
-    zca = losses.whiten(features, eps=1e-8).double() * np.sqrt(199 / 200)  # unbiased vs biased scale
+    cholesky = norms.whiten_cholesky(features, eps=1e-8).double()
+    zca = norms.whiten(features, eps=1e-8).double() * np.sqrt(199 / 200)  # unbiased vs biased scale
     rotation = torch.linalg.lstsq(cholesky, zca).solution
     assert torch.allclose(rotation.T @ rotation, torch.eye(6, dtype=torch.float64), atol=1e-4)
 

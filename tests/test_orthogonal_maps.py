@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-import orthogonal_maps
-from losses import OrthogonalProjector
+from vkd import orthogonal_maps
+from vkd.projector import OrthogonalProjector
 
 RELEASED_HOUSEHOLDER = [(192, 3024), (384, 3024), (768, 3024)]
 SLOW = pytest.mark.skipif(not os.environ.get("VKD_SLOW_TESTS"), reason="set VKD_SLOW_TESTS=1 (minutes)")

@@ -32,8 +32,9 @@ import torch
 from conftest import CLASSES, REPO, TEACHER, free_port, launcher_command
 
 import models
-from utils import CheckpointError, add_ddp_prefix, safe_torch_load, save_atomically
 from vidt.util import checkpoint as vidt_checkpoint
+from vkd.checkpoints import add_ddp_prefix, safe_torch_load, save_atomically
+from vkd.errors import CheckpointError
 
 STEPS_PER_EPOCH = 4  # 18 training images, batches of 4, the last partial batch dropped
 EPOCHS = 2
@@ -197,7 +198,7 @@ def test_kill_between_the_log_line_and_the_checkpoint_redoes_the_epoch_once(reci
 HALF_WRITER = """
 import io, sys, time
 import torch
-from utils import save_atomically
+from vkd.checkpoints import save_atomically
 
 path = sys.argv[1]
 save_atomically({"version": 1, "weights": torch.full((2 ** 20,), 1.0)}, path)

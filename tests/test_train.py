@@ -10,7 +10,7 @@ import torch
 
 import datasets
 import models
-from utils import add_ddp_prefix, safe_torch_load
+from vkd.checkpoints import add_ddp_prefix, safe_torch_load
 
 VAL_IMAGES = 7
 SUMMARY_LINE = re.compile(r"^ \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)$", re.M)

@@ -22,8 +22,6 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler  # noqa: E402
 
-import utils  # noqa: E402  (the root's utils.py)
-from checkpoint import prepare_output_dir, record_invocation  # noqa: E402  (the root's run-folder rules)
 from vidt.arguments import check_supported, get_args_parser  # noqa: E402
 from vidt.datasets.coco import build_coco  # noqa: E402
 from vidt.datasets.coco_eval import STAT_NAMES, eval_arrays  # noqa: E402
@@ -42,6 +40,9 @@ from vidt.util.misc import (  # noqa: E402
     is_main_process,
     setup_for_distributed_printing,
 )
+from vkd.checkpoints import save_atomically  # noqa: E402
+from vkd.reproducibility import seed_everything  # noqa: E402
+from vkd.runs import git_state, prepare_output_dir, record_invocation, write_json  # noqa: E402
 
 OPEN_FILES = 4096  # the original raises the soft limit for its data-loader workers
 EVAL_SNAPSHOT_EVERY = 50  # epochs between kept copies of COCOeval's arrays, as in the original
@@ -55,8 +56,6 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-# What a training run leaves in its folder (checkpoint.prepare_output_dir refuses to start over it).
-RUN_FILES = ("checkpoint.pth", "checkpoint[0-9]*.pth", "log.txt", "args.json", "tensorboard", "eval")
 
 
 def run_folder(args) -> str:
@@ -113,15 +112,15 @@ def main(args) -> None:
     init_distributed_mode(args)
     setup_for_distributed_printing(is_main_process())
     device = device_of(args)
-    utils.seed_everything(args.seed + get_rank())
+    seed_everything(args.seed + get_rank())
     args.output_dir = run_folder(args)
     moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume) or args.eval, overwrite=args.overwrite,
-                                  is_main=is_main_process(), run_files=RUN_FILES)
+                                  is_main=is_main_process())
     if moved_to:
         print(f"| the previous run in {args.output_dir} was moved to {moved_to}")
     if is_main_process():
         record_invocation(args, sys.argv[1:], get_world_size(), args.start_epoch)
-    print(f"| git commit {utils.git_state()['git_commit']}; run folder {args.output_dir}")
+    print(f"| git commit {git_state()['git_commit']}; run folder {args.output_dir}")
 
     # Build
     model, criterion, postprocessors = build(args)
@@ -147,8 +146,8 @@ def main(args) -> None:
         _, coco_eval = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device,
                                 args.print_freq)
         if is_main_process():
-            utils.save_atomically(eval_arrays(coco_eval), os.path.join(args.output_dir, "eval.pth"))
-            utils.write_json(os.path.join(args.output_dir, "eval_stats.json"),
+            save_atomically(eval_arrays(coco_eval), os.path.join(args.output_dir, "eval.pth"))
+            write_json(os.path.join(args.output_dir, "eval_stats.json"),
                       {"checkpoint": args.resume, "stats": named_stats(coco_eval.stats.tolist())})
         return
     train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
@@ -175,9 +174,9 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
         if is_main_process():
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args)}
-            utils.save_atomically(checkpoint, os.path.join(output_dir, "checkpoint.pth"))
+            save_atomically(checkpoint, os.path.join(output_dir, "checkpoint.pth"))
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % EXTRA_CHECKPOINT_EVERY == 0:
-                utils.save_atomically(checkpoint, os.path.join(output_dir, f"checkpoint{epoch:04}.pth"))
+                save_atomically(checkpoint, os.path.join(output_dir, f"checkpoint{epoch:04}.pth"))
         test_stats, coco_eval = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device,
                                          args.print_freq)
         if is_main_process():
@@ -195,11 +194,11 @@ def record_epoch(output_dir: str, epoch: int, train_stats, test_stats, coco_eval
     with open(os.path.join(output_dir, "log.txt"), "a") as f:
         f.write(json.dumps(log) + "\n")
     arrays = eval_arrays(coco_eval)
-    utils.save_atomically(arrays, os.path.join(output_dir, "eval", "latest.pth"))
+    save_atomically(arrays, os.path.join(output_dir, "eval", "latest.pth"))
     if epoch % EVAL_SNAPSHOT_EVERY == 0:
-        utils.save_atomically(arrays, os.path.join(output_dir, "eval", f"{epoch:03}.pth"))
+        save_atomically(arrays, os.path.join(output_dir, "eval", f"{epoch:03}.pth"))
     stats = named_stats(test_stats["coco_eval_bbox"])
-    utils.write_json(os.path.join(output_dir, "eval_stats.json"), {"epoch": epoch, "stats": stats})
+    write_json(os.path.join(output_dir, "eval_stats.json"), {"epoch": epoch, "stats": stats})
     for name, value in stats.items():
         tb_writer.add_scalar(f"val/{name}", value, epoch)
     tb_writer.add_scalar("val/loss", test_stats["loss"], epoch)

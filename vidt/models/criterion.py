@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import batch_standardise
 from vidt.util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from vidt.util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialized
+from vkd.norms import batch_standardise
 
 FOCAL_GAMMA = 2.0
 

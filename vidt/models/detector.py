@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import OrthogonalLinear
 from vidt.models.deformable_transformer import DeformableTransformer
 from vidt.models.swin_ram import SwinRAM
 from vidt.util.box_ops import box_cxcywh_to_xyxy
 from vidt.util.misc import NestedTensor, inverse_sigmoid, resize_mask
+from vkd.projector import OrthogonalLinear
 
 PATCH_PROJECTORS = ("patch_projector_1", "patch_projector_2", "patch_projector_3", "patch_projector_4")
 PROJECTOR_NAMES = PATCH_PROJECTORS + ("neck_det_projector", "body_det_projector")

@@ -11,7 +11,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-import utils
+from vkd.checkpoints import safe_torch_load
+from vkd.errors import CheckpointError as CoreCheckpointError
 
 MAX_KEYS_IN_ERROR = 5
 RELEASED_FILE_GLOBALS = (argparse.Namespace,)
@@ -42,8 +43,8 @@ def load_checkpoint(path: str) -> dict:
     if path.startswith(("http://", "https://")):
         path = _downloaded(path)
     try:
-        return utils.safe_torch_load(path, allowed_globals=RELEASED_FILE_GLOBALS)
-    except utils.CheckpointError as error:
+        return safe_torch_load(path, allowed_globals=RELEASED_FILE_GLOBALS)
+    except CoreCheckpointError as error:
         raise CheckpointError(str(error)) from None
 
 

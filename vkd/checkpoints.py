@@ -1,0 +1,194 @@
+"""Checkpoint files: loading that never runs code (``weights_only=True``), strict state-dict loading whose
+error names the offending keys and shapes, atomic saving, and the DDP key prefix of the released files."""
+import glob
+import hashlib
+import os
+import pickle
+import re
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from vkd.errors import CheckpointError, RunFailed
+
+DDP_PREFIX = "module."
+MAX_KEYS_IN_MESSAGE = 5
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# torch names what a weights_only load refused as "GLOBAL module.name", e.g. "Unsupported global: GLOBAL
+# argparse.Namespace was not an allowed global" or "Trying to load unsupported GLOBAL posix.system whose module
+# posix is blocked". Garbage bytes fail in the same UnpicklingError type but without it ("Unsupported operand 87").
+REFUSED_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
+
+
+def _load_error(path: str, error: BaseException) -> CheckpointError:
+    """One line naming ``path``: a refusal to run code, or an unreadable (corrupt, truncated, foreign) file."""
+    refused = REFUSED_GLOBAL.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
+    if refused:
+        return CheckpointError(f"refused to load {path}: it refers to {refused.group(1)}, which is neither a tensor "
+                               f"nor a plain container, and unpickling it could run code")
+    # torch's own text for an UnpicklingError is advice about weights_only, which misleads for a broken file;
+    # its other texts go on with generic advice after the first sentence.
+    if isinstance(error, pickle.UnpicklingError):
+        detail = "unreadable pickle data"
+    else:
+        detail = first_line(error).split(". ")[0]
+    return CheckpointError(f"could not read checkpoint {path}: corrupt, truncated or not a PyTorch file "
+                           f"({type(error).__name__}: {detail})")
+
+
+def safe_torch_load(path: str, allowed_globals: Iterable[type] = ()) -> object:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code.
+
+    ``allowed_globals`` names the extra classes a known file format needs (e.g. argparse.Namespace).
+    Every failure is a one-line ``CheckpointError`` naming the file (see ``_load_error``).
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint file is empty: {path}")
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    # On malformed bytes torch.load raises a wide, undocumented set of types (UnpicklingError, RuntimeError,
+    # KeyError, IndexError, struct.error, AssertionError, UnicodeDecodeError, EOFError...), all seen when
+    # loading random and truncated files; none of them means anything but "this file cannot be read".
+    except Exception as error:
+        raise _load_error(path, error) from None
+
+
+def load_state_dict_file(path: str, preferred_keys: Iterable[str] = ("student", "model", "state_dict"),
+                         allowed_globals: Iterable[type] = ()) -> Dict[str, torch.Tensor]:
+    """The state dict inside a file: under the first of ``preferred_keys`` present, else the file itself."""
+    content = safe_torch_load(path, allowed_globals)
+    if not isinstance(content, Mapping):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(content).__name__})")
+    for key in preferred_keys:
+        if key in content and isinstance(content[key], Mapping):
+            content = content[key]
+            break
+    if not all(isinstance(value, torch.Tensor) for value in content.values()):
+        raise CheckpointError(f"{path} holds no state dict under any of {list(preferred_keys)}")
+    return dict(content)
+
+
+def strip_ddp_prefix(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {key[len(DDP_PREFIX):] if key.startswith(DDP_PREFIX) else key: value for key, value in state_dict.items()}
+
+
+def _describe(keys, shapes: Mapping[str, torch.Size]) -> str:
+    listed = [f"{key} {list(shapes[key])}" for key in keys[:MAX_KEYS_IN_MESSAGE]]
+    more = f" (+{len(keys) - MAX_KEYS_IN_MESSAGE} more)" if len(keys) > MAX_KEYS_IN_MESSAGE else ""
+    return ", ".join(listed) + more
+
+
+def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                        may_be_missing: Iterable[str] = ()) -> Optional[str]:
+    """A description of how ``state_dict`` differs from ``model``'s keys and shapes, or None if it fits."""
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    found = {key: value.shape for key, value in state_dict.items()}
+    missing = [key for key in expected if key not in found and key not in set(may_be_missing)]
+    unexpected = [key for key in found if key not in expected]
+    wrong_shape = [key for key in expected if key in found and expected[key] != found[key]]
+    problems = []
+    if wrong_shape:
+        problems.append("shape mismatch: " + ", ".join(
+            f"{key} file {list(found[key])} vs model {list(expected[key])}" for key in wrong_shape[:MAX_KEYS_IN_MESSAGE])
+            + (f" (+{len(wrong_shape) - MAX_KEYS_IN_MESSAGE} more)" if len(wrong_shape) > MAX_KEYS_IN_MESSAGE else ""))
+    if missing:
+        problems.append("missing from file: " + _describe(missing, expected))
+    if unexpected:
+        problems.append("unexpected in file: " + _describe(unexpected, found))
+    return "; ".join(problems) or None
+
+
+def strict_load(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
+                may_start_fresh: Callable[[str], bool] = lambda key: False,
+                hint: Callable[[nn.Module, Mapping[str, torch.Tensor]], Optional[str]] = lambda model, state: None
+                ) -> List[str]:
+    """``load_state_dict(strict=True)`` with an error that names the first offending keys and shapes.
+
+    Keys of the model for which ``may_start_fresh`` holds may be absent from the file: they keep their
+    initial values and are returned. ``hint`` may add what a person should change (e.g. the input size).
+    """
+    fresh = [key for key in model.state_dict() if key not in state_dict and may_start_fresh(key)]
+    mismatch = state_dict_mismatch(model, state_dict, may_be_missing=fresh)
+    if mismatch:
+        advice = hint(model, state_dict)
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {mismatch}"
+                              + (f"; {advice}" if advice else ""))
+    model.load_state_dict(state_dict, strict=not fresh)
+    return fresh
+
+
+def add_ddp_prefix(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keys as a DDP-wrapped model names them (``module.``), the layout of the released checkpoints."""
+    return {DDP_PREFIX + key: value for key, value in state_dict.items()}
+
+
+def all_finite(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(value).all() for value in state_dict.values() if value.is_floating_point())
+
+
+def save_atomically(obj: object, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the previous complete file or the new one, never a
+    truncated file (os.replace is atomic within one file system).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}.tmp."
+    # Temporaries of writers killed mid-save (pre-emption) would otherwise pile up, one checkpoint each.
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*")):
+        os.remove(stale)
+    temporary = os.path.join(folder, f"{prefix}{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        if not _out_of_space(error):
+            raise
+        free = _free_bytes(folder)
+        raise RunFailed(f"no space left in {folder} to write {os.path.basename(path)} ({free / 2 ** 20:.0f} MiB free); "
+                        f"the previous {os.path.basename(path)} was kept: free space, then resume") from None
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    # Persist the rename itself, so a power loss right after cannot bring back the old entry.
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _out_of_space(error: BaseException) -> bool:
+    # torch.save reports a full disk as its own RuntimeError ("unexpected pos ..."), with the ENOSPC OSError
+    # only in the chain; a plain write reports it directly.
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (28, 122):  # ENOSPC, EDQUOT (a quota)
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _free_bytes(folder: str) -> int:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

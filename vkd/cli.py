@@ -1,0 +1,32 @@
+"""Where errors become exit codes. Library code raises (``vkd.errors``); each entry point's ``main()`` is
+wrapped in ``entry_point``, which turns an error into one ``error:`` line on stderr and the exit code the
+error names (2 bad input, 1 a run that could not go on), and Ctrl-C into one line and 130."""
+import functools
+import sys
+from typing import Callable, NoReturn, TypeVar
+
+from vkd.errors import VkDError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+Main = TypeVar("Main", bound=Callable)
+
+
+def fail(message: str, exit_code: int = 2) -> NoReturn:
+    """One line on stderr, then exit: code 2 for bad input, 1 for a run that cannot go on."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
+
+
+def entry_point(main: Main) -> Main:
+    """``main`` with every ``VkDError`` (and Ctrl-C) turned into one line and its exit code."""
+
+    @functools.wraps(main)
+    def guarded(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except VkDError as error:
+            fail(str(error), error.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted; the last checkpoint written is kept (resume with --resume auto)", EXIT_INTERRUPTED)
+
+    return guarded

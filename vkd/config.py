@@ -1,0 +1,160 @@
+"""Configuration for the three trees: argparse flags with YAML files of defaults layered under the command
+line (timm's way), resolved once. A key in a YAML file is checked as strictly as the flag it names: it must
+exist, have the flag's type (a YAML boolean for a switch, an integer for a count, a list of the right
+length), be one of the flag's choices, and appear once. ``base: FILE.yaml`` (a string, relative to the file)
+supplies defaults that the file overrides, so a family of configs states its shared recipe once."""
+import argparse
+import os
+from typing import Dict, Set, Tuple
+
+import yaml
+
+from vkd.errors import BadInput
+
+NUMBER_TYPES = {int: (int,), float: (int, float)}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Parsing errors (an unknown flag, a value of the wrong type) as one ``BadInput`` line, no usage text."""
+
+    def error(self, message: str):
+        raise BadInput(f"{message} (--help lists every flag)")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice is an error instead of silently the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise BadInput(f"key '{key}' appears twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            content = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
+    except BadInput as error:
+        raise BadInput(f"config {path}: {error}") from None
+    except (OSError, yaml.YAMLError) as error:
+        raise BadInput(f"could not read config {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(content, dict):
+        raise BadInput(f"config {path} must be a mapping of flag names to values")
+    return content
+
+
+def _type_name(kind) -> str:
+    return {int: "an integer", float: "a number", str: "a string"}.get(kind, f"a {getattr(kind, '__name__', kind)}")
+
+
+def _scalar(action: argparse.Action, value, where: str):
+    """``value`` as the flag's type would give it; strings only where YAML cannot write the type itself."""
+    kind = action.type or str
+    if kind in NUMBER_TYPES:
+        if isinstance(value, bool) or not isinstance(value, NUMBER_TYPES[kind] + (str,)):
+            raise BadInput(f"{where}: expected {_type_name(kind)}, got {value!r}")
+        if isinstance(value, str) and kind is int:
+            raise BadInput(f"{where}: expected an integer, got the string {value!r}")
+        try:
+            return kind(value)  # YAML reads 5e-4 (no dot) as a string: convert it as the command line would
+        except ValueError:
+            raise BadInput(f"{where}: expected {_type_name(kind)}, got {value!r}") from None
+    if kind is str:
+        if not isinstance(value, str):
+            raise BadInput(f"{where}: expected a string, got {value!r}")
+        return value
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # a custom parser of text
+        raise BadInput(f"{where}: expected {action.metavar or 'a value'}, got {value!r}")
+    try:
+        return kind(str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
+        raise BadInput(f"{where}: {error}") from None
+
+
+def _is_switch(action: argparse.Action) -> bool:
+    return action.nargs == 0 and isinstance(action.const, bool) or isinstance(action, argparse.BooleanOptionalAction)
+
+
+def typed_value(action: argparse.Action, value, where: str):
+    """``value`` from a YAML file, checked against ``action`` (the flag of the same destination)."""
+    if value is None:
+        if action.default is None:
+            return None
+        raise BadInput(f"{where}: null is not a value of this flag (default {action.default!r})")
+    if _is_switch(action):
+        if not isinstance(value, bool):
+            raise BadInput(f"{where}: expected true or false, got {value!r}")
+        return value
+    if action.nargs in (None, "?"):
+        if isinstance(value, (list, dict)):
+            raise BadInput(f"{where}: expected one value, got {value!r}")
+        typed = _scalar(action, value, where)
+    else:
+        if not isinstance(value, list):
+            raise BadInput(f"{where}: expected a list, got {value!r}")
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise BadInput(f"{where}: expected a list of {action.nargs} values, got {len(value)}")
+        if action.nargs == "+" and not value:
+            raise BadInput(f"{where}: expected a list of at least one value")
+        typed = [_scalar(action, item, where) for item in value]
+    for item in typed if isinstance(typed, list) else [typed]:
+        if action.choices is not None and item not in action.choices:
+            raise BadInput(f"{where}: must be one of {', '.join(map(str, action.choices))}, got {item!r}")
+    return typed
+
+
+def _actions_by_destination(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+    actions = {}
+    for action in parser._actions:
+        # A switch pair (--x / --no-x) shares one destination; the first flag defines its type.
+        actions.setdefault(action.dest, action)
+    return actions
+
+
+def config_file_defaults(parser: argparse.ArgumentParser, path: str, chain: Tuple[str, ...] = ()) -> Dict[str, object]:
+    """The defaults ``path`` (and its ``base`` chain) sets, by destination, each checked against its flag."""
+    if os.path.abspath(path) in chain:
+        raise BadInput(f"config {path}: 'base' refers back to itself through {' -> '.join(chain)}")
+    config = _read_yaml(path)
+    base = config.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise BadInput(f"config {path}: base must be one file name (a string), got {base!r}")
+    defaults = (config_file_defaults(parser, os.path.join(os.path.dirname(path), base), chain + (os.path.abspath(path),))
+                if base else {})
+    actions = _actions_by_destination(parser)
+    for key, value in config.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in actions or dest in ("config", "help"):
+            raise BadInput(f"config {path}: unknown key '{key}'")
+        defaults[dest] = typed_value(actions[dest], value, f"config {path}: {key}")
+    return defaults
+
+
+def explicit_destinations(parser: argparse.ArgumentParser, argv) -> Set[str]:
+    """Destinations given on the command line (not defaults): parse again with a marker as every default."""
+    not_given = object()  # not a string, so argparse never type-converts it
+    defaults = {action.dest: action.default for action in parser._actions}
+    parser.set_defaults(**dict.fromkeys(defaults, not_given))
+    try:
+        given = {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not not_given}
+    finally:
+        parser.set_defaults(**defaults)
+    return given
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv) -> Tuple[argparse.Namespace, Set[str], Set[str]]:
+    """(arguments, destinations given on the command line, destinations set by the ``--config`` file)."""
+    argv = list(argv)
+    explicit = explicit_destinations(parser, argv)
+    args = parser.parse_args(argv)
+    from_file: Set[str] = set()
+    if getattr(args, "config", None):
+        file_defaults = config_file_defaults(parser, args.config)
+        from_file = set(file_defaults)
+        parser.set_defaults(**file_defaults)
+        args = parser.parse_args(argv)
+    return args, explicit, from_file

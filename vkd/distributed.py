@@ -1,0 +1,120 @@
+"""Processes and devices, for the three trees: which launcher started us, this process's device, and the
+process group (with a timeout, so a dead rank stops the others instead of hanging them).
+
+Launch forms, all equivalent (the local rank picks the device; the global rank 0 writes files):
+    torchrun --nproc_per_node=N [--nnodes=M --rdzv-endpoint=HOST:PORT] ENTRY ...
+    python -m torch.distributed.launch --nproc_per_node=N [--use_env] ENTRY ...   (the papers' form)
+    srun python ENTRY ...      (Slurm: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID)
+    python ENTRY ...           (one process, no process group)
+"""
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from vkd.errors import BadInput
+
+DEFAULT_MASTER_PORT = "29500"  # the original's port for Slurm runs without MASTER_PORT
+DEFAULT_TIMEOUT_MINUTES = 30.0  # torch's own default for gloo
+# gloo names the source file of the transport that failed at the start of its errors (a peer that
+# died: "Connection reset by peer"; a silent one: "Timed out waiting ... for recv"), and raises them
+# as plain RuntimeErrors; nccl and the rendezvous store raise torch.distributed.DistError subclasses.
+GLOO_TRANSPORT_SOURCE = "gloo/transport/"
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+
+def _first_slurm_host() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes or ""], capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        hosts = []
+    if not nodes or not hosts:
+        raise BadInput("Slurm run without MASTER_ADDR, and its first node could not be found with "
+                       "`scontrol show hostnames $SLURM_JOB_NODELIST`: export MASTER_ADDR before srun")
+    return hosts[0]
+
+
+def launcher_ranks(local_rank_flag: int = 0) -> Tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun / torch.distributed.launch, Slurm, or a plain run.
+
+    ``local_rank_flag`` is ``--local_rank``, which torch.distributed.launch passes without ``--use_env``;
+    LOCAL_RANK wins when set. Under Slurm (more than one task) RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
+    (the job's first node) and MASTER_PORT are exported, so ``env://`` process groups work as under torchrun.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", local_rank_flag))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_rank = int(env.get("SLURM_LOCALID", rank % max(torch.cuda.device_count(), 1)))
+        env.setdefault("MASTER_ADDR", _first_slurm_host())
+        env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
+        env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+        return rank, world_size, local_rank
+    return 0, 1, local_rank_flag
+
+
+def select_device(requested: Optional[str], local_rank: int) -> torch.device:
+    """``requested`` (cpu, cuda, cuda:N), or cuda when a GPU is visible; ``cuda`` means this local rank's GPU."""
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise BadInput(f"--device {name}: no CUDA device is visible; pass --device cpu")
+    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    if device.index >= torch.cuda.device_count():
+        raise BadInput(f"local rank {local_rank} needs cuda:{device.index} but only {torch.cuda.device_count()} "
+                       f"GPU(s) are visible")
+    torch.cuda.set_device(device)
+    return device
+
+
+def join_process_group(device: torch.device, init_method: str, world_size: int, rank: int,
+                       timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
+    """nccl on cuda, gloo on cpu; a collective waiting longer than the timeout (a dead rank) fails."""
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method,
+                            world_size=world_size, rank=rank, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def start_processes(device: Optional[str], local_rank_flag: int = 0, init_method: str = "env://",
+                    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, world_size_flag: Optional[int] = None) -> Runtime:
+    """This process's rank and device, joining the process group when the launcher started several.
+
+    ``world_size_flag`` is a ``--world_size`` given by hand: it must agree with the launcher.
+    """
+    rank, world_size, local_rank = launcher_ranks(local_rank_flag)
+    if world_size_flag is not None and world_size_flag != world_size:
+        raise BadInput(f"--world_size {world_size_flag} but the launcher started {world_size} process(es)")
+    runtime = Runtime(rank, world_size, select_device(device, local_rank))
+    if runtime.distributed:
+        join_process_group(runtime.device, init_method, world_size, rank, timeout_minutes)
+    return runtime
+
+
+def is_communication_failure(error: BaseException) -> bool:
+    """A collective failed because a peer died or went silent (see ``GLOO_TRANSPORT_SOURCE``)."""
+    return isinstance(error, dist.DistError) or GLOO_TRANSPORT_SOURCE in str(error).split("\n", 1)[0]

@@ -1,0 +1,142 @@
+"""Run folders, shared by the three trees: a new run never destroys an old one (``--overwrite`` moves it
+aside), ``args.json`` records every invocation, ``--resume auto`` finds the run's latest checkpoint, and a
+resumed run's ``log.txt`` keeps each epoch (or iteration) once."""
+import datetime
+import glob
+import json
+import os
+import platform
+import subprocess
+from typing import Dict, Optional, Sequence
+
+from vkd.errors import BadInput
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS_FILE, LOG, TENSORBOARD = "args.json", "log.txt", "tensorboard"
+# What a run of any of the three trees leaves in its folder; any of them means the folder holds a run.
+# Classification writes latest/best.pth.tar, ep*.pth.tar and teacher.pth; generation latest/best.pth,
+# results.json and samples/; detection (DETR's names) checkpoint*.pth and eval/.
+RUN_FILES = (ARGS_FILE, LOG, TENSORBOARD, "latest.pth*", "best.pth*", "ep*.pth.tar", "teacher.pth", "results.json",
+             "samples", "checkpoint*.pth", "eval")
+
+
+def _git(*arguments: str) -> Optional[str]:
+    try:
+        return subprocess.run(["git", "-C", REPO_DIR, *arguments], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def git_state() -> Dict[str, object]:
+    """The commit of this code and whether the working tree differs from it (None outside a git checkout)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (the last digits of CPU results depend on it)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def write_json(path: str, content: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(content, handle, indent=1)
+        handle.write("\n")
+
+
+def _run_files_in(output_dir: str, run_files: Sequence[str]):
+    return sorted({os.path.basename(found) for pattern in run_files
+                   for found in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
+
+
+def prepare_output_dir(output_dir: str, continuing: bool, overwrite: bool, is_main: bool,
+                       run_files: Sequence[str] = RUN_FILES) -> Optional[str]:
+    """Make sure a new run cannot destroy an old one in ``output_dir``.
+
+    A folder that holds a run (any of ``run_files``, glob patterns) is refused unless the run is being continued (``--resume``) or
+    ``overwrite`` is set, which moves the old folder aside (on the main process) and returns its new
+    path. Every process makes the same read-only decision, so all of them stop together.
+    """
+    if not output_dir:
+        return None
+    existing = _run_files_in(output_dir, run_files) if os.path.isdir(output_dir) else []
+    if not existing or continuing:
+        return None
+    if not overwrite:
+        raise BadInput(f"output folder {output_dir} already holds a run ({', '.join(existing[:4])}): continue it "
+                       f"with --resume auto, choose another output folder, or pass --overwrite to move the old run aside")
+    if not is_main:
+        return None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = f"{os.path.normpath(output_dir)}.previous-{stamp}"
+    os.replace(output_dir, aside)
+    return aside
+
+
+def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: int = 0, **first_record) -> None:
+    """``args.json``: the resolved arguments, code version and ``first_record`` (e.g. the effective lr, the
+    teacher's weights) of the run's first invocation, and one entry per invocation (a resume appends;
+    nothing is replaced)."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, ARGS_FILE)
+    invocation = dict(command=list(argv), **git_state(), processes=world_size, start_epoch=start_epoch,
+                      started=datetime.datetime.now().isoformat(timespec="seconds"))
+    content = None
+    if os.path.isfile(path):
+        try:
+            with open(path) as handle:
+                content = json.load(handle)
+        except (OSError, ValueError):
+            os.replace(path, f"{path}.unreadable")  # kept for a person to read, never silently dropped
+    if not isinstance(content, dict):
+        content = dict(args=vars(args), **git_state(), command=list(argv), processes=world_size, **first_record,
+                       invocations=[])
+    content.setdefault("invocations", []).append(invocation)
+    temporary = f"{path}.tmp"
+    write_json(temporary, content)
+    os.replace(temporary, path)
+
+
+def _logged_counter(line: str, key: str) -> Optional[int]:
+    """The epoch (or other ``key``) of a log.txt line; None for a last line torn by a kill mid-write."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        return json.loads(line)[key]
+    except ValueError:
+        return None
+
+
+def trim_log(path: str, start_epoch: int, key: str = "epoch") -> None:
+    """Keeps only the log.txt lines of epochs before ``start_epoch``, where training (re)starts.
+
+    A run killed after writing an epoch's line but before its latest.pth.tar redoes that epoch,
+    whose line must then appear once; a run that starts over replaces the log of the one before.
+    """
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        lines = handle.readlines()
+    kept = []
+    for line in lines:
+        epoch = _logged_counter(line, key)
+        if epoch is not None and epoch < start_epoch:
+            kept.append(line)
+    if len(kept) < len(lines):
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as handle:
+            handle.writelines(kept)
+        os.replace(temporary, path)
+
+
+def resolve_resume(args, latest_name: str) -> Optional[str]:
+    """``--resume``'s file: the path given, or with 'auto' the run folder's latest checkpoint if there is one."""
+    if args.resume != "auto":
+        return args.resume or None
+    latest = os.path.join(args.output_dir, latest_name)
+    return latest if os.path.isfile(latest) else None
