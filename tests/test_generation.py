@@ -280,7 +280,7 @@ def test_a_short_run_writes_its_files_and_resumes_exactly(tiny_fashion, network_
     assert code == 0, err
     straight = torch.load(tmp_path / "straight" / "latest.pth", weights_only=True)
     assert straight["iteration"] == 3
-    assert "it 3/3" in out and "ETA" in out and "not comparable with Inception FIDs" in out
+    assert "Iteration [3/3]" in out and "eta" in out and "not comparable with Inception FIDs" in out
     for name in ("args.json", "log.txt", "best.pth", "results.json", "samples/iter_000002.png", "samples/iter_000003.png"):
         assert (tmp_path / "straight" / name).is_file(), name
     log = [json.loads(line) for line in (tmp_path / "straight" / "log.txt").read_text().splitlines()]
