@@ -28,7 +28,6 @@ if __package__ in (None, ""):  # run as a file (python generation/main.py): make
 
 from checkpoint import prepare_output_dir, record_invocation, resolve_resume, trim_log
 from config import config_file_defaults
-from datasets import DatasetError  # noqa: E402 (after the path set-up above)
 from distributed import Runtime, join_process_group, launcher_ranks, select_device
 from generation import data as gan_data
 from generation import diffaug
@@ -41,6 +40,7 @@ from losses import OrthogonalProjector
 from models import file_sha256
 from orthogonal_maps import ORTHOGONAL_MAPS
 from utils import CheckpointError, all_finite, fail, safe_torch_load, save_atomically, seed_everything, write_json
+from vkd.errors import DatasetError
 
 LATEST, BEST, LOG, RESULTS = "latest.pth", "best.pth", "log.txt", "results.json"
 RUN_FILES = (LATEST, BEST, LOG, RESULTS, "args.json", "tensorboard", "samples")  # a folder with any holds a run
