@@ -1,25 +1,25 @@
 """Real images for GAN training and FID reference statistics, held in memory as uint8 [N, 3, 32, 32].
 
+The sources are ``vkd.data``'s, shared with classification:
 - C10 / C100: torchvision's CIFAR layout (``cifar-10-batches-py/`` or ``cifar-100-python/`` under
-  ``--data-path``), never downloaded. FID reference: the test split (10k), as KD-DLGAN.
-- DIGITS: scikit-learn's 8x8 digits, exported once by ``datasets.export_digits`` (32x32 nearest
-  upscaling, fixed stratified 80/20 split). FID reference: the 360 held-out images.
-- FASHION: Fashion-MNIST from its four IDX files, read by ``datasets.read_fmnist`` (``--data-path``,
-  default Debian's /usr/share/datasets/fashion-mnist, or torchvision's ``FashionMNIST/raw/`` under it). The 28x28 images are zero-padded to 32x32 (no resampling) and repeated to RGB.
-  FID reference: the 10k test images.
+  ``--data-path``), never downloaded (``vkd.data.cifar``). FID reference: the test split (10k), as KD-DLGAN.
+- DIGITS: scikit-learn's 8x8 digits, exported once by ``vkd.data.digits`` (32x32 nearest upscaling, fixed
+  stratified 80/20 split). FID reference: the 360 held-out images.
+- FASHION: Fashion-MNIST from its four IDX files, read by ``vkd.data.fmnist`` (``--data-path``, default
+  Debian's /usr/share/datasets/fashion-mnist, or torchvision's ``FashionMNIST/raw/`` under it). The 28x28
+  images are zero-padded to 32x32 (no resampling) and repeated to RGB. FID reference: the 10k test images.
 
 Training fractions follow KD-DLGAN: drawn uniformly without replacement with a fixed seed (0), so
-every run and every seed trains on the same images; ``balanced`` draws the fraction from every class.
+every run and every seed trains on the same images; ``balanced`` draws the fraction from every class
+(``vkd.data.subsets``).
 """
-import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
-import datasets
+from vkd.data import cifar, digits, fmnist, subsets
 from vkd.errors import DatasetError
 
 DATASETS = ("C10", "C100", "DIGITS", "FASHION")
@@ -38,46 +38,28 @@ class ImageData:
 
 
 def _cifar(name: str, root: Optional[str]) -> ImageData:
-    from torchvision.datasets import CIFAR10, CIFAR100
-    dataset_class, folder = (CIFAR10, "cifar-10-batches-py") if name == "C10" else (CIFAR100, "cifar-100-python")
-    if not root or not os.path.isdir(root):
-        raise DatasetError(f"--dataset {name} needs --data-path: the folder holding {folder}/ (torchvision's layout)")
-    try:
-        splits = [dataset_class(root, train=train, download=False) for train in (True, False)]
-    except RuntimeError:
-        raise DatasetError(f"{name} not found in {root}: expected {folder}/ as torchvision writes it; "
-                           f"nothing is downloaded") from None
+    splits = [cifar.load_cifar(root, 10 if name == "C10" else 100, is_train) for is_train in (True, False)]
     tensors = [(torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(split.targets))
                for split in splits]
     return ImageData(*tensors[0], *tensors[1], num_classes=len(splits[0].classes))
 
 
-def _read_folder_split(split_dir: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    classes = sorted(entry for entry in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, entry)))
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file_name in sorted(os.listdir(os.path.join(split_dir, name))):
-            with Image.open(os.path.join(split_dir, name, file_name)) as image:
-                images.append(np.asarray(image.convert("RGB")))
-            labels.append(label)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
-
-
 def _digits(root: Optional[str]) -> ImageData:
-    folder = datasets.export_digits(root or datasets.DEFAULT_DIGITS_ROOT)
-    train = _read_folder_split(os.path.join(folder, "train"))
-    test = _read_folder_split(os.path.join(folder, "val"))
-    return ImageData(*train, *test, num_classes=10)
+    tensors = []
+    for is_train in (True, False):
+        images, labels = digits.read_digits(root, is_train)
+        tensors += [torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)]
+    return ImageData(*tensors, num_classes=digits.DIGITS_CLASSES)
 
 
 def _fashion(root: Optional[str]) -> ImageData:
     tensors = []
     for is_train in (True, False):
-        images, labels = datasets.read_fmnist(root, is_train)
+        images, labels = fmnist.read_fmnist(root, is_train)
         images = torch.from_numpy(images.copy())
         images = torch.nn.functional.pad(images, (FASHION_PAD,) * 4).unsqueeze(1).repeat(1, 3, 1, 1)
         tensors += [images, torch.from_numpy(labels.astype(np.int64))]
-    return ImageData(*tensors, num_classes=10)
+    return ImageData(*tensors, num_classes=len(fmnist.FMNIST_CLASSES))
 
 
 def load_image_data(name: str, root: Optional[str]) -> ImageData:
@@ -97,10 +79,8 @@ def subset_indices(labels: torch.Tensor, fraction: float, draw: str = "uniform",
     if fraction == 1:
         return list(range(len(labels)))
     if draw == "balanced":
-        return datasets.balanced_subset_indices(labels.tolist(), fraction, seed)
-    # KD-DLGAN: np.random.seed(0); np.random.choice(N, num_samples, replace=False).
-    count = int(round(fraction * len(labels)))
-    return sorted(np.random.RandomState(seed).choice(len(labels), count, replace=False).tolist())
+        return subsets.balanced_subset_indices(labels.tolist(), fraction, seed)
+    return subsets.uniform_subset_indices(len(labels), fraction, seed)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import datasets
 import models
 from vkd.checkpoints import load_state_dict_file
+from vkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vkd.errors import CheckpointError
 
 CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI's ViT-B/32 uses QuickGELU
@@ -60,8 +60,8 @@ class TimmNetwork(FrozenImageNetwork):
     def __init__(self, model: nn.Module, input_size: int, name: str):
         super().__init__()
         self.model, self.input_size, self.name = model, input_size, name
-        self.register_buffer("mean", torch.tensor(datasets.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.freeze()
         with torch.no_grad():
             self.feature_dim = self(torch.zeros(1, 3, input_size, input_size))[0].shape[1]

@@ -5,9 +5,9 @@ import timm
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-import datasets
 import models
 from losses import VkDLoss
+from vkd.data.mixup import mixup_active
 from vkd.errors import BadInput
 
 
@@ -60,7 +60,7 @@ def build_base_criterion(args) -> nn.Module:
     label smoothing."""
     if args.bce_loss:
         return nn.BCEWithLogitsLoss()
-    if datasets.mixup_active(args):
+    if mixup_active(args):
         return SoftTargetCrossEntropy()
     if args.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import write_idx
 from PIL import Image
+from torchvision import transforms
 
 import datasets
 from datasets import (
@@ -22,6 +23,7 @@ from datasets import (
     export_digits,
 )
 from samplers import DistributedEvalSampler, RASampler, SeededRandomSampler
+from vkd.data import digits as data_digits
 
 CLASSES = ("cat", "dog", "emu")
 
@@ -103,7 +105,7 @@ def test_evaluation_needs_only_the_val_split(tmp_path):
 def test_digits_export_counts_split_and_exact_pixels(digits_root):
     from sklearn.datasets import load_digits
 
-    manifest = datasets._digits_manifest(digits_root)
+    manifest = data_digits._digits_manifest(digits_root)
     train_counts = {name: len(os.listdir(os.path.join(digits_root, "train", name))) for name in map(str, range(10))}
     val_counts = {name: len(os.listdir(os.path.join(digits_root, "val", name))) for name in map(str, range(10))}
     assert manifest["counts"] == {"train": train_counts, "val": val_counts}
@@ -141,7 +143,7 @@ def test_interrupted_digits_export_leaves_nothing(tmp_path, monkeypatch):
         write_image(os.path.join(folder, "train", "0", "0000.png"))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(datasets, "_write_digits", write_half_then_die)
+    monkeypatch.setattr(data_digits, "_write_digits", write_half_then_die)
     with pytest.raises(KeyboardInterrupt):
         export_digits(str(tmp_path / "digits"))
     assert os.listdir(tmp_path) == []
@@ -154,7 +156,7 @@ def test_digits_export_refuses_a_foreign_folder_and_force_rebuilds(tmp_path):
         export_digits(str(root))
     export_digits(str(root), force=True)
     assert not (root / "train" / "0" / "stray.png").exists()
-    assert datasets._digits_manifest(str(root))["counts"]["val"]["3"] == 37
+    assert data_digits._digits_manifest(str(root))["counts"]["val"]["3"] == 37
     assert sorted(os.listdir(tmp_path)) == ["digits"]
 
 
@@ -493,7 +495,7 @@ def test_fmnist_goes_through_the_same_transforms_subset_and_loaders(tmp_path):
     again, _ = build_dataset(True, fmnist_args(root, subset="20PERCENT", seed=9))
     assert np.array_equal(train.data, again.data)  # the same subset for every --seed
     assert train.data.shape == (20, 28, 28) and all(train.data[i, 5, 5] // 10 == t for i, t in enumerate(train.targets))
-    assert isinstance(train.transform.transforms[0], datasets.transforms.RandomResizedCrop)
+    assert isinstance(train.transform.transforms[0], transforms.RandomResizedCrop)
     test, _ = build_dataset(False, args)
     train_loader, val_loader = build_loaders(args, train, test, distributed=False, rank=0, world_size=1)
     samples, targets, unreadable = next(iter(train_loader))

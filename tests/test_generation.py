@@ -9,7 +9,6 @@ import timm
 import torch
 from conftest import write_idx
 
-import datasets
 from generation import data as gan_data
 from generation import main as gan_main
 from generation.biggan import Discriminator, Generator
@@ -19,6 +18,7 @@ from generation.fid import GeneratorEvaluator
 from generation.teachers import FrozenImageNetwork, TimmNetwork
 from generation.vkd import GanVkDLoss
 from vkd import norms
+from vkd.data.fmnist import read_idx
 from vkd.norms import build_normalisation
 from vkd.projector import OrthogonalProjector
 
@@ -214,7 +214,7 @@ def test_fashion_idx_files_load_padded_to_32(tiny_fashion):
     assert data.train_images.shape == (60, 3, 32, 32) and data.test_images.shape == (20, 3, 32, 32)
     assert data.train_images.dtype == torch.uint8 and data.num_classes == 10
     assert data.train_images[:, :, :2].sum() == 0 and torch.equal(data.train_images[:, 0], data.train_images[:, 2])
-    raw = datasets.read_idx(os.path.join(tiny_fashion, "train-images-idx3-ubyte.gz"), 3)
+    raw = read_idx(os.path.join(tiny_fashion, "train-images-idx3-ubyte.gz"), 3)
     assert torch.equal(data.train_images[:, 0, 2:30, 2:30], torch.from_numpy(raw.copy()))
 
 
