@@ -26,6 +26,9 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 INFINITY = float("inf")
 MAX_SUGGESTIONS = 5  # close matches listed for an unknown teacher name
 ORIGINAL_WORKERS = 12
+# Flags the original parsed but never applied (a plateau schedule, RandAugment, random erasing): they parse, so
+# the original's commands run, are hidden from --help, and setting one is an error (NOT_APPLICABLE).
+COMPATIBILITY_ONLY = argparse.SUPPRESS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,14 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cooldown-epochs", type=int, default=0, metavar="N",
                         help="epochs at --min-lr added after the schedule (default: 0)")
     parser.add_argument("--patience-epochs", type=int, default=10, metavar="N",
-                        help="plateau schedule only, which a per-iteration schedule cannot be: setting it is an error")
+                        help=COMPATIBILITY_ONLY)
     parser.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE",
                         help="step decay factor, or the power of the poly schedule (default: 0.1)")
 
     # Augmentation
     parser.add_argument("--color-jitter", type=float, default=0.3, metavar="PCT", help="(default: 0.3)")
     parser.add_argument("--aa", type=str, default=None, metavar="NAME",
-                        help="RandAugment: the original parsed it but never applied it; setting it is an error")
+                        help=COMPATIBILITY_ONLY)
     parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (default: 0.1)")
     parser.add_argument("--train-interpolation", type=str, default="bicubic", choices=("bicubic",),
                         help="crop interpolation (the pipeline is bicubic)")
@@ -129,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train without the random grayscale/solarize/blur choice (three-augment)")
     parser.add_argument("--crop-scale-min", type=float, default=0.08, help="RandomResizedCrop min scale (default: 0.08)")
     parser.add_argument("--reprob", type=float, default=0.0, metavar="PCT",
-                        help="random erasing: the original never applied it; setting it is an error")
-    parser.add_argument("--remode", type=str, default="pixel", help="random erasing (see --reprob)")
-    parser.add_argument("--recount", type=int, default=1, help="random erasing (see --reprob)")
-    parser.add_argument("--resplit", action="store_true", default=False, help="random erasing (see --reprob)")
+                        help=COMPATIBILITY_ONLY)
+    parser.add_argument("--remode", type=str, default="pixel", help=COMPATIBILITY_ONLY)
+    parser.add_argument("--recount", type=int, default=1, help=COMPATIBILITY_ONLY)
+    parser.add_argument("--resplit", action="store_true", default=False, help=COMPATIBILITY_ONLY)
     parser.add_argument("--mixup", type=float, default=0.8, help="mixup alpha, on if > 0 (default: 0.8)")
     parser.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha, on if > 0 (default: 1.0)")
     parser.add_argument("--cutmix-minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio")
