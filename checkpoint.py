@@ -35,6 +35,7 @@ class Trainer:
     start_epoch: int = 0
     best_acc1: float = 0.0
     nonfinite_skipped: int = 0
+    resumed_mid_epoch: Optional[list] = None  # each rank's ``partial`` of a preempted epoch (engine)
 
     @property
     def model_key(self) -> str:
@@ -80,6 +81,15 @@ class Trainer:
             save_atomically(content, os.path.join(output_dir, f"ep{epoch + 1}.pth.tar"))
         save_atomically(content, os.path.join(output_dir, LATEST))
 
+    def save_preempted(self, epoch: int, partials: list) -> None:
+        """latest.pth.tar in the middle of ``epoch``: the state after its last finished step, with every rank's
+        running sums and random generators (``partials``), so that --resume auto continues at that step."""
+        if not all_finite(self.model.state_dict()):
+            raise RunFailed(f"the weights became non-finite during epoch {epoch}; {LATEST} was left as it was")
+        content = self.checkpoint(epoch - 1, float("nan"))
+        content["mid_epoch"] = {"epoch": epoch, "ranks": partials}
+        save_atomically(content, os.path.join(self.args.output_dir, LATEST))
+
     def restore(self, path: str) -> None:
         """Weights, EMA, optimizer, scaler, schedule and counters; training continues at the next epoch."""
         load_student_checkpoint(self.model, path)
@@ -99,6 +109,9 @@ class Trainer:
             raise CheckpointError(f"{path} does not fit this run: {str(error).splitlines()[0]}") from None
         if "epoch" in checkpoint:
             self.start_epoch = int(checkpoint["epoch"]) + 1
+        if checkpoint.get("mid_epoch"):
+            self.start_epoch = int(checkpoint["mid_epoch"]["epoch"])
+            self.resumed_mid_epoch = checkpoint["mid_epoch"]["ranks"]
         self.best_acc1 = float(checkpoint.get("best_acc1", 0.0))
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
 

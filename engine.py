@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vkd.errors import RunFailed
+from vkd.preemption import StopRequest, rng_states, set_rng_states
 from vkd.progress import Progress
 
 LOSS_TERMS = ("loss", "ce", "kd", "vkd")
@@ -71,8 +72,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
                     device: torch.device, epoch: int, *, lr_scheduler, scaler: torch.amp.GradScaler,
                     amp_dtype: Optional[torch.dtype] = None, mixup_fn=None, clip_grad: Optional[float] = None,
                     ema=None, skips_allowed: int = 0, bce_targets: bool = False, set_training_mode: bool = True,
-                    print_freq: int = 10, is_main: bool = True, world_size: int = 1, tb_writer=None) -> Dict[str, float]:
+                    print_freq: int = 10, is_main: bool = True, world_size: int = 1, tb_writer=None,
+                    stop: Optional[StopRequest] = None, resumed: Optional[dict] = None) -> Dict[str, float]:
     """One pass over ``data_loader``; returns the epoch's mean loss terms (over all ranks) and counters.
+
+    ``stop``: when it is requested, the epoch ends at the next step boundary and returns
+    ``{"preempted_at": step, "partial": ...}`` instead, ``partial`` being this rank's running sums and random
+    generators. ``resumed``: that ``partial`` with its ``step``, from a preempted run's checkpoint: the first
+    ``step`` batches are drawn and dropped (the loader workers' augmentation streams then match the
+    uninterrupted run), then the sums and this process's generators are restored, so the epoch goes on
+    exactly as if it had never stopped.
 
     The LR is set from the global iteration before every step, so the curve depends on the
     iteration index alone (a resumed run follows the uninterrupted one). A non-finite loss skips
@@ -83,10 +92,26 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
     criterion.train()
     steps = len(data_loader)
     sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)
-    seen = unreadable = skipped = 0
-    progress = Progress(f"Epoch: [{epoch}]", steps, print_freq, is_main)
-    start = time.time()
-    for index, (samples, targets, num_unreadable) in enumerate(data_loader):
+    seen = unreadable = skipped = first = 0
+    iterator = iter(data_loader)
+    if resumed is not None:
+        first = resumed["step"]
+        for _ in range(first):
+            next(iterator)
+        sums = resumed["sums"].to(device)
+        seen, unreadable, skipped = resumed["seen"], resumed["unreadable"], resumed["skipped"]
+        set_rng_states(resumed["rng"])
+    progress = Progress(f"Epoch: [{epoch}]", steps, print_freq, is_main, first=first)
+    start = time.time() - (resumed["seconds"] if resumed is not None else 0.0)
+    for index in range(first, steps):
+        # The step boundary, before the next batch is drawn (with no workers, drawing it uses this
+        # process's random generators, which the checkpoint must hold as they are here).
+        if stop is not None and index > first and stop.requested(device):
+            progress.close()
+            return {"preempted_at": index, "partial": dict(
+                step=index, sums=sums.cpu(), seen=seen, unreadable=unreadable, skipped=skipped,
+                seconds=time.time() - start, rng=rng_states())}
+        samples, targets, num_unreadable = next(iterator)
         global_step = epoch * steps + index
         lr_scheduler.step_update(global_step)
         samples = samples.to(device, non_blocking=True)

@@ -26,6 +26,7 @@ from vkd.checkpoints import first_line, save_atomically
 from vkd.cli import entry_point, fail
 from vkd.distributed import Runtime, is_communication_failure
 from vkd.ema import ModelEMA, linear_momentum
+from vkd.preemption import Preempted, StopRequest, preempted_line
 from vkd.reproducibility import epoch_seed, seed_everything
 from vkd.runs import LOG, git_state, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json
 
@@ -116,15 +117,36 @@ def run_training(args, runtime: Runtime, argv) -> None:
         from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
         tb_writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
     runtime.log(f"Start training for {total_epochs} epochs ({steps_per_epoch} iterations each, lr {lr:.3g})")
+    try:
+        with StopRequest() as stop:
+            train_epochs(args, runtime, trainer, trained, criterion, train_loader, val_loader, mixup_fn,
+                         total_epochs, tb_writer, stop)
+        finish_training(args, runtime, trainer, val_loader)
+    finally:
+        if tb_writer is not None:
+            tb_writer.close()
+
+
+def train_epochs(args, runtime: Runtime, trainer: Trainer, trained: nn.Module, criterion, train_loader, val_loader,
+                 mixup_fn, total_epochs: int, tb_writer, stop: StopRequest) -> None:
+    """The epochs from ``trainer.start_epoch``; a stop request ends them at a step boundary (``Preempted``)."""
+    model, optimizer, ema = trainer.model, trainer.optimizer, trainer.ema
     for epoch in range(trainer.start_epoch, total_epochs):
         train_loader.sampler.set_epoch(epoch)
         seed_everything(epoch_seed(args.seed, runtime.rank, epoch))
+        resumed = trainer.resumed_mid_epoch[runtime.rank] if trainer.resumed_mid_epoch else None
+        trainer.resumed_mid_epoch = None
         train_stats = train_one_epoch(
-            trained, criterion, train_loader, optimizer, runtime.device, epoch, lr_scheduler=lr_scheduler,
+            trained, criterion, train_loader, optimizer, runtime.device, epoch, lr_scheduler=trainer.lr_scheduler,
             scaler=trainer.scaler, amp_dtype=AMP_DTYPES[args.amp], mixup_fn=mixup_fn, clip_grad=args.clip_grad,
             ema=ema, skips_allowed=args.skip_nonfinite - trainer.nonfinite_skipped, bce_targets=args.bce_loss,
             set_training_mode=args.train_mode, print_freq=args.print_freq, is_main=runtime.is_main,
-            world_size=runtime.world_size, tb_writer=tb_writer)
+            world_size=runtime.world_size, tb_writer=tb_writer, stop=stop, resumed=resumed)
+        if "preempted_at" in train_stats:
+            partials = gathered(train_stats["partial"], runtime)
+            if args.output_dir and runtime.is_main:
+                trainer.save_preempted(epoch, partials)
+            raise Preempted(preempted_line(f"epoch {epoch} step {train_stats['preempted_at']}"))
         trainer.nonfinite_skipped += train_stats["nonfinite_skipped"]
         warn_unreadable(runtime, train_stats["unreadable_images"], f"training images in epoch {epoch}")
         val_stats = evaluate(model, val_loader, runtime.device, AMP_DTYPES[args.amp], args.print_freq,
@@ -141,6 +163,22 @@ def run_training(args, runtime: Runtime, argv) -> None:
             for name in ("acc1", "acc5", "loss"):
                 tb_writer.add_scalar(f"val/{name}", val_stats[name], epoch)
             tb_writer.flush()
+        if epoch + 1 < total_epochs and stop.requested(runtime.device):
+            raise Preempted(preempted_line(f"the end of epoch {epoch}"))
+
+
+def gathered(value, runtime: Runtime) -> list:
+    """Every rank's ``value``, in rank order (the same list on every rank)."""
+    if not runtime.distributed:
+        return [value]
+    values = [None] * runtime.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def finish_training(args, runtime: Runtime, trainer: Trainer, val_loader) -> None:
+    """After the last epoch: the EMA's accuracy and a trained teacher's file."""
+    model, ema = trainer.model, trainer.ema
 
     if ema is not None:
         ema.model.to(runtime.device)
@@ -153,8 +191,6 @@ def run_training(args, runtime: Runtime, argv) -> None:
         teacher_path = os.path.join(args.output_dir, TEACHER_FILE)
         save_atomically({"model": model.state_dict()}, teacher_path)
         runtime.log(f"Teacher saved to {teacher_path}: distil with --teacher {args.teacher} --teacher-path {teacher_path}")
-    if tb_writer is not None:
-        tb_writer.close()
 
 
 @entry_point

@@ -21,6 +21,8 @@ TEACHER = "resnet10t"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts several processes through a launcher (slower)")
+    config.addinivalue_line("markers", "slow: end-to-end runs (subprocess kills, launchers, demos); "
+                                       "`make test-slow` and .ci/run run them")
 
 
 def write_image_folder(root: str, per_class, seed: int) -> None:

@@ -11,9 +11,9 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 Main = TypeVar("Main", bound=Callable)
 
 
-def fail(message: str, exit_code: int = 2) -> NoReturn:
+def fail(message: str, exit_code: int = 2, label: str = "error") -> NoReturn:
     """One line on stderr, then exit: code 2 for bad input, 1 for a run that cannot go on."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(f"{label}: {message}", file=sys.stderr, flush=True)
     sys.exit(exit_code)
 
 
@@ -25,8 +25,9 @@ def entry_point(main: Main) -> Main:
         try:
             return main(*args, **kwargs)
         except VkDError as error:
-            fail(str(error), error.exit_code)
+            fail(str(error), error.exit_code, error.label)
         except KeyboardInterrupt:
-            fail("interrupted; the last checkpoint written is kept (resume with --resume auto)", EXIT_INTERRUPTED)
+            fail("interrupted; the last checkpoint written is kept (resume with --resume auto)", EXIT_INTERRUPTED,
+                 "stopped")
 
     return guarded

@@ -10,6 +10,7 @@ class VkDError(Exception):
     """Base of every error this project raises on purpose; ``str()`` is one line."""
 
     exit_code = 1
+    label = "error"  # what the entry point's one line starts with
 
 
 class BadInput(VkDError, ValueError):

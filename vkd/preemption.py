@@ -1,0 +1,82 @@
+"""Preemption as an event of the loop, for the three trees. SIGTERM (what Slurm and Kubernetes send before a
+preemption or at a time limit) and SIGUSR1 (Slurm's ``--signal=USR1@SECONDS``) ask the loop to stop at its
+next step boundary; every rank agrees on that step, the run writes a resumable checkpoint and exits with
+``EXIT_PREEMPTED`` after one line. ``--resume auto`` then continues from that very step."""
+import os
+import random
+import signal
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vkd.errors import VkDError
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Not 0 (nothing finished) nor 1/2 (errors): a scheduler's requeue hook or a wrapper script can tell a
+# preempted run, which only needs to be started again with the same command, from a failed one.
+EXIT_PREEMPTED = 124
+
+
+class Preempted(VkDError):
+    """The run stopped at a step boundary on request and saved everything needed to continue."""
+
+    exit_code = EXIT_PREEMPTED
+    label = "stopped"
+
+
+class StopRequest:
+    """While active (a context manager), the stop signals set a flag instead of ending the process.
+
+    ``requested()`` is True on every rank as soon as any rank received a signal: with several processes it
+    costs one tiny all-reduce per call, so call it once per step, at the same point on every rank.
+    """
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals, self.received, self.previous = tuple(signals), None, {}
+
+    def __enter__(self) -> "StopRequest":
+        for number in self.signals:
+            self.previous[number] = signal.signal(number, self._note)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _note(self, number, frame) -> None:
+        self.received = signal.Signals(number).name
+
+    def requested(self, device: Optional[torch.device] = None) -> bool:
+        local = self.received is not None
+        if not (dist.is_available() and dist.is_initialized()):
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def rng_states() -> Dict[str, object]:
+    """Every random generator of this process, as tensors and plain values (a ``weights_only`` checkpoint
+    holds them), to continue a run mid-epoch exactly where it stopped."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {"torch": torch.get_rng_state(),
+              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
+              "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Dict[str, object]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    random.setstate((3, tuple(states["python"]), states["python_gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def preempted_line(where: str) -> str:
+    return f"preempted at {where} (pid {os.getpid()}); resume with the same command and --resume auto"
