@@ -21,6 +21,7 @@ TEACHER = "resnet10t"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "multiprocess: starts several processes through a launcher (slower)")
+    config.addinivalue_line("markers", "slow: a whole experiment driver end to end (slower)")
 
 
 def write_image_folder(root: str, per_class, seed: int) -> None:
