@@ -19,18 +19,18 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
-	$(PY) demo.py
+	$(PY) -m experiments.demo
 
 clean-venv:
 	rm -rf $(VENV)
 
 ablation: $(STAMP)
-	$(PY) ablation.py
+	$(PY) -m experiments.ablation
 
 .PHONY: demo-gen
 demo-gen: $(STAMP)
-	$(PY) demo_gen.py
+	$(PY) -m experiments.demo_gen
 
 # Fashion-MNIST (Debian's dataset-fashion-mnist): teacher + 6 rows x 3 seeds, resumable; niced, one thread a run.
 fmnist: $(STAMP)
-	nice -n 19 $(PY) fmnist.py
+	nice -n 19 $(PY) -m experiments.fmnist

@@ -1,0 +1,293 @@
+"""`make fmnist` (``python -m experiments.fmnist``): does VkD's projector beat the alternatives, and does the
+original's collapse matter?
+
+Trains the resnet10t teacher of ``configs/fmnist/teacher.yaml`` on a class-balanced training subset of
+Fashion-MNIST, then every row of ``configs/fmnist/`` for three seeds with identical budgets, seed by seed
+(all rows of seed 0 first), so that an interrupted run still holds complete pairs. Finished runs are
+reused (``FORCE=1`` reruns them); each finished run prints an ETA. Writes ``results/fmnist/``:
+``fmnist.json``, ``fmnist.png`` and ``README.md``, the page written from the JSON: the table, paired
+per-seed comparisons of VkD with the other rows, and a conclusion that follows from those numbers.
+``--report-only`` writes them from the runs finished so far, without training.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from typing import Optional
+
+import torch
+
+import datasets
+from experiments.rows import finished_runs, row_configs, row_job, summarise, trained_student
+from experiments.runner import ROOT, Job, epoch_log, force_requested, hardware_description, run_jobs
+from experiments.stats import binomial_standard_error, paired_comparison
+from vkd.cli import fail
+from vkd.errors import BadInput, VkDError
+
+CONFIGS = os.path.join("configs", "fmnist")
+OUT = os.path.join("runs", "fmnist")
+RESULTS = os.path.join("results", "fmnist")
+SEEDS = (0, 1, 2)
+TEST_IMAGES = 10000
+# Every run computes with one thread (and the driver runs under `nice -n 19` when started by make). On
+# cores shared with other jobs, two OpenMP threads spent ten times the CPU per image of one (measured:
+# 76 vs 7.8 CPU-ms per DeiT-Ti training image at load average 19), waiting for each other.
+THREADS = 1
+TEACHER = Job("teacher", os.path.join(OUT, "teacher"), config=os.path.join(CONFIGS, "teacher.yaml"), threads=THREADS)
+VKD = "row5_vkd"
+# (row compared with VKD, what the comparison asks); 3 vs 2 asks whether the collapsed projector taught anything.
+PAIRS = (("row1_no_distillation", "does VkD beat training without distillation?"),
+         ("row2_logit_kd", "does the feature term add to logit KD?"),
+         ("row3_original_recipe", "does keeping the projector an isometry (no weight decay) change the result?"),
+         ("row4_linear_layernorm", "does the orthogonal constraint beat an unconstrained linear projector?"))
+COLLAPSE_PAIR = ("row3_original_recipe", "row2_logit_kd")
+COLLAPSE_QUESTION = "did the collapsed projector's feature term teach anything beyond logit KD?"
+# ||W||_F / sqrt(width) below this is a projector that weight decay shrank to zero.
+COLLAPSED_BELOW = 1e-6
+
+
+@torch.no_grad()
+def projector_scale(row: dict, run: dict) -> Optional[float]:
+    """||W||_F / sqrt(student width) of the trained projector: 1 for an isometry, 0 after the collapse."""
+    settings = row["settings"]
+    if settings["alpha"] == 0:
+        return None
+    student = trained_student(settings, run["output_dir"], len(datasets.FMNIST_CLASSES))
+    return (student.projector.weight.norm() / math.sqrt(student.embed_dim)).item()
+
+
+def paired(rows_by_name: dict, first: str, second: str) -> dict:
+    """The paired comparison (experiments.stats) of two rows' top-1 by seed, first - second."""
+    def by_seed(row):
+        return dict(zip(row["seeds"], row["acc1_per_seed"]))
+    return {"first": first, "second": second,
+            **paired_comparison(by_seed(rows_by_name[first]), by_seed(rows_by_name[second]))}
+
+
+def comparisons(rows_by_name: dict) -> list:
+    """VkD against each row of PAIRS, then the collapse pair, each with its question."""
+    found = [dict(paired(rows_by_name, VKD, other), question=question) for other, question in PAIRS]
+    return found + [dict(paired(rows_by_name, *COLLAPSE_PAIR), question=COLLAPSE_QUESTION)]
+
+
+def outcome(comparison: dict) -> str:
+    """'too few seeds', 'within the noise', or, beyond it, whether the first row is 'better' or 'worse'."""
+    if comparison["exceeds_noise"] is None:
+        return "too few seeds"
+    if not comparison["exceeds_noise"]:
+        return "within the noise"
+    return "better" if comparison["mean"] > 0 else "worse"
+
+
+def projector_collapsed(row: dict) -> Optional[bool]:
+    """Whether every finished run of ``row`` ended with a zero projector; None for rows without one."""
+    scales = [scale for scale in row["projector_scale"] if scale is not None]
+    return max(scales) < COLLAPSED_BELOW if scales else None
+
+
+def build_report(rows: list, teacher: dict) -> dict:
+    summaries = []
+    for row in rows:
+        runs = finished_runs(row, SEEDS, OUT)
+        summaries.append(summarise(row, runs, projector_scale=[projector_scale(row, run) for run in runs]))
+    missing = [f"{row['name']} seed {seed}" for row, summary in zip(rows, summaries) for seed in SEEDS
+               if seed not in summary["seeds"]]
+    settings = rows[0]["settings"]
+    return {"teacher_acc1": teacher["acc1"], "teacher_seconds": teacher["seconds"], "teacher_command": teacher["command"],
+            "seeds": list(SEEDS), "rows": summaries,
+            "comparisons": comparisons({summary["row"]: summary for summary in summaries}), "missing": missing,
+            "budget": {key: settings[key] for key in ("subset", "input_size", "epochs", "batch_size", "lr",
+                                                     "student_model", "teacher", "crop_scale_min", "eval_crop_ratio")},
+            "threads": THREADS,
+            "seconds": round(teacher["seconds"] + sum(summary["seconds"] for summary in summaries), 1),
+            "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "hardware": hardware_description()}
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (rows_axes, pairs_axes) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    rows = [row for row in report["rows"] if row["acc1_per_seed"]]
+    positions = range(len(rows))
+    rows_axes.bar(positions, [r["acc1_mean"] for r in rows], yerr=[r["acc1_std"] or 0 for r in rows], capsize=4,
+                  color=["tab:orange" if r["row"] == VKD else "tab:blue" for r in rows])
+    for position, row in zip(positions, rows):
+        rows_axes.scatter([position] * len(row["acc1_per_seed"]), row["acc1_per_seed"], color="black", s=8, zorder=3)
+    rows_axes.axhline(report["teacher_acc1"], color="tab:red", linestyle="--", label="teacher")
+    rows_axes.set_xticks(list(positions), [r["row"].split("_", 1)[1].replace("_", "\n") for r in rows], fontsize=8)
+    values = [a for r in rows for a in r["acc1_per_seed"]] + [report["teacher_acc1"]]
+    rows_axes.set_ylim(min(values) - 2, max(values) + 1)
+    rows_axes.set(ylabel="test top-1 (%)", title="Fashion-MNIST, DeiT-Ti: mean ± std (dots: seeds)")
+    rows_axes.legend(loc="lower right")
+    shown = [c for c in report["comparisons"] if c["differences"]]
+    for index, comparison in enumerate(shown):
+        pairs_axes.scatter(comparison["differences"], [index] * len(comparison["differences"]), color="black", s=10)
+        if comparison["ci95"]:
+            pairs_axes.plot(comparison["ci95"], [index, index], color="tab:orange", linewidth=3, alpha=0.6)
+    pairs_axes.axvline(0, color="gray", linewidth=1)
+    pairs_axes.set_yticks(range(len(shown)),
+                          [f"{c['first'].split('_')[0]} - {c['second'].split('_')[0]}" for c in shown])
+    pairs_axes.invert_yaxis()
+    pairs_axes.set(xlabel="top-1 difference, same seed (points)", title="Paired differences (bar: 95% interval)")
+    figure.text(0.01, 0.01, f"{report['date']}, {report['hardware']}, torch {report['torch']}", fontsize=7)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.savefig(path, dpi=120)
+
+
+def _mean_std(row) -> str:
+    if row["acc1_mean"] is None:
+        return "not run"
+    return f"{row['acc1_mean']:.2f}" + (f" ± {row['acc1_std']:.2f}" if row["acc1_std"] is not None else "")
+
+
+def _signed(value) -> str:
+    return "—" if value is None else f"{value:+.2f}"
+
+
+TABLE_VERDICTS = {"too few seeds": "too few seeds to tell", "within the noise": "within the noise",
+                  "better": "exceeds the noise", "worse": "exceeds the noise"}
+
+
+def conclusion(report: dict) -> list:
+    """Plain-language answers to the two questions, each sentence chosen by the numbers."""
+    against_vkd = {c["second"]: c for c in report["comparisons"] if c["first"] == VKD}
+    collapse = next(c for c in report["comparisons"] if c["first"] == COLLAPSE_PAIR[0])
+    rows = {row["row"]: row for row in report["rows"]}
+
+    def said(comparison, better: str, worse: str, tie: str) -> str:
+        return {"too few seeds": "cannot be told from the finished runs", "within the noise": tie,
+                "better": better, "worse": worse}[outcome(comparison)]
+
+    def numbers(comparison) -> str:
+        if comparison["ci95"] is None:
+            return f"({_signed(comparison['mean'])} points)"
+        low, high = comparison["ci95"]
+        return f"({comparison['mean']:+.2f} points, 95% interval {low:+.2f} to {high:+.2f})"
+
+    answers = ["**1. Orthogonal projector + LayerNorm against the alternatives.** "
+               f"Against no distillation, VkD {said(against_vkd['row1_no_distillation'], 'is better', 'is worse', 'is within the noise')} "
+               f"{numbers(against_vkd['row1_no_distillation'])}; against logit KD alone it "
+               f"{said(against_vkd['row2_logit_kd'], 'is better, so the feature term adds to the KL term', 'is worse, so the feature term costs accuracy here', 'is within the noise, so at this budget the feature term adds nothing measurable to the KL term')} "
+               f"{numbers(against_vkd['row2_logit_kd'])}; against an unconstrained linear projector it "
+               f"{said(against_vkd['row4_linear_layernorm'], 'is better, as the paper reports', 'is worse, the opposite of the paper', 'is within the noise, so this budget does not confirm the paper on this point')} "
+               f"{numbers(against_vkd['row4_linear_layernorm'])}."]
+    collapsed_row = rows[COLLAPSE_PAIR[0]]
+    scales = [s for s in collapsed_row["projector_scale"] if s is not None]
+    scale_text = (f"Row 3's projectors ended with ‖W‖_F/√192 = {', '.join(f'{s:.3f}' for s in scales)} "
+                  f"({'collapsed to zero' if projector_collapsed(collapsed_row) else 'not all collapsed'}; "
+                  "VkD's stay at 1). " if scales else "")
+    answers.append("**2. The collapse.** " + scale_text +
+                   f"Row 3 against logit KD alone {numbers(collapse)}: "
+                   f"{said(collapse, 'they differ beyond the noise, which the collapse claim does not predict', 'they differ beyond the noise, which the collapse claim does not predict', 'nearly identical within the noise, as the collapse claim predicts')}. "
+                   f"Keeping the projector an isometry (VkD against row 3) "
+                   f"{said(against_vkd['row3_original_recipe'], 'improves the result', 'lowers the result', 'does not change the result measurably')} "
+                   f"{numbers(against_vkd['row3_original_recipe'])}.")
+    best = max(rows.values(), key=lambda row: row["acc1_mean"] if row["acc1_mean"] is not None else -1)
+    if best["acc1_mean"] is not None:
+        epochs = report["budget"]["epochs"]
+        answers.append(f"**Scope.** After {epochs} epoch{'s' if epochs > 1 else ''} the best row reaches "
+                       f"{best['acc1_mean']:.2f}% against the teacher's {report['teacher_acc1']:.2f}%: these answers "
+                       "describe early training at this budget, not converged students.")
+    return answers
+
+
+def results_page(report: dict) -> str:
+    """results/fmnist/README.md, from the report (fmnist.json) alone."""
+    budget, rows, threads = report["budget"], report["rows"], report["threads"]
+    finished = sum(len(row["seeds"]) for row in rows)
+    common = "../../configs/fmnist/common.yaml"
+    lines = [
+        "# Fashion-MNIST: the projector and the collapse, at a resolvable scale", "",
+        f"Made by `make fmnist` (`.venv/bin/python -m experiments.fmnist`) on {report['date']}: {report['hardware']}, "
+        f"torch {report['torch']}, {threads} thread{'s' if threads > 1 else ''} per run, `nice -n 19` beside other "
+        f"jobs; {sum(row['seconds'] for row in rows) / 60:.0f} min of student runs and "
+        f"{report['teacher_seconds'] / 60:.0f} min for the teacher. Every number below comes from "
+        "[`fmnist.json`](fmnist.json).", "",
+        f"**Budget, fixed before the runs** ([`configs/fmnist/`]({common})): training subset "
+        f"`{budget['subset']}` of the 60,000 training images (class-balanced, drawn once with seed 0 and the same for "
+        f"every run), the full 10,000-image test set, input {budget['input_size']} px (the 28 px gray images copied "
+        f"to 3 channels, bicubic resize), {budget['student_model']} students for {budget['epochs']} "
+        f"epoch{'s' if budget['epochs'] > 1 else ''} at batch {budget['batch_size']}, lr {budget['lr']:g}, "
+        f"random-resized crops keeping at least {budget['crop_scale_min']:.0%} of the image, no mixup; teacher "
+        f"{budget['teacher']} trained on the same subset ({report['teacher_acc1']:.2f}% test top-1, "
+        f"`{report['teacher_command']}`). Seeds {', '.join(map(str, report['seeds']))}; a seed fixes the "
+        "initialisation and the data order, the same for every row, so rows are compared seed by seed. The budget "
+        "was sized to the time left on shared CPU cores (the reasoning and the throughput measured beforehand are "
+        f"in the head of [`common.yaml`]({common})); fewer epochs were preferred to fewer seeds or rows. No GPU "
+        "was lent to this work, so the full-60k run was not made.", "",
+        f"{finished} of {len(rows) * len(report['seeds'])} student runs finished"
+        + (f"; missing: {', '.join(report['missing'])}." if report["missing"] else "."), "",
+        "| row | top-1 mean ± std | per seed | ‖W‖_F/√192 | config |", "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        scales = [s for s in row["projector_scale"] if s is not None]
+        scale_text = ", ".join(f"{s:.3f}" for s in scales) if scales else "—"
+        per_seed = ", ".join(f"{a:.2f}" for a in row["acc1_per_seed"]) or "—"
+        lines.append(f"| {row['title']} | {_mean_std(row)} | {per_seed} | {scale_text} | "
+                     f"[`{os.path.basename(row['config'])}`](../../{row['config']}) |")
+    means = [row["acc1_mean"] for row in rows if row["acc1_mean"] is not None]
+    noise = binomial_standard_error(statistics.mean(means), TEST_IMAGES) if means else float("nan")
+    lines += [
+        "", "![Fashion-MNIST](fmnist.png)", "",
+        "**Paired comparisons** (first row minus second, per seed; a difference exceeds the noise when its "
+        "95% t interval across seeds excludes zero, a rule fixed before the runs). For scale: one accuracy on "
+        f"10,000 test images has a binomial standard error of about {noise:.2f} points.", "",
+        "| comparison | question | per seed | mean ± sd | 95% interval | verdict |", "|---|---|---|---|---|---|",
+    ]
+    for comparison in report["comparisons"]:
+        per_seed = ", ".join(f"{d:+.2f}" for d in comparison["differences"]) or "—"
+        spread = "—" if comparison["mean"] is None else (
+            f"{comparison['mean']:+.2f}" + (f" ± {comparison['sd']:.2f}" if comparison["sd"] is not None else ""))
+        interval = "—" if comparison["ci95"] is None else f"{comparison['ci95'][0]:+.2f} to {comparison['ci95'][1]:+.2f}"
+        lines.append(f"| {comparison['first'].split('_')[0]} − {comparison['second'].split('_')[0]} | "
+                     f"{comparison['question']} | {per_seed} | {spread} | {interval} | "
+                     f"{TABLE_VERDICTS[outcome(comparison)]} |")
+    lines += ["", "**What the numbers say.**", ""] + [answer + "\n" for answer in conclusion(report)]
+    first = rows[0]
+    lines += ["Commands: `make fmnist` runs everything (finished runs are reused, `FORCE=1` reruns); one run is "
+              f"`.venv/bin/python main_distributed.py --config {first['config']} --seed 0 --output_dir "
+              f"{os.path.join(OUT, first['row'], 'seed0')}` "
+              "(the other rows and seeds change only the config and `--seed`; all are in `fmnist.json`). "
+              "`.venv/bin/python -m experiments.fmnist --report-only` rewrites this page from the finished runs.", ""]
+    return "\n".join(lines)
+
+
+def write_report(folder: str, report: dict) -> None:
+    """``fmnist.json``, then the plot and the page drawn from it, in ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "fmnist.json"), "w") as handle:
+        json.dump(report, handle, indent=2)
+    plot(report, os.path.join(folder, "fmnist.png"))
+    with open(os.path.join(folder, "README.md"), "w") as handle:
+        handle.write(results_page(report))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report-only", action="store_true", help="write the results from the finished runs only")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    torch.set_num_threads(THREADS)  # the projector measurements here, like the runs
+    force = force_requested() and not args.report_only
+    rows = row_configs(CONFIGS)
+    if args.report_only and not TEACHER.finished():
+        raise BadInput(f"no finished teacher in {TEACHER.output_dir}: run `make fmnist` first")
+    if not args.report_only:
+        run_jobs([TEACHER], force)
+        run_jobs([row_job(row, seed, OUT, threads=THREADS) for seed in SEEDS for row in rows], force,
+                 describe=lambda job: f"top-1 {epoch_log(job.output_dir)[-1]['val_acc1']:.2f}")
+    record = TEACHER.done_record()
+    teacher = {"acc1": epoch_log(TEACHER.output_dir)[-1]["val_acc1"], "seconds": record["seconds"],
+               "command": record["command"]}
+    write_report(RESULTS, build_report(rows, teacher))
+    print(f"wrote {RESULTS}/fmnist.json, fmnist.png and README.md")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except VkDError as error:  # one error line and its exit code, not a traceback
+        fail(str(error), error.exit_code)

@@ -1,0 +1,66 @@
+"""Experiments made of rows, one config file each over a shared ``base``, trained for several seeds with
+identical budgets: the digits ablation and the Fashion-MNIST comparison."""
+import glob
+import os
+from typing import List, Optional, Sequence
+
+import torch
+import yaml
+
+import models
+from experiments.runner import Job, epoch_log
+from experiments.stats import mean_and_std
+from utils import load_student_checkpoint
+
+
+def row_configs(folder: str) -> List[dict]:
+    """Each row's name, file, title (its first comment line) and settings (its file over ``base``) in ``folder``."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(folder, "row*.yaml"))):
+        with open(path) as handle:
+            text = handle.read()
+        settings = yaml.safe_load(text)
+        with open(os.path.join(folder, settings.pop("base"))) as handle:
+            resolved = {**yaml.safe_load(handle), **settings}
+        rows.append({"name": os.path.basename(path)[:-len(".yaml")], "path": path,
+                     "title": text.splitlines()[0].lstrip("# "), "settings": resolved})
+    return rows
+
+
+def row_job(row: dict, seed: int, out: str, threads: Optional[int] = None) -> Job:
+    return Job(f"{row['name']}/seed{seed}", os.path.join(out, row["name"], f"seed{seed}"), config=row["path"],
+               overrides=["--seed", str(seed)], threads=threads)
+
+
+def finished_runs(row: dict, seeds: Sequence[int], out: str) -> List[dict]:
+    """The runs of ``row`` that finished, one per seed: final top-1, wall seconds, command, output folder."""
+    runs = []
+    for seed in seeds:
+        job = row_job(row, seed, out)
+        if job.finished():
+            record = job.done_record()
+            runs.append({"seed": seed, "acc1": epoch_log(job.output_dir)[-1]["val_acc1"], "seconds": record["seconds"],
+                         "command": record["command"], "output_dir": job.output_dir})
+    return runs
+
+
+def summarise(row: dict, runs: List[dict], **measures) -> dict:
+    """A row's top-1 over its finished runs (std needs two), their timings and commands, and ``measures``."""
+    accuracies = [run["acc1"] for run in runs]
+    mean, std = mean_and_std(accuracies)
+    return {"row": row["name"], "title": row["title"], "config": row["path"], "settings": row["settings"],
+            "acc1_mean": mean, "acc1_std": std, "seeds": [run["seed"] for run in runs], "acc1_per_seed": accuracies,
+            "seconds_per_run": [run["seconds"] for run in runs], "seconds": sum(run["seconds"] for run in runs),
+            "commands": [run["command"] for run in runs], **measures}
+
+
+@torch.no_grad()
+def trained_student(settings: dict, output_dir: str, num_classes: int) -> torch.nn.Module:
+    """The student a row's run trained (its last checkpoint), in eval mode."""
+    teacher_dim = models.create_teacher(settings["teacher"], num_classes=num_classes,
+                                        teacher_path=settings["teacher_path"]).num_features
+    student = models.create_student(settings["student_model"], num_classes=num_classes,
+                                    img_size=settings["input_size"], teacher_dim=teacher_dim,
+                                    projector=settings["projector"])
+    load_student_checkpoint(student, os.path.join(output_dir, "latest.pth.tar"))
+    return student.eval()

@@ -1,0 +1,176 @@
+"""The one job runner of the experiments.
+
+A job is one run of an entry point (``main_distributed.py``, or ``python -m generation.main``): a config
+file plus overrides, writing to its own output folder. A job that finished holds DONE_MARKER (its command
+and wall seconds, written only after the process exited cleanly) and is reused; FORCE=1 in the environment
+reruns it. A job that was interrupted starts again from scratch, or, if it is resumable, continues with
+``--resume auto``.
+"""
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+from vkd.errors import RunFailed
+from vkd.runs import cpu_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DONE_MARKER = "job_done.json"
+# Each entry point: what follows the interpreter, and its flag for the output folder.
+ENTRY_POINTS = {"classification": (["main_distributed.py"], "--output_dir"),
+                "generation": (["-m", "generation.main"], "--output-dir")}
+LOG_TAIL_LINES = 5
+POLL_SECONDS = 0.2
+
+
+def force_requested() -> bool:
+    """FORCE set to anything but '' or '0': rerun finished jobs and rebuild exported data."""
+    return os.environ.get("FORCE", "") not in ("", "0")
+
+
+def shell_command(command: Sequence[str]) -> str:
+    """``command`` as a shell line to run from the repository root, naming the interpreter as a reader has it
+    (``make`` sets up ``.venv``), not by this run's absolute path."""
+    interpreter = os.path.join(".venv", "bin", "python") if os.path.basename(sys.prefix) == ".venv" else "python"
+    return shlex.join([interpreter, *command[1:]])
+
+
+def thread_environment(threads: int) -> Dict[str, str]:
+    """Environment of a job computing with ``threads`` threads. The result of a parallel sum depends on how
+    it is split, so a fixed count keeps runs repeatable; the libraries below torch read their own variable."""
+    environment = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    # Threads waiting at the end of a parallel region sleep instead of spinning. Same numbers; on cores shared
+    # with other jobs a spinning thread steals the time its partner needs (a step took 6-9x longer).
+    environment["OMP_WAIT_POLICY"] = "PASSIVE"
+    return environment
+
+
+def hardware_description() -> str:
+    return f"{len(os.sched_getaffinity(0))} cores of {cpu_model()}, no GPU"
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    output_dir: str
+    config: Optional[str] = None
+    overrides: Sequence[str] = ()
+    entry_point: str = "classification"
+    resumable: bool = False
+    reuse_finished: bool = True  # False: run again even when finished (without FORCE)
+    threads: Optional[int] = None  # a fixed thread count (see thread_environment); None inherits
+
+    def environment(self) -> Dict[str, str]:
+        return {**os.environ, **(thread_environment(self.threads) if self.threads else {})}
+
+    def command(self) -> List[str]:
+        program, output_flag = ENTRY_POINTS[self.entry_point]
+        config = ["--config", self.config] if self.config else []
+        resume = ["--resume", "auto"] if self.resumable else []
+        return [sys.executable, *program, *config, *self.overrides, output_flag, self.output_dir, *resume]
+
+    def shell_command(self) -> str:
+        return shell_command(self.command())
+
+    @property
+    def log_path(self) -> str:
+        """Where the job's stdout and stderr go, beside (not in) its output folder."""
+        return os.path.normpath(self.output_dir) + ".log"
+
+    def finished(self) -> bool:
+        return os.path.isfile(os.path.join(self.output_dir, DONE_MARKER))
+
+    def done_record(self) -> dict:
+        """{"command", "seconds"} of the finished job."""
+        with open(os.path.join(self.output_dir, DONE_MARKER)) as handle:
+            return json.load(handle)
+
+
+def epoch_log(output_dir: str) -> List[dict]:
+    """The per-epoch records a finished ``main_distributed.py`` job wrote to its log.txt."""
+    with open(os.path.join(output_dir, "log.txt")) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _log_tail(path: str) -> str:
+    with open(path) as handle:
+        return "\n".join(handle.read().splitlines()[-LOG_TAIL_LINES:])
+
+
+def run_jobs(jobs: Sequence[Job], force: bool, workers: int = 1, show_output: bool = False,
+             describe: Optional[Callable[[Job], str]] = None) -> Dict[str, dict]:
+    """Run the ``jobs`` that are not finished (all of them with ``force``), ``workers`` at a time, from the
+    repository root; return each job's done record ({"command", "seconds"}) with "reused" added, by name.
+
+    ``show_output`` (one worker only) lets a job print to the terminal; otherwise its output goes to its
+    log_path. After each job a progress line gives ``describe(job)`` and an ETA. A job that fails stops the
+    others and raises RunFailed.
+    """
+    if show_output and workers != 1:
+        raise ValueError("show_output needs a single worker: parallel jobs would interleave their output")
+    records: Dict[str, dict] = {}
+    pending: List[Job] = []
+    for job in jobs:
+        if job.finished() and job.reuse_finished and not force:
+            records[job.name] = dict(job.done_record(), reused=True)
+        else:
+            pending.append(job)
+    started = time.time()
+
+    def report_progress(job: Job) -> None:
+        record = records[job.name]
+        # Reused jobs keep their measured wall time, so the ETA is right after a restart too.
+        left = len(jobs) - len(records)
+        eta = statistics.mean(r["seconds"] for r in records.values()) * left / workers / 60
+        took = "reused (FORCE=1 reruns)" if record["reused"] else f"{record['seconds']:.0f} s"
+        print(f"[{len(records)}/{len(jobs)}] {job.name}: {took}" + (f", {describe(job)}" if describe else "")
+              + f"  elapsed {(time.time() - started) / 60:.1f} min, eta {eta:.1f} min", flush=True)
+
+    for job in jobs:
+        if job.name in records:
+            report_progress(job)
+    running: Dict[str, tuple] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                if force or not job.resumable:
+                    shutil.rmtree(job.output_dir, ignore_errors=True)
+                os.makedirs(os.path.dirname(job.log_path) or ".", exist_ok=True)
+                print(f"start {job.name}: {job.shell_command()}" + ("" if show_output else f"  (log: {job.log_path})"),
+                      flush=True)
+                log = None if show_output else open(job.log_path, "w")
+                process = subprocess.Popen(job.command(), cwd=ROOT, env=job.environment(), stdout=log,
+                                           stderr=None if show_output else subprocess.STDOUT)
+                running[job.name] = (job, process, log, time.time())
+            time.sleep(POLL_SECONDS)
+            for name, (job, process, log, job_started) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[name]
+                if log is not None:
+                    log.close()
+                if process.returncode != 0:
+                    if not show_output:
+                        print(f"last lines of {job.log_path}:\n{_log_tail(job.log_path)}", file=sys.stderr)
+                    raise RunFailed(f"{name} failed (exit {process.returncode})"
+                                    + ("" if show_output else f"; its output is in {job.log_path}"))
+                record = {"command": job.shell_command(), "seconds": round(time.time() - job_started, 1)}
+                os.makedirs(job.output_dir, exist_ok=True)
+                with open(os.path.join(job.output_dir, DONE_MARKER), "w") as handle:
+                    json.dump(record, handle, indent=1)
+                records[name] = dict(record, reused=False)
+                report_progress(job)
+    finally:
+        for job, process, log, _ in running.values():
+            process.terminate()
+            process.wait()
+            if log is not None:
+                log.close()
+    return {job.name: records[job.name] for job in jobs}
