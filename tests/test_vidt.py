@@ -26,8 +26,9 @@ from vidt.models.matcher import HungarianMatcher
 from vidt.models.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
 from vidt.optim import build_scheduler, param_groups, step_scheduler
 from vidt.tools.make_synthetic_coco import make_synthetic_coco
-from vidt.util.checkpoint import CheckpointError, load_state_dict_strictly
-from vidt.util.misc import init_distributed_mode, launcher_ranks, nested_tensor_from_images
+from vidt.util.misc import nested_tensor_from_images, setup_for_distributed_printing
+from vkd.distributed import launcher_ranks
+from vkd.errors import BadInput, CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VIDT_DIR = REPO_ROOT / "vidt"
@@ -268,8 +269,10 @@ def test_strict_loading_names_the_bad_keys(nano):
     state = nano.state_dict()
     del state["backbone.det_token"]
     state["class_embed.0.bias"] = torch.zeros(80)
-    with pytest.raises(CheckpointError, match=r"missing keys: backbone.det_token.*class_embed.0.bias \[80\]"):
-        load_state_dict_strictly(nano, state, "test file")
+    expected = (r"^test file does not fit Detector: shape mismatch: class_embed.0.bias file \[80\] vs model \[91\]; "
+                r"missing from file: backbone.det_token \[1, 100, 48\]$")
+    with pytest.raises(CheckpointError, match=expected):
+        load_student_weights(nano, state, "test file")
 
 
 def test_tgt_and_query_pos_projections_start_xavier_with_zero_bias(nano):
@@ -306,11 +309,12 @@ def test_plain_vidt_file_loads_with_fresh_projectors(nano, capsys):
 def test_other_mismatches_still_stop_with_the_names(nano):
     state = nano.state_dict()
     partial = {k: v for k, v in state.items() if not k.startswith("body_det_projector.")}
-    with pytest.raises(CheckpointError, match=r"missing keys: body_det_projector.weight, body_det_projector.bias"):
+    with pytest.raises(CheckpointError, match=r"missing from file: body_det_projector.weight \[256\], "
+                                              r"body_det_projector.bias \[256\], body_det_projector.projector"):
         load_student_weights(nano, partial, "partial file")
     plain = without_projectors(state)
     del plain["backbone.det_token"]
-    with pytest.raises(CheckpointError, match=r"missing keys: backbone.det_token$"):
+    with pytest.raises(CheckpointError, match=r"missing from file: backbone.det_token \[1, 100, 48\]$"):
         load_student_weights(nano, plain, "plain file")
 
 
@@ -335,7 +339,7 @@ def test_a_student_trained_here_serves_as_teacher(nano, tmp_path, capsys):
     (["--backbone_name", "coat_lite_tiny"], "not supported"),
 ])
 def test_unsupported_flags_stop_with_one_line(flags, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(BadInput, match=message):
         check_supported(parse_args(*flags))
 
 
@@ -345,11 +349,11 @@ def test_bare_switches_of_the_original(monkeypatch):
     args = parse_args("--distributed", "--remove_difficult")
     assert args.distributed is True and args.remove_difficult is True
     assert parse_args("--distributed", "False").distributed is False
-    with pytest.raises(SystemExit, match="--remove_difficult has no effect"):
+    with pytest.raises(BadInput, match="--remove_difficult has no effect"):
         check_supported(args)
-    with pytest.raises(SystemExit, match="--distributed needs a launcher") as stopped:
-        init_distributed_mode(parse_args("--distributed", "--device", "cpu"))
-    assert stopped.value.code == 2
+    from vidt.main import start_runtime
+    with pytest.raises(BadInput, match="--distributed needs a launcher"):
+        start_runtime(parse_args("--distributed", "--device", "cpu"))
 
 
 def test_bad_input_is_one_line_on_stderr_and_exit_code_2(tmp_path):
@@ -358,13 +362,35 @@ def test_bad_input_is_one_line_on_stderr_and_exit_code_2(tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
     assert result.returncode == 2
     assert result.stderr == "error: --iou_aware is not supported\n" and not (tmp_path / "run").exists()
-    with pytest.raises(SystemExit, match="--coco_path is needed"):
+    with pytest.raises(BadInput, match="--coco_path is needed"):
         check_supported(parse_args())
+
+
+def test_runs_as_a_module_from_the_repository_root():
+    """``python -m vidt.main`` from the root: --help lists the paper's flags; a bad flag is one line, exit 2."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    shown = subprocess.run([sys.executable, "-m", "vidt.main", "--help"], cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and "--distil_model_path" in shown.stdout and "--dist_timeout" in shown.stdout
+    refused = subprocess.run([sys.executable, "-m", "vidt.main", "--coco-path", "coco"], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr == "error: unrecognized arguments: --coco-path coco (--help lists every flag)\n"
+
+
+def test_silenced_ranks_still_print_errors(monkeypatch, capsys):
+    import builtins
+    monkeypatch.setattr(builtins, "print", builtins.print)  # undone after the test
+    setup_for_distributed_printing(is_master=False)
+    print("progress of rank 1")
+    print("error: rank 1 failed", file=sys.stderr)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "error: rank 1 failed\n"
 
 
 def test_boolean_flags_accept_only_true_or_false():
     assert parse_args("--eval", "TRUE").eval is True
-    with pytest.raises(SystemExit):
+    with pytest.raises(BadInput, match="argument --eval: expected True or False, got 'yes'"):
         parse_args("--eval", "yes")
 
 
@@ -470,6 +496,7 @@ def test_slurm_exports_what_env_init_needs(monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_NODELIST", "node[17-18]")
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
     assert launcher_ranks() == (5, 8, 1)
     assert [os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")] == \
         ["node17", "29500", "5", "8", "1"]
@@ -483,9 +510,11 @@ def test_slurm_exports_what_env_init_needs(monkeypatch, tmp_path):
 def test_plain_cpu_run_records_gloo_and_no_process_group(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
+    from vidt.main import start_runtime
     args = parse_args("--device", "cpu")
-    init_distributed_mode(args)
+    runtime = start_runtime(args)
     assert (args.distributed, args.dist_backend, args.dist_url) == (False, "gloo", "env://")
+    assert (runtime.rank, runtime.world_size, runtime.device) == (0, 1, torch.device("cpu"))
 
 
 def test_paper_scripts_pass_nodes_and_master_port_to_the_launcher(tmp_path):
@@ -501,11 +530,11 @@ def test_paper_scripts_pass_nodes_and_master_port_to_the_launcher(tmp_path):
 
 
 GROUP_MEMBER = """
-import types, torch, torch.distributed as dist
-from vidt.util.misc import init_distributed_mode
-args = types.SimpleNamespace(device="cpu", dist_url="env://", dist_backend="nccl", distributed=False, rank=0,
-                             world_size=1)  # the parser's defaults
-init_distributed_mode(args)
+import torch, torch.distributed as dist
+from vidt.arguments import get_args_parser
+from vidt.main import start_runtime
+args = get_args_parser().parse_args(["--device", "cpu"])
+start_runtime(args)
 total = torch.tensor([float(args.rank + 1)])
 dist.all_reduce(total)
 print(args.rank, args.world_size, args.dist_backend, args.dist_url, int(total.item()))

@@ -8,7 +8,9 @@ import argparse
 
 from vidt.models.build import TEACHER_BACKBONES
 from vidt.models.swin_ram import SWIN_VARIANTS
-from vidt.util.misc import BadInput
+from vkd.config import OneLineErrorParser
+from vkd.distributed import DEFAULT_TIMEOUT_MINUTES
+from vkd.errors import BadInput
 
 DEFAULT_TRAIN_SIZES = list(range(480, 801, 16))
 MIN_IMAGE_SIDE = 32
@@ -21,8 +23,9 @@ def true_or_false(value) -> bool:
     return text == "true"
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViDT + VkD detection", add_help=False)
+def get_args_parser() -> OneLineErrorParser:
+    """The flags of vidt/main.py; a bad flag or value is one ``BadInput`` line."""
+    parser = OneLineErrorParser("ViDT + VkD training and evaluation")
     add = parser.add_argument
 
     # Optimisation and schedule
@@ -113,7 +116,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="run folder under logs/ (default, as in the original: <method>-<BACKBONE>-batch-<b>-epoch-<e>)")
     add("--device", default="cuda", help="cuda or cpu (default cuda)")
     add("--seed", default=42, type=int, help="base seed; each process uses seed + rank (default 42)")
-    add("--resume", default="", help="checkpoint to resume from or to evaluate (loaded strictly)")
+    add("--resume", default="",
+        help="checkpoint to resume from or to evaluate (loaded strictly); 'auto': the run folder's checkpoint.pth "
+             "if there is one")
     add("--start_epoch", default=0, type=int, help="first epoch (overwritten on resume)")
     add("--overwrite", action="store_true",
         help="start a new run in a run folder that holds one: the old run is moved aside to "
@@ -124,7 +129,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     # Distributed (rank and world size come from torchrun / torch.distributed.launch --use_env / Slurm)
     add("--dist-url", default="env://",
         help="process group init method (default env://: the launcher's MASTER_ADDR and MASTER_PORT)")
-    add("--dist-backend", default="nccl", help="process group backend on CUDA (default nccl); CPU runs use gloo")
+    add("--dist_timeout", "--dist-timeout", default=DEFAULT_TIMEOUT_MINUTES, type=float, metavar="MINUTES",
+        help=f"a collective that waits this long (a dead rank) stops the run (default {DEFAULT_TIMEOUT_MINUTES:g})")
+    # Accepted for the original's commands: the backend follows the device (nccl on CUDA, gloo on the CPU).
+    add("--dist-backend", default="nccl", help=argparse.SUPPRESS)
     add("--rank", default=0, type=int, help="set by the launcher")
     add("--world_size", default=1, type=int, help="set by the launcher; a different value stops the run")
     add("--distributed", default=False, type=true_or_false, nargs="?", const=True,
@@ -150,8 +158,9 @@ INERT_FLAGS = (
     ("remove_difficult", False, "it only applies to VOC"),
     ("iouaware_loss_coef", 2, "--iou_aware is not supported"),
     ("token_loss_coef", 2, "--token_label is not supported"),
+    ("dist_backend", "nccl", "the process group uses nccl on CUDA and gloo on the CPU"),
 )
-DASHED_FLAGS = {"decay_rate"}  # spelled with '-' on the command line, as in the original
+DASHED_FLAGS = {"decay_rate", "dist_backend"}  # spelled with '-' on the command line, as in the original
 UNSUPPORTED_OPTIONS = (
     ("method", "vidt", "--method vidt_wo_neck is not supported; use --method vidt"),
     ("dataset_file", "coco", "--dataset_file voc is not supported; use coco"),

@@ -1,46 +1,25 @@
 """train_one_epoch and evaluate (DETR's engine; the criterion owns the VkD teacher)."""
 import math
 import re
-import sys
-import time
-from collections import defaultdict
 from typing import Dict, Iterable
 
 import torch
 
 from vidt.datasets.coco_eval import CocoEvaluator
-from vidt.util.misc import reduce_dict
+from vidt.util.misc import is_main_process, reduce_dict
+from vkd.errors import RunFailed
+from vkd.progress import Progress, RunningMeans
 
 AUX_SUFFIX = re.compile(r"_\d+$")
-
-
-class MetricLogger:
-    """Running means of scalar metrics, printed every ``print_freq`` iterations."""
-
-    def __init__(self, header: str, print_freq: int, total: int):
-        self.header, self.print_freq, self.total = header, print_freq, total
-        self.sums: Dict[str, float] = defaultdict(float)
-        self.counts: Dict[str, int] = defaultdict(int)
-        self.start = time.time()
-
-    def update(self, **values) -> None:
-        for name, value in values.items():
-            self.sums[name] += float(value)
-            self.counts[name] += 1
-
-    def averages(self) -> Dict[str, float]:
-        return {name: self.sums[name] / self.counts[name] for name in self.sums}
-
-    def maybe_print(self, iteration: int) -> None:
-        if iteration % self.print_freq == 0 or iteration == self.total - 1:
-            shown = "  ".join(f"{k}: {v:.4g}" for k, v in self.averages().items() if _printed(k))
-            elapsed = time.time() - self.start
-            print(f"{self.header} [{iteration}/{self.total}]  {shown}  time: {elapsed:.1f}s", flush=True)
 
 
 def _printed(name: str) -> bool:
     """Console lines show the final-level terms; unscaled and auxiliary terms go to log.txt only."""
     return not (name.endswith("_unscaled") or AUX_SUFFIX.search(name))
+
+
+def _shown(means: Dict[str, float]) -> Dict[str, str]:
+    return {name: f"{value:.4g}" for name, value in means.items() if _printed(name)}
 
 
 def _weighted_sum(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]) -> torch.Tensor:
@@ -67,7 +46,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     """
     model.train()
     criterion.train()
-    logger = MetricLogger(f"Epoch: [{epoch}]", print_freq, len(data_loader))
+    progress = Progress(f"Epoch: [{epoch}]", len(data_loader), print_freq, is_main_process())
+    running = RunningMeans()
     for iteration, (samples, targets) in enumerate(data_loader):
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
@@ -76,8 +56,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         loss = _weighted_sum(loss_dict, criterion.weight_dict)
         total_loss, scaled, unscaled = _log_values(loss_dict, criterion.weight_dict)
         if not math.isfinite(total_loss.item()):
-            print(f"Loss is {total_loss.item()}, stopping training; terms: {scaled}", flush=True)
-            sys.exit(1)
+            terms = ", ".join(f"{name}={value.item():.6g}" for name, value in scaled.items())
+            raise RunFailed(f"loss is {total_loss.item()} at epoch {epoch}, iteration {iteration}: stopping "
+                            f"training; terms: {terms}")
         (loss / n_iter_to_acc).backward()
         stepped = {}
         if (iteration + 1) % n_iter_to_acc == 0:
@@ -86,14 +67,15 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             optimizer.step()
             optimizer.zero_grad()
         lr = optimizer.param_groups[0]["lr"]
-        logger.update(loss=total_loss, **scaled, **unscaled, **stepped, lr=lr)
-        logger.maybe_print(iteration)
+        running.add(dict(loss=total_loss, **scaled, **unscaled, **stepped, lr=lr))
+        progress.update(iteration + 1, _shown(running.means()))
         if tb_writer is not None:
             step = epoch * len(data_loader) + iteration
             for name, value in {"loss": total_loss, **scaled, **stepped, "lr": lr}.items():
                 if _printed(name):
                     tb_writer.add_scalar(f"train/{name}", float(value), step)
-    return logger.averages()
+    progress.close()
+    return running.means()
 
 
 @torch.no_grad()
@@ -104,18 +86,20 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     model.eval()
     criterion.eval()
     evaluator = CocoEvaluator(coco_gt)
-    logger = MetricLogger("Test:", print_freq, len(data_loader))
+    progress = Progress("Test:", len(data_loader), print_freq, is_main_process())
+    running = RunningMeans()
     for iteration, (samples, targets) in enumerate(data_loader):
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         outputs = model(samples)
         total_loss, scaled, unscaled = _log_values(criterion(outputs, targets), criterion.weight_dict)
-        logger.update(loss=total_loss, **scaled, **unscaled)
+        running.add(dict(loss=total_loss, **scaled, **unscaled))
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
         results = postprocessors["bbox"](outputs, orig_sizes)
         evaluator.update({int(t["image_id"]): {k: v.cpu() for k, v in r.items()} for t, r in zip(targets, results)})
-        logger.maybe_print(iteration)
-    stats = logger.averages()
+        progress.update(iteration + 1, _shown(running.means()))
+    progress.close()
+    stats = running.means()
     coco_eval = evaluator.summarize()
     if coco_eval is not None:
         stats["coco_eval_bbox"] = [float(s) for s in coco_eval.stats]

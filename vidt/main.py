@@ -1,21 +1,17 @@
 """Train or evaluate ViDT with VkD feature distillation on COCO.
 
-Run from inside vidt/: ``python main.py ...``, ``torchrun --nproc_per_node=N main.py ...``,
+From the repository root: ``python -m vidt.main ...`` or ``torchrun --nproc_per_node=N -m vidt.main ...``.
+From inside vidt/, as the paper's commands: ``python main.py ...``, ``torchrun --nproc_per_node=N main.py ...``,
 ``python -m torch.distributed.launch --nproc_per_node=N --use_env main.py ...`` or ``srun python main.py ...``.
 """
 import os
 import sys
 
-# Run as a script, Python puts vidt/ first on the path, where vidt/models would shadow the root's
-# models/ package. Put the repository root there instead: `vidt` imports as a package and the shared
-# losses.py is found.
-_VIDT_DIR = os.path.dirname(os.path.abspath(__file__))
-_REPO_ROOT = os.path.dirname(_VIDT_DIR)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _VIDT_DIR]
-sys.path.insert(0, _REPO_ROOT)
+if not __package__:
+    # Run as a script from inside vidt/ (the paper's form), Python puts vidt/ first on the path: `vidt` would
+    # not import as a package and vidt/models would shadow the root's models/. Put the repository root there.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
 
@@ -29,21 +25,17 @@ from vidt.engine import evaluate, train_one_epoch  # noqa: E402
 from vidt.models import build  # noqa: E402
 from vidt.models.build import load_student_weights  # noqa: E402
 from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E402
-from vidt.util.checkpoint import CheckpointError, load_checkpoint, model_state_from  # noqa: E402
-from vidt.util.misc import (  # noqa: E402
-    BadInput,
-    collate_fn,
-    device_of,
-    get_rank,
-    get_world_size,
-    init_distributed_mode,
-    is_main_process,
-    setup_for_distributed_printing,
-)
-from vkd.checkpoints import save_atomically  # noqa: E402
+from vidt.util.checkpoint import load_checkpoint, model_state_from  # noqa: E402
+from vidt.util.misc import collate_fn, setup_for_distributed_printing  # noqa: E402
+from vkd.checkpoints import first_line, save_atomically  # noqa: E402
+from vkd.cli import entry_point  # noqa: E402
+from vkd.distributed import Runtime, is_communication_failure, start_processes  # noqa: E402
+from vkd.errors import BadInput, RunFailed  # noqa: E402
+from vkd.progress import append_json_line, tensorboard_writer  # noqa: E402
 from vkd.reproducibility import seed_everything  # noqa: E402
-from vkd.runs import git_state, prepare_output_dir, record_invocation, write_json  # noqa: E402
+from vkd.runs import LOG, git_state, prepare_output_dir, record_invocation, resolve_resume, write_json  # noqa: E402
 
+LATEST = "checkpoint.pth"  # DETR's name, rewritten every epoch
 OPEN_FILES = 4096  # the original raises the soft limit for its data-loader workers
 EVAL_SNAPSHOT_EVERY = 50  # epochs between kept copies of COCOeval's arrays, as in the original
 EXTRA_CHECKPOINT_EVERY = 100  # besides every --lr_drop epochs, as in the original
@@ -54,8 +46,6 @@ def raise_open_file_limit() -> None:
     wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
 
 
 def run_folder(args) -> str:
@@ -105,21 +95,48 @@ def named_stats(stats):
     return dict(zip(STAT_NAMES, stats))
 
 
-def main(args) -> None:
+def start_runtime(args) -> Runtime:
+    """This process's rank and device, joining the process group when the launcher started several.
+
+    Fills in what the loops and args.json read: args.distributed, args.rank, args.world_size, args.gpu and
+    args.dist_backend (the backend used).
+    """
+    # 1, the original's default, leaves the number of processes to the launcher.
+    runtime = start_processes(args.device, args.local_rank, args.dist_url, args.dist_timeout,
+                              world_size_flag=None if args.world_size == 1 else args.world_size)
+    if args.distributed and not runtime.distributed:
+        raise BadInput("--distributed needs a launcher that starts several processes: torchrun --nproc_per_node=N "
+                       "main.py ..., python -m torch.distributed.launch --use_env ..., or srun")
+    if args.rank != 0 and not runtime.distributed:
+        raise BadInput("--rank is set by the launcher; start the run with torchrun or srun")
+    args.distributed, args.rank, args.world_size = runtime.distributed, runtime.rank, runtime.world_size
+    args.gpu = runtime.device.index if runtime.device.type == "cuda" else None
+    args.dist_backend = "nccl" if runtime.device.type == "cuda" else "gloo"
+    if runtime.distributed:
+        print(f"| distributed init (rank {runtime.rank} of {runtime.world_size}, {args.dist_backend}): "
+              f"{args.dist_url}", flush=True)
+    return runtime
+
+
+def run(args, argv) -> None:
     # Set up
     check_supported(args)
     raise_open_file_limit()
-    init_distributed_mode(args)
-    setup_for_distributed_printing(is_main_process())
-    device = device_of(args)
-    seed_everything(args.seed + get_rank())
+    runtime = start_runtime(args)
+    setup_for_distributed_printing(runtime.is_main)
+    device = runtime.device
+    seed_everything(args.seed + runtime.rank)
     args.output_dir = run_folder(args)
     moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume) or args.eval, overwrite=args.overwrite,
-                                  is_main=is_main_process())
+                                  is_main=runtime.is_main)
     if moved_to:
         print(f"| the previous run in {args.output_dir} was moved to {moved_to}")
-    if is_main_process():
-        record_invocation(args, sys.argv[1:], get_world_size(), args.start_epoch)
+    if args.resume == "auto":
+        args.resume = resolve_resume(args, LATEST) or ""
+        if args.eval and not args.resume:
+            raise BadInput(f"--eval True --resume auto: no {LATEST} in {args.output_dir}")
+    if runtime.is_main:
+        record_invocation(args, argv, runtime.world_size, args.start_epoch)
     print(f"| git commit {git_state()['git_commit']}; run folder {args.output_dir}")
 
     # Build
@@ -131,7 +148,7 @@ def main(args) -> None:
         # Some parameters never get gradients (level_embed, the unused merge/norm layers, the
         # projectors without a teacher), hence find_unused_parameters. The teacher is not wrapped.
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=True)
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
     print(f"number of params: {n_parameters}")
     optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr,
@@ -145,23 +162,22 @@ def main(args) -> None:
     if args.eval:
         _, coco_eval = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device,
                                 args.print_freq)
-        if is_main_process():
+        if runtime.is_main:
             save_atomically(eval_arrays(coco_eval), os.path.join(args.output_dir, "eval.pth"))
             write_json(os.path.join(args.output_dir, "eval_stats.json"),
                       {"checkpoint": args.resume, "stats": named_stats(coco_eval.stats.tolist())})
         return
-    train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
-          loader_val, dataset_val, device, n_parameters)
+    train(args, runtime, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
+          loader_val, dataset_val, n_parameters)
 
 
-def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
-          loader_val, dataset_val, device, n_parameters) -> None:
+def train(args, runtime: Runtime, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
+          loader_train, loader_val, dataset_val, n_parameters) -> None:
     """The epoch loop: train, step the schedule, save, evaluate on val, log (log.txt, tensorboard)."""
-    output_dir = args.output_dir
+    output_dir, device = args.output_dir, runtime.device
     tb_writer = None
-    if is_main_process():
-        from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
-        tb_writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+    if runtime.is_main:
+        tb_writer = tensorboard_writer(output_dir)
         os.makedirs(os.path.join(output_dir, "eval"), exist_ok=True)
     print("Start training")
     start_time = time.time()
@@ -171,15 +187,15 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
                                       args.n_iter_to_acc, args.print_freq, tb_writer=tb_writer)
         step_scheduler(lr_scheduler, epoch)
-        if is_main_process():
+        if runtime.is_main:
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args)}
-            save_atomically(checkpoint, os.path.join(output_dir, "checkpoint.pth"))
+            save_atomically(checkpoint, os.path.join(output_dir, LATEST))
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % EXTRA_CHECKPOINT_EVERY == 0:
                 save_atomically(checkpoint, os.path.join(output_dir, f"checkpoint{epoch:04}.pth"))
         test_stats, coco_eval = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device,
                                          args.print_freq)
-        if is_main_process():
+        if runtime.is_main:
             record_epoch(output_dir, epoch, train_stats, test_stats, coco_eval, n_parameters, tb_writer)
     if tb_writer is not None:
         tb_writer.close()
@@ -191,8 +207,7 @@ def record_epoch(output_dir: str, epoch: int, train_stats, test_stats, coco_eval
     """log.txt (the original's keys), COCOeval's arrays under eval/, eval_stats.json and tensorboard."""
     log = {**{f"train_{k}": v for k, v in train_stats.items()},
            **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch, "n_parameters": n_parameters}
-    with open(os.path.join(output_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(log) + "\n")
+    append_json_line(os.path.join(output_dir, LOG), log)
     arrays = eval_arrays(coco_eval)
     save_atomically(arrays, os.path.join(output_dir, "eval", "latest.pth"))
     if epoch % EVAL_SNAPSHOT_EVERY == 0:
@@ -205,10 +220,19 @@ def record_epoch(output_dir: str, epoch: int, train_stats, test_stats, coco_eval
     tb_writer.flush()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser("ViDT + VkD training and evaluation", parents=[get_args_parser()])
+@entry_point
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args_parser().parse_args(argv)
     try:
-        main(parser.parse_args())
-    except (BadInput, CheckpointError, FileNotFoundError) as error:
-        sys.stderr.write(f"error: {error}\n")  # on every rank: print() is silenced on all but rank 0
-        sys.exit(2)
+        run(args, argv)
+    except RuntimeError as error:
+        if not (args.distributed and is_communication_failure(error)):
+            raise
+        raise RunFailed(f"rank {args.rank}: distributed communication failed, probably because another process "
+                        f"died or hung (collectives give up after --dist_timeout {args.dist_timeout:g} min): "
+                        f"{first_line(error)}") from error
+
+
+if __name__ == "__main__":
+    main()

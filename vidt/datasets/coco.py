@@ -5,6 +5,7 @@ import torch
 import torchvision
 
 from vidt.datasets.transforms import make_coco_transforms
+from vkd.errors import DatasetError
 
 ANNOTATION_FILES = {"train": ("train2017", "instances_train2017.json"),
                     "val": ("val2017", "instances_val2017.json")}
@@ -47,7 +48,7 @@ def build_coco(image_set: str, args) -> CocoDetection:
     img_folder, ann_file = root / folder, root / "annotations" / ann_name
     for path in (img_folder, ann_file):
         if not path.exists():
-            raise FileNotFoundError(f"--coco_path {root}: {path} does not exist (expected train2017/, val2017/, "
-                                    f"annotations/instances_{{train,val}}2017.json)")
+            raise DatasetError(f"--coco_path {root}: {path} does not exist (expected train2017/, val2017/, "
+                               f"annotations/instances_{{train,val}}2017.json)")
     transforms = make_coco_transforms(image_set, args.train_sizes, args.max_size, args.eval_size)
     return CocoDetection(img_folder, ann_file, transforms)

@@ -8,7 +8,9 @@ from vidt.models.deformable_transformer import DeformableTransformer
 from vidt.models.detector import PROJECTOR_NAMES, Detector, PostProcess, is_projector_key
 from vidt.models.matcher import HungarianMatcher
 from vidt.models.swin_ram import build_swin_ram
-from vidt.util.checkpoint import load_checkpoint, load_state_dict_strictly, model_state_from
+from vidt.util.checkpoint import load_checkpoint, model_state_from
+from vkd.checkpoints import strict_load
+from vkd.errors import BadInput
 
 NUM_CLASSES = {"coco": 91}  # COCO category ids run to 90; labels are the raw ids
 TEACHER_BACKBONES = {"vidt_nano": "swin_nano", "vidt_tiny": "swin_tiny", "vidt_small": "swin_small",
@@ -28,9 +30,9 @@ def build_detector(args, backbone_name: str, pre_trained: str, distil: bool, wit
 def build_teacher(args) -> Detector:
     """The teacher uses the student's flags with the --distil_model body, loaded strictly and frozen."""
     if args.distil_model not in TEACHER_BACKBONES:
-        raise ValueError(f"--distil_model must be one of {sorted(TEACHER_BACKBONES)}, got {args.distil_model}")
+        raise BadInput(f"--distil_model must be one of {sorted(TEACHER_BACKBONES)}, got {args.distil_model}")
     if not args.distil_model_path:
-        raise ValueError("--distil_model needs --distil_model_path (the teacher checkpoint)")
+        raise BadInput("--distil_model needs --distil_model_path (the teacher checkpoint)")
     teacher = build_detector(args, TEACHER_BACKBONES[args.distil_model], "none", distil=True, with_projectors=False)
     source = f"teacher checkpoint {args.distil_model_path}"
     state = model_state_from(load_checkpoint(args.distil_model_path), args.distil_model_path)
@@ -39,7 +41,7 @@ def build_teacher(args) -> Detector:
         # A student trained here: the projectors map student tokens, so a teacher has no use for them.
         state = {k: v for k, v in state.items() if not is_projector_key(k)}
         print(f"| {source}: its {len(projector_keys)} projector keys (a VkD student) are not used by a teacher")
-    load_state_dict_strictly(teacher, state, source)
+    strict_load(teacher, state, source)
     print(f"number of params for teacher: {sum(p.numel() for p in teacher.parameters())}")
     teacher.requires_grad_(False)
     return teacher.eval()
@@ -50,11 +52,11 @@ def load_student_weights(model: Detector, state: Dict, source: str) -> bool:
     vidt_nano_50.pth) loads everything else strictly and the six projectors start fresh; any other
     mismatch stops with the key names. Returns True when the projectors started fresh."""
     if model.with_projectors and not any(is_projector_key(k) for k in state):
-        fresh = load_state_dict_strictly(model, state, source, may_start_fresh=is_projector_key)
+        fresh = strict_load(model, state, source, may_start_fresh=is_projector_key)
         print(f"| {source} has no projector keys (a plain ViDT file): {len(fresh)} keys of "
               f"{', '.join(PROJECTOR_NAMES)} start fresh")
         return True
-    load_state_dict_strictly(model, state, source)
+    strict_load(model, state, source)
     return False
 
 

@@ -16,6 +16,7 @@ from timm.layers import DropPath, trunc_normal_
 
 from vidt.util.checkpoint import load_checkpoint
 from vidt.util.misc import resize_mask
+from vkd.errors import CheckpointError
 
 WINDOW_SIZE = 7
 MASKED_LOGIT = -100.0  # Swin's additive value for forbidden attention pairs
@@ -327,8 +328,8 @@ def build_swin_ram(name: str, pre_trained: str, det_token_num: int, pos_dim: int
 def load_imagenet_weights(model: SwinRAM, path: str) -> None:
     """Non-strict load of an ImageNet Swin checkpoint; ViDT-only parts stay random."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"ImageNet Swin weights not found at {path} (no download is attempted); "
-                                f"place the file there, pass its path to --pre_trained, or use --pre_trained none")
+        raise CheckpointError(f"ImageNet Swin weights not found at {path} (no download is attempted); "
+                              f"place the file there, pass its path to --pre_trained, or use --pre_trained none")
     checkpoint = load_checkpoint(path)
     state = checkpoint.get("model", checkpoint)
     own = model.state_dict()
