@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: demo test lint ablation fmnist clean-venv
+.PHONY: demo test test-slow lint ablation fmnist clean-venv
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,8 +12,13 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# The default tier: every module's tests, minutes on 2 cores. The slow tier: end-to-end runs (kills, launchers,
+# demos); .ci/run runs both.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

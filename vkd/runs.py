@@ -9,6 +9,8 @@ import platform
 import subprocess
 from typing import Dict, Optional, Sequence
 
+import torch.distributed as dist
+
 from vkd.errors import BadInput
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,26 +58,38 @@ def _run_files_in(output_dir: str, run_files: Sequence[str]):
 
 def prepare_output_dir(output_dir: str, continuing: bool, overwrite: bool, is_main: bool,
                        run_files: Sequence[str] = RUN_FILES) -> Optional[str]:
-    """Make sure a new run cannot destroy an old one in ``output_dir``.
+    """Make sure a new run cannot destroy an old one in ``output_dir``; call it on every process.
 
-    A folder that holds a run (any of ``run_files``, glob patterns) is refused unless the run is being continued (``--resume``) or
-    ``overwrite`` is set, which moves the old folder aside (on the main process) and returns its new
-    path. Every process makes the same read-only decision, so all of them stop together.
+    A folder that holds a run (any of ``run_files``, glob patterns) is refused unless the run is being
+    continued (``--resume``) or ``overwrite`` is set, which moves the old folder aside and returns its new
+    path. Only the main process looks at the folder, and every process waits for its decision: a slower
+    rank must not see the ``args.json`` that the main process writes right after, and take it for an old run.
     """
+    decision = _decide(output_dir, continuing, overwrite, run_files) if is_main else None
+    if dist.is_available() and dist.is_initialized():
+        shared = [decision]
+        dist.broadcast_object_list(shared, src=0)
+        decision = shared[0]
+    refusal, moved_to = decision
+    if refusal:
+        raise BadInput(refusal)
+    return moved_to
+
+
+def _decide(output_dir: str, continuing: bool, overwrite: bool, run_files: Sequence[str]):
+    """(refusal or None, where the old run was moved or None), on the main process."""
     if not output_dir:
-        return None
+        return None, None
     existing = _run_files_in(output_dir, run_files) if os.path.isdir(output_dir) else []
     if not existing or continuing:
-        return None
+        return None, None
     if not overwrite:
-        raise BadInput(f"output folder {output_dir} already holds a run ({', '.join(existing[:4])}): continue it "
-                       f"with --resume auto, choose another output folder, or pass --overwrite to move the old run aside")
-    if not is_main:
-        return None
+        return (f"output folder {output_dir} already holds a run ({', '.join(existing[:4])}): continue it with "
+                f"--resume auto, choose another output folder, or pass --overwrite to move the old run aside"), None
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = f"{os.path.normpath(output_dir)}.previous-{stamp}"
     os.replace(output_dir, aside)
-    return aside
+    return None, aside
 
 
 def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: int = 0, **first_record) -> None:
