@@ -14,12 +14,26 @@ import torch
 import torch.nn as nn
 
 from utils import load_student_checkpoint
-from vkd.checkpoints import add_ddp_prefix, all_finite, safe_torch_load, save_atomically
+from vkd.checkpoints import add_ddp_prefix, all_finite, safe_torch_load, save_atomically, tensor_bytes
 from vkd.ema import ModelEMA
-from vkd.errors import CheckpointError, RunFailed
+from vkd.errors import BadInput, CheckpointError, RunFailed
 from vkd.runs import LOG
 
 LATEST, BEST, TEACHER_FILE = "latest.pth.tar", "best.pth.tar", "teacher.pth"
+# What defines the optimisation a checkpoint belongs to: a resume that changed one of these would print one
+# run and train another, so it is refused (``--epochs`` alone is honoured: ``Trainer.restore``).
+RUN_DEFINING_FLAGS = (
+    "batch_size", "lr", "min_lr", "warmup_lr", "warmup_epochs", "cooldown_epochs", "weight_decay", "sched", "opt",
+    "opt_eps", "opt_betas", "momentum", "decay_epochs", "decay_rate", "lr_noise", "lr_noise_pct", "lr_noise_std",
+    "unscale_lr", "projector_weight_decay", "clip_grad", "alpha", "gamma", "temperature", "normalisation",
+    "feature_loss", "projector", "smoothing", "mixup", "cutmix", "seed", "student_model", "teacher", "train_teacher",
+    "input_size", "data_set", "subset",
+)
+
+
+def _comparable(value):
+    # Arguments come back from a checkpoint as saved: tuples as lists.
+    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass
@@ -36,6 +50,7 @@ class Trainer:
     best_acc1: float = 0.0
     nonfinite_skipped: int = 0
     resumed_mid_epoch: Optional[list] = None  # each rank's ``partial`` of a preempted epoch (engine)
+    epochs_changed: Optional[dict] = None  # {"from", "to"} when a resume moved the end of the run
 
     @property
     def model_key(self) -> str:
@@ -81,6 +96,27 @@ class Trainer:
             save_atomically(content, os.path.join(output_dir, f"ep{epoch + 1}.pth.tar"))
         save_atomically(content, os.path.join(output_dir, LATEST))
 
+    def checkpoint_bytes(self) -> int:
+        """What one checkpoint will hold, before the optimizer has any state: the weights, AdamW's two moments
+        (SGD's one momentum buffer) per weight, and the EMA."""
+        weights = tensor_bytes(self.model.state_dict())
+        moments = 2 if isinstance(self.optimizer, torch.optim.AdamW) else 1
+        return weights * (1 + moments) + (weights if self.ema is not None else 0)
+
+    def _refuse_a_different_run(self, checkpoint: dict, path: str) -> None:
+        saved = checkpoint.get("args") or {}  # released files carry no arguments: nothing to compare
+        new_run = f"to train its weights with other settings, start a new run: --student-ckpt {path} --output_dir NEW"
+        saved_processes = checkpoint.get("world_size")
+        if saved and saved_processes is not None and saved_processes != self.world_size:
+            raise BadInput(f"{path} was trained on {saved_processes} process(es), this resume has {self.world_size}: "
+                           f"a resume continues the same run (batch, data order and LR depend on it); {new_run}")
+        for flag in RUN_DEFINING_FLAGS:
+            if flag in saved and saved[flag] != _comparable(getattr(self.args, flag)):
+                raise BadInput(f"--{flag.replace('_', '-')} {getattr(self.args, flag)} but {path} was trained with "
+                               f"{saved[flag]}: a resume continues the same run; {new_run}")
+        if "epochs" in saved and saved["epochs"] != self.args.epochs:
+            self.epochs_changed = {"from": saved["epochs"], "to": self.args.epochs}
+
     def save_preempted(self, epoch: int, partials: list) -> None:
         """latest.pth.tar in the middle of ``epoch``: the state after its last finished step, with every rank's
         running sums and random generators (``partials``), so that --resume auto continues at that step."""
@@ -94,13 +130,14 @@ class Trainer:
         """Weights, EMA, optimizer, scaler, schedule and counters; training continues at the next epoch."""
         load_student_checkpoint(self.model, path)
         checkpoint = safe_torch_load(path)
+        self._refuse_a_different_run(checkpoint, path)
         try:
             if checkpoint.get("optimizer"):
                 self.optimizer.load_state_dict(checkpoint["optimizer"])
             if checkpoint.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(checkpoint["scaler"])
-            if checkpoint.get("lr_scheduler"):
-                self.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            # The schedule is not restored: timm's per-iteration schedule is a function of the step alone,
+            # rebuilt from the flags (the same ones, or a new --epochs, whose curve then applies from this step).
             if self.ema is not None and checkpoint.get("student_ema"):
                 self.ema.model.load_state_dict(checkpoint["student_ema"])
             elif self.ema is not None:

@@ -22,9 +22,9 @@ from engine import evaluate, train_one_epoch
 from models.build import build, build_student, build_teacher_to_train
 from optim import build_lr_scheduler, build_optimizer, effective_lr
 from utils import init_runtime, load_student_checkpoint
-from vkd.checkpoints import first_line, save_atomically
+from vkd.checkpoints import first_line, require_room_for_checkpoints, save_atomically
 from vkd.cli import entry_point, fail
-from vkd.distributed import Runtime, is_communication_failure
+from vkd.distributed import Runtime, is_communication_failure, main_process_decides
 from vkd.ema import ModelEMA, linear_momentum
 from vkd.preemption import Preempted, StopRequest, preempted_line
 from vkd.reproducibility import epoch_seed, seed_everything
@@ -101,18 +101,28 @@ def run_training(args, runtime: Runtime, argv) -> None:
     if resume_path:
         trainer.restore(resume_path)
         runtime.log(f"Resumed from {resume_path}: continuing at epoch {trainer.start_epoch}")
+        if trainer.epochs_changed:
+            runtime.log(f"--epochs {args.epochs}: the run was planned for {trainer.epochs_changed['from']} epochs; "
+                        f"from epoch {trainer.start_epoch} on, the LR follows the {args.sched} schedule of a "
+                        f"{args.epochs}-epoch run")
     elif args.resume == "auto":
         runtime.log(f"No {LATEST} in {args.output_dir}: starting from scratch")
     if trainer.start_epoch >= total_epochs:
         runtime.log(f"Nothing to train: the run has finished its {total_epochs} epochs")
         return
 
+    if args.output_dir:
+        if runtime.is_main:
+            os.makedirs(args.output_dir, exist_ok=True)
+        main_process_decides(lambda: require_room_for_checkpoints(args.output_dir, trainer.checkpoint_bytes()),
+                             runtime.is_main)
     tb_writer = None
     if args.output_dir and runtime.is_main:
         teacher = getattr(criterion, "teacher", None)
         record_invocation(args, argv, runtime.world_size, trainer.start_epoch, lr_effective=lr,
                           global_batch=args.batch_size * runtime.world_size,
-                          teacher_weights=getattr(teacher, "weights", None))
+                          teacher_weights=getattr(teacher, "weights", None),
+                          changes={"epochs": trainer.epochs_changed} if trainer.epochs_changed else None)
         trim_log(os.path.join(args.output_dir, LOG), trainer.start_epoch)
         from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
         tb_writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))

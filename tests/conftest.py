@@ -25,6 +25,13 @@ def pytest_configure(config):
                                        "`make test-slow` and .ci/run run them")
 
 
+def pytest_collection_modifyitems(items):
+    # Every multi-process test is end to end: it belongs to the slow tier.
+    for item in items:
+        if item.get_closest_marker("multiprocess"):
+            item.add_marker(pytest.mark.slow)
+
+
 def write_image_folder(root: str, per_class, seed: int) -> None:
     generator = np.random.RandomState(seed)
     for name, count in zip(CLASSES, per_class):

@@ -4,8 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--teacher", "resnet10t", "--batch-size", "2", "--input-size", "32"]
+
+pytestmark = pytest.mark.slow  # each benchmark runs end to end in subprocesses
 
 
 def run_benchmark(script, flags):

@@ -8,6 +8,7 @@ import torch
 from config import parse_arguments
 from experiments import ablation, demo, paper
 from experiments.rows import row_configs
+from vkd.errors import BadInput
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDED = os.path.join(REPO, ablation.RESULTS)
@@ -53,13 +54,12 @@ def test_command_line_overrides_config():
     assert (args.epochs, args.seed, args.normalisation) == (3, 7, "layernorm")
 
 
-def test_config_base_cycle_is_one_clear_error(tmp_path, capsys):
+def test_config_base_cycle_is_one_clear_error(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\nepochs: 2\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(BadInput, match="refers back to itself") as error:
         parse_arguments(["--config", str(tmp_path / "a.yaml")])
-    assert stop.value.code == 2
-    assert "refers back to itself" in capsys.readouterr().err
+    assert error.value.exit_code == 2
 
 
 def test_linear_cka_sees_isometries_but_not_arbitrary_maps():

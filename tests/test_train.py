@@ -29,6 +29,7 @@ def accuracy_lines(output: str):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher", ["launch", "torchrun"])
 def test_two_processes_train_an_epoch_and_evaluate_like_one(launcher, launch, run_main, train_flags, data_flags,
                                                             tmp_path):

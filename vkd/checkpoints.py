@@ -10,7 +10,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from vkd.errors import CheckpointError, RunFailed
+from vkd.errors import BadInput, CheckpointError, RunFailed
 
 DDP_PREFIX = "module."
 MAX_KEYS_IN_MESSAGE = 5
@@ -184,6 +184,28 @@ def _out_of_space(error: BaseException) -> bool:
 def _free_bytes(folder: str) -> int:
     stats = os.statvfs(folder)
     return stats.f_bavail * stats.f_frsize
+
+
+def require_room_for_checkpoints(folder: str, state_bytes: int, copies: int = 2) -> None:
+    """Refuse to start a run whose folder cannot hold ``copies`` checkpoints of ``state_bytes`` each: the
+    atomic save needs the new file beside the old one, so a full disk is found now, not after an epoch."""
+    free, needed = _free_bytes(folder), copies * state_bytes
+    if free < needed:
+        raise BadInput(f"{folder} has {free / 2 ** 20:.0f} MiB free, and the run needs {needed / 2 ** 20:.0f} MiB for "
+                       f"{copies} checkpoints of {state_bytes / 2 ** 20:.0f} MiB: free space or choose another folder")
+
+
+def tensor_bytes(*state_dicts: Mapping[str, torch.Tensor]) -> int:
+    """The bytes of every tensor in ``state_dicts`` (nested dicts and lists, as optimizer states, included)."""
+    def size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, Mapping):
+            return sum(size(item) for item in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(size(item) for item in value)
+        return 0
+    return sum(size(state) for state in state_dicts)
 
 
 def file_sha256(path: str) -> str:

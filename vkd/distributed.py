@@ -11,7 +11,7 @@ import datetime
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ DEFAULT_TIMEOUT_MINUTES = 30.0  # torch's own default for gloo
 # died: "Connection reset by peer"; a silent one: "Timed out waiting ... for recv"), and raises them
 # as plain RuntimeErrors; nccl and the rendezvous store raise torch.distributed.DistError subclasses.
 GLOO_TRANSPORT_SOURCE = "gloo/transport/"
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -113,6 +114,25 @@ def start_processes(device: Optional[str], local_rank_flag: int = 0, init_method
     if runtime.distributed:
         join_process_group(runtime.device, init_method, world_size, rank, timeout_minutes)
     return runtime
+
+
+def main_process_decides(check: Callable[[], Result], is_main: bool) -> Result:
+    """``check()`` on the main process alone (it may look at files that the main process writes next); every
+    process gets its result, or raises the same ``BadInput``, so all of them go on or stop together."""
+    outcome = None
+    if is_main:
+        try:
+            outcome = (True, check())
+        except BadInput as error:
+            outcome = (False, str(error))
+    if dist.is_available() and dist.is_initialized():
+        shared = [outcome]
+        dist.broadcast_object_list(shared, src=0)
+        outcome = shared[0]
+    passed, value = outcome
+    if not passed:
+        raise BadInput(value)
+    return value
 
 
 def is_communication_failure(error: BaseException) -> bool:

@@ -9,8 +9,7 @@ import platform
 import subprocess
 from typing import Dict, Optional, Sequence
 
-import torch.distributed as dist
-
+from vkd.distributed import main_process_decides
 from vkd.errors import BadInput
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,41 +64,35 @@ def prepare_output_dir(output_dir: str, continuing: bool, overwrite: bool, is_ma
     path. Only the main process looks at the folder, and every process waits for its decision: a slower
     rank must not see the ``args.json`` that the main process writes right after, and take it for an old run.
     """
-    decision = _decide(output_dir, continuing, overwrite, run_files) if is_main else None
-    if dist.is_available() and dist.is_initialized():
-        shared = [decision]
-        dist.broadcast_object_list(shared, src=0)
-        decision = shared[0]
-    refusal, moved_to = decision
-    if refusal:
-        raise BadInput(refusal)
-    return moved_to
+    return main_process_decides(lambda: _moved_aside(output_dir, continuing, overwrite, run_files), is_main)
 
 
-def _decide(output_dir: str, continuing: bool, overwrite: bool, run_files: Sequence[str]):
-    """(refusal or None, where the old run was moved or None), on the main process."""
+def _moved_aside(output_dir: str, continuing: bool, overwrite: bool, run_files: Sequence[str]) -> Optional[str]:
     if not output_dir:
-        return None, None
+        return None
     existing = _run_files_in(output_dir, run_files) if os.path.isdir(output_dir) else []
     if not existing or continuing:
-        return None, None
+        return None
     if not overwrite:
-        return (f"output folder {output_dir} already holds a run ({', '.join(existing[:4])}): continue it with "
-                f"--resume auto, choose another output folder, or pass --overwrite to move the old run aside"), None
+        raise BadInput(f"output folder {output_dir} already holds a run ({', '.join(existing[:4])}): continue it "
+                       f"with --resume auto, choose another output folder, or pass --overwrite to move the old run aside")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = f"{os.path.normpath(output_dir)}.previous-{stamp}"
     os.replace(output_dir, aside)
-    return None, aside
+    return aside
 
 
-def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: int = 0, **first_record) -> None:
+def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: int = 0,
+                      changes: Optional[dict] = None, **first_record) -> None:
     """``args.json``: the resolved arguments, code version and ``first_record`` (e.g. the effective lr, the
     teacher's weights) of the run's first invocation, and one entry per invocation (a resume appends;
-    nothing is replaced)."""
+    nothing is replaced), with the ``changes`` a resume honoured (e.g. a new end of the run)."""
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, ARGS_FILE)
     invocation = dict(command=list(argv), **git_state(), processes=world_size, start_epoch=start_epoch,
                       started=datetime.datetime.now().isoformat(timespec="seconds"))
+    if changes:
+        invocation["changes"] = changes
     content = None
     if os.path.isfile(path):
         try:

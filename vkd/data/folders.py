@@ -54,10 +54,25 @@ def _has_image(folder: str) -> bool:
     return False
 
 
+def _refuse_folders_reached_twice(split_dir: str) -> None:
+    """ImageFolder follows links to folders; a link back up (``cat/again -> .``, ``cat/up -> ..``) would make
+    it read the same images many times, under the wrong labels. Any folder reached twice is refused."""
+    seen = {os.path.realpath(split_dir)}
+    for folder, subfolders, _ in os.walk(split_dir, followlinks=True):
+        for name in subfolders:
+            path = os.path.join(folder, name)
+            if os.path.realpath(path) in seen:
+                raise DatasetError(f"{path} leads to {os.path.realpath(path)}, a folder the split already holds "
+                                   f"(a link back up, or a second link to one folder): remove the link")
+            seen.add(os.path.realpath(path))
+
+
 def _check_split(split_dir: str) -> List[str]:
-    """The split's class names, after checking that it exists and that every class has an image."""
+    """The split's class names, after checking that it exists, that no folder is reached twice through
+    links, and that every class has an image."""
     if not os.path.isdir(split_dir):
         raise DatasetError(f"missing split folder: {split_dir}")
+    _refuse_folders_reached_twice(split_dir)
     classes = _class_folders(split_dir)
     if not classes:
         raise DatasetError(f"split folder has no class folders: {split_dir}")

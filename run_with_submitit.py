@@ -1,0 +1,110 @@
+"""Submit a classification or detection run to Slurm with submitit (DeiT's ``run_with_submitit.py``), requeued
+after a preemption or a time limit until it has finished.
+
+    python run_with_submitit.py --nodes 2 --gpus-per-node 8 --timeout-min 2880 --partition PART \\
+        -- --config configs/deit_ti_vkd.yaml --data-path /imagenet --output_dir runs/deit_ti_vkd
+    python run_with_submitit.py --tree detection --gpus-per-node 8 -- --method vidt --backbone_name swin_nano \\
+        --coco_path /coco --output_dir runs/vidt_nano ...
+    python run_with_submitit.py --local --gpus-per-node 1 -- ...     (the same, on this machine)
+
+Each task runs the entry point with ``--resume auto`` in a child process. When submitit's signal arrives
+(``--signal-delay-s`` before the time limit, or at a preemption), the task passes it on as SIGUSR1: the run
+stops at its next step boundary and saves a mid-epoch checkpoint (exit code 124), then submitit requeues the
+job, which continues from that step.
+"""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from typing import List
+
+import submitit
+
+from vkd.cli import entry_point
+from vkd.config import OneLineErrorParser
+from vkd.errors import BadInput, RunFailed
+from vkd.preemption import EXIT_PREEMPTED
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+ENTRY_POINTS = {"classification": ["main_distributed.py"], "detection": ["-m", "vidt.main"]}
+OUTPUT_FLAGS = ("--output_dir", "--output-dir")
+
+
+class Trainer(submitit.helpers.Checkpointable):
+    """One task of the job: the entry point in a child process, which gets the stop signal before requeuing."""
+
+    def __init__(self, command: List[str]):
+        self.command = command
+
+    def __call__(self) -> int:
+        submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR... for env://
+        child = subprocess.Popen([sys.executable, *self.command], cwd=REPO)
+        requeue = signal.getsignal(submitit.JobEnvironment._usr_sig())
+
+        def stop_then_requeue(number, frame):
+            child.send_signal(signal.SIGUSR1)  # the loop's stop request: a checkpoint at the next step
+            child.wait()
+            if callable(requeue):
+                requeue(number, frame)  # submitit: checkpoint() below, then the job is requeued
+
+        signal.signal(submitit.JobEnvironment._usr_sig(), stop_then_requeue)
+        code = child.wait()
+        if code == EXIT_PREEMPTED and callable(requeue):  # the scheduler signalled the child itself
+            requeue(submitit.JobEnvironment._usr_sig(), None)
+        if code != 0:
+            raise RunFailed(f"{' '.join(self.command[:2])} exited with code {code}; its log is in the job folder")
+        return code
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(type(self)(self.command))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser("Submit a VkD run with submitit; the entry point's flags follow '--'")
+    parser.add_argument("--tree", default="classification", choices=sorted(ENTRY_POINTS))
+    parser.add_argument("--job-dir", default="submitit/%j", help="submitit's logs and pickles (%%j: the job id)")
+    parser.add_argument("--nodes", default=1, type=int)
+    parser.add_argument("--gpus-per-node", default=8, type=int, help="one task per GPU (default: 8)")
+    parser.add_argument("--cpus-per-task", default=10, type=int)
+    parser.add_argument("--mem-gb", default=None, type=float, help="memory per node (default: the cluster's)")
+    parser.add_argument("--timeout-min", default=2880, type=int, help="time limit of each submission (default: 48 h)")
+    parser.add_argument("--signal-delay-s", default=120, type=int,
+                        help="seconds before the time limit that the run is told to stop (default: 120)")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--local", action="store_true", help="run with submitit's local executor instead of Slurm")
+    return parser
+
+
+def entry_point_command(tree: str, flags: List[str]) -> List[str]:
+    if not any(flag in OUTPUT_FLAGS or flag.split("=")[0] in OUTPUT_FLAGS for flag in flags):
+        raise BadInput("the run needs an output folder (--output_dir DIR after '--'): requeued jobs resume from it")
+    resume = [] if any(flag.split("=")[0] == "--resume" for flag in flags) else ["--resume", "auto"]
+    return ENTRY_POINTS[tree] + flags + resume
+
+
+def make_executor(args) -> submitit.Executor:
+    executor = submitit.AutoExecutor(folder=args.job_dir, cluster="local" if args.local else None,
+                                     slurm_max_num_timeout=30)
+    parameters = dict(nodes=args.nodes, tasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node,
+                      cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min, name="vkd",
+                      slurm_signal_delay_s=args.signal_delay_s)
+    if args.mem_gb is not None:
+        parameters["mem_gb"] = args.mem_gb
+    if args.partition:
+        parameters["slurm_partition"] = args.partition
+    executor.update_parameters(**parameters)
+    return executor
+
+
+@entry_point
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ours, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = build_parser().parse_args(ours)
+    job = make_executor(args).submit(Trainer(entry_point_command(args.tree, flags)))
+    print(f"submitted job {job.job_id}: logs in {job.paths.folder}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
