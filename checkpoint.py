@@ -9,7 +9,7 @@ import glob
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -139,6 +139,7 @@ class Trainer:
     start_epoch: int = 0
     best_acc1: float = 0.0
     nonfinite_skipped: int = 0
+    class_names: Optional[List[str]] = None  # the training set's, in label order: predict.py prints them
 
     @property
     def model_key(self) -> str:
@@ -155,6 +156,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "epoch": epoch,
+            "class_names": self.class_names,
             "best_acc1": self.best_acc1,
             "nonfinite_skipped": self.nonfinite_skipped,
             "args": dict(vars(self.args)),
