@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -49,6 +49,7 @@ class Trainer:
     start_epoch: int = 0
     best_acc1: float = 0.0
     nonfinite_skipped: int = 0
+    class_names: Optional[List[str]] = None  # the training set's, in label order: predict.py prints them
     resumed_mid_epoch: Optional[list] = None  # each rank's ``partial`` of a preempted epoch (engine)
     epochs_changed: Optional[dict] = None  # {"from", "to"} when a resume moved the end of the run
 
@@ -67,6 +68,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "epoch": epoch,
+            "class_names": self.class_names,
             "best_acc1": self.best_acc1,
             "nonfinite_skipped": self.nonfinite_skipped,
             "args": dict(vars(self.args)),

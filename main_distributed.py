@@ -92,7 +92,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
         ema = ModelEMA(model, linear_momentum(args.student_ema_decay, steps_per_epoch * total_epochs), ema_device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.amp == "fp16")
     trainer = Trainer(args, runtime.world_size, model, optimizer, scaler, lr_scheduler, ema,
-                      start_epoch=args.start_epoch)
+                      start_epoch=args.start_epoch, class_names=list(dataset_train.classes))
     if args.student_ckpt:
         # The original's fine-tuning start: weights only. A checkpoint found by --resume overrides them.
         load_student_checkpoint(model, args.student_ckpt)

@@ -131,3 +131,53 @@ def write_idx(path, array, compress):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with opener(str(path) + (".gz" if compress else ""), "wb") as handle:
         handle.write(header + array.tobytes())
+
+
+@pytest.fixture
+def run_entry_point(capsys):
+    """``run_entry_point(module, argv)`` runs ``module.main(argv)`` here with one thread; returns (exit code,
+    stdout, stderr)."""
+
+    def run(module, argv):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            module.main([str(item) for item in argv])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_student_files(tmp_path_factory):
+    """A random 3-class deit_ti_distilled at 32 px with its projector, saved twice with the same weights: as
+    training saves it (``Trainer.checkpoint``: 'student' with 'module.' keys, 'args', 'class_names') and in the
+    released layout (``{'student': {'module.' + key: value}}``). ``.student`` is the model in eval mode."""
+    from types import SimpleNamespace
+
+    import models
+    from checkpoint import Trainer
+    from config import parse_arguments
+    from utils import add_ddp_prefix
+
+    torch.manual_seed(0)
+    student = models.create_student("deit_ti_distilled", num_classes=len(CLASSES), img_size=IMAGE_SIZE,
+                                    teacher_dim=256)
+    with torch.no_grad():  # heads far from uniform, so that the top class is clear-cut
+        for head in (student.head, student.head_dist):
+            head.weight.normal_(0.0, 1.0)
+    args, _ = parse_arguments(["--input-size", str(IMAGE_SIZE), "--epochs", "1"])
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    trainer = Trainer(args, 1, student, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                      torch.optim.lr_scheduler.ConstantLR(optimizer), None, class_names=list(CLASSES))
+    folder = tmp_path_factory.mktemp("students")
+    ours, released = str(folder / "latest.pth.tar"), str(folder / "released.pth.tar")
+    torch.save(trainer.checkpoint(epoch=0, loss=1.0), ours)
+    torch.save({"student": add_ddp_prefix(student.state_dict())}, released)
+    return SimpleNamespace(ours=ours, released=released, student=student.eval())

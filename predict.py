@@ -1,0 +1,101 @@
+"""The top classes of images, by a trained student: from a checkpoint or from an exported file.
+
+    python predict.py --checkpoint student.onnx photo.jpg more_photos/ --topk 5
+
+``--checkpoint`` takes a training checkpoint (ours or the released layout; ``--student-model`` and
+``--input-size`` as export.py takes them) or a file written by export.py (``.onnx`` through onnxruntime,
+``.pt2`` through torch.export, ``.safetensors``), whose config ``FILE.json`` (``student.onnx.json``) gives
+the rest. Images are preprocessed as evaluation does. An image that cannot be read gets one line on stderr
+and the others are still predicted; the exit code is 0 if any image was predicted, else 2.
+"""
+import os
+import sys
+from typing import Iterator, List, Sequence, Tuple
+
+import torch
+
+import models
+from models.inference import Logits, eval_transform, image_files, load_classifier, read_image
+from vkd.cli import entry_point
+from vkd.config import OneLineErrorParser
+from vkd.errors import BadInput
+
+DEFAULT_TOPK = 5
+DEFAULT_BATCH_SIZE = 32
+
+
+def expand_folders(paths: Sequence[str], warn) -> List[str]:
+    """Files as given, folders replaced by their image files; an empty folder is reported with ``warn``."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = image_files(path)
+        if not found:
+            warn(f"{path}: no image files in this folder")
+        files.extend(found)
+    return files
+
+
+def predict(logits_of: Logits, config: dict, paths: Sequence[str], topk: int, batch_size: int,
+            warn) -> Iterator[Tuple[str, List[Tuple[str, float]]]]:
+    """``(path, [(class name, probability)] * topk)`` for each readable image, in order; ``warn`` gets one
+    line for each image that cannot be read."""
+    transform = eval_transform(config)
+    names = config["class_names"]
+    readable = []
+    for path in paths:
+        try:
+            readable.append((path, transform(read_image(path))))
+        except BadInput as error:
+            warn(str(error))
+    for start in range(0, len(readable), batch_size):
+        batch = readable[start:start + batch_size]
+        with torch.no_grad():
+            probabilities = logits_of(torch.stack([image for _, image in batch])).float().softmax(dim=-1)
+        top = probabilities.topk(min(topk, probabilities.shape[-1]), dim=-1)
+        for (path, _), values, indices in zip(batch, top.values.tolist(), top.indices.tolist()):
+            yield path, [(names[index], value) for index, value in zip(indices, values)]
+
+
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(description="Top classes of images by a trained student (checkpoint or export)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="a training checkpoint, or a .onnx, .pt2 or .safetensors file from export.py")
+    parser.add_argument("--student-model", default=None, choices=models.STUDENT_MODELS, metavar="MODEL",
+                        help="a checkpoint's architecture (default: its training run's, else deit_ti_distilled)")
+    parser.add_argument("--input-size", default=None, type=int,
+                        help="a checkpoint's input size (default: its training run's, else 224)")
+    parser.add_argument("--topk", default=DEFAULT_TOPK, type=int, help=f"classes shown per image (default: "
+                                                                         f"{DEFAULT_TOPK})")
+    parser.add_argument("--batch-size", default=DEFAULT_BATCH_SIZE, type=int,
+                        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})")
+    return parser
+
+
+def _warn(message: str) -> None:
+    print(f"warning: skipped {message}", file=sys.stderr, flush=True)
+
+
+@entry_point
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    for flag, value in (("--topk", args.topk), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise BadInput(f"{flag} must be at least 1, got {value}")
+    logits_of, config = load_classifier(args.checkpoint, args.student_model, args.input_size)
+    paths = expand_folders(args.images, _warn)
+    predicted = 0
+    for path, classes in predict(logits_of, config, paths, args.topk, args.batch_size, _warn):
+        print(path)
+        for name, probability in classes:
+            print(f"  {probability:.4f}  {name}")
+        predicted += 1
+    if not predicted:
+        raise BadInput(f"no image could be predicted ({len(paths)} file(s) tried)")
+
+
+if __name__ == "__main__":
+    main()
