@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Data and run
     parser.add_argument("--data-path", default=None, type=str, help="dataset folder")
     parser.add_argument("--data-set", default="IMNET", choices=datasets.DATA_SETS)
+    parser.add_argument("--download", action="store_true",
+                        help="CIFAR: torchvision downloads it into --data-path when it is not there")
     parser.add_argument("--subset", default="FULL", choices=("FULL",) + tuple(datasets.SUBSET_FRACTIONS),
                         help="class-balanced, seeded training subset (default: FULL)")
     parser.add_argument("--strict-data", action="store_true", help="an unreadable image is an error, not skipped")
@@ -226,7 +228,7 @@ def _flags(*names: str) -> Set[str]:
 
 
 EVAL_FLAGS = _flags("config", "batch_size", "eval_student", "student_ckpt", "student_model", "input_size", "teacher",
-                    "train_teacher", "data_path", "data_set", "strict_data", "output_dir", "device", "seed",
+                    "train_teacher", "data_path", "data_set", "download", "strict_data", "output_dir", "device", "seed",
                     "resume", "eval", "eval_crop_ratio", "dist_eval", "num_workers", "pin_mem", "amp", "print_freq",
                     "deterministic", "threads",
                     "local_rank", "world_size", "dist_url", "dist_timeout")
@@ -258,6 +260,8 @@ NOT_APPLICABLE = (
     (lambda a: not a.student_ema, _flags("student_ema_decay", "student_ema_force_cpu"), "they apply with --student-ema"),
     (lambda a: a.input_size <= datasets.SMALL_INPUT_SIZE, _flags("eval_crop_ratio"),
      "inputs of 32 px or less are evaluated without resize or centre crop, as in the original"),
+    (lambda a: a.data_set != "CIFAR", _flags("download"),
+     "it applies to --data-set CIFAR; the other data sets are read from local files"),
     (lambda a: not datasets.mixup_active(a), _flags("mixup_prob", "mixup_switch_prob", "mixup_mode", "cutmix_minmax"),
      "mixup and cutmix are off"),
 )

@@ -10,7 +10,7 @@ With ``strict_data`` an unreadable image raises ``UnreadableImageError`` naming 
 Data sets (``args.data_set``):
 - IMNET: ImageFolder ``<data_path>/train`` and ``<data_path>/val`` (1000 classes expected).
 - FOLDER: any ImageFolder with ``train/`` and ``val/``; nb_classes = number of class folders.
-- CIFAR: torchvision CIFAR-100 read from ``data_path`` (never downloaded).
+- CIFAR: torchvision CIFAR-100 read from ``data_path``; with ``download`` torchvision fetches it there first.
 - DIGITS: scikit-learn's 8x8 handwritten digits, exported once to an ImageFolder (``export_digits``).
 - FMNIST: Fashion-MNIST's original IDX files (gzipped or not) read from ``data_path``: Debian's
   ``dataset-fashion-mnist`` folder (the default) or torchvision's ``FashionMNIST/raw`` layout.
@@ -61,7 +61,7 @@ DATA_FIELDS = (
     "data_set", "data_path", "input_size", "subset", "src", "color_jitter", "crop_scale_min",
     "disable_gray_solar_and_blur", "eval_crop_ratio", "strict_data", "mixup", "cutmix", "cutmix_minmax",
     "mixup_prob", "mixup_switch_prob", "mixup_mode", "smoothing", "batch_size", "num_workers", "pin_mem", "seed",
-    "repeated_aug",
+    "repeated_aug", "download",
 )
 
 
@@ -102,8 +102,8 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
         raise DatasetError(f"unknown subset {args.subset!r}; valid: {', '.join(SUBSET_FRACTIONS)} or none")
     transform = build_transform(is_train, args)
     if args.data_set == "CIFAR":
-        folders.check_data_folder(args.data_path, args.data_set)
-        dataset, nb_classes = cifar.load_cifar(args.data_path, CIFAR_CLASSES, is_train, transform), CIFAR_CLASSES
+        dataset = cifar.load_cifar(args.data_path, CIFAR_CLASSES, is_train, transform, args.download)
+        nb_classes = CIFAR_CLASSES
     elif args.data_set == "FMNIST":
         images, labels = fmnist.read_fmnist(args.data_path, is_train)
         dataset, nb_classes = fmnist.IDXImages(images, labels.tolist(), FMNIST_CLASSES, transform), len(FMNIST_CLASSES)

@@ -2,7 +2,8 @@
 
 The sources are ``vkd.data``'s, shared with classification:
 - C10 / C100: torchvision's CIFAR layout (``cifar-10-batches-py/`` or ``cifar-100-python/`` under
-  ``--data-path``), never downloaded (``vkd.data.cifar``). FID reference: the test split (10k), as KD-DLGAN.
+  ``--data-path``; ``--download`` has torchvision fetch it there, ``vkd.data.cifar``). FID reference: the test
+  split (10k), as KD-DLGAN.
 - DIGITS: scikit-learn's 8x8 digits, exported once by ``vkd.data.digits`` (32x32 nearest upscaling, fixed
   stratified 80/20 split). FID reference: the 360 held-out images.
 - FASHION: Fashion-MNIST from its four IDX files, read by ``vkd.data.fmnist`` (``--data-path``, default
@@ -23,6 +24,7 @@ from vkd.data import cifar, digits, fmnist, subsets
 from vkd.errors import DatasetError
 
 DATASETS = ("C10", "C100", "DIGITS", "FASHION")
+DOWNLOADABLE = ("C10", "C100")
 SUBSET_DRAWS = ("uniform", "balanced")
 IMAGE_SIZE = 32
 FASHION_PAD = 2  # 28 + 2 + 2 = 32
@@ -37,8 +39,9 @@ class ImageData:
     num_classes: int
 
 
-def _cifar(name: str, root: Optional[str]) -> ImageData:
-    splits = [cifar.load_cifar(root, 10 if name == "C10" else 100, is_train) for is_train in (True, False)]
+def _cifar(name: str, root: Optional[str], download: bool) -> ImageData:
+    splits = [cifar.load_cifar(root, 10 if name == "C10" else 100, is_train, download=download)
+              for is_train in (True, False)]
     tensors = [(torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(split.targets))
                for split in splits]
     return ImageData(*tensors[0], *tensors[1], num_classes=len(splits[0].classes))
@@ -62,11 +65,12 @@ def _fashion(root: Optional[str]) -> ImageData:
     return ImageData(*tensors, num_classes=len(fmnist.FMNIST_CLASSES))
 
 
-def load_image_data(name: str, root: Optional[str]) -> ImageData:
+def load_image_data(name: str, root: Optional[str], download: bool = False) -> ImageData:
+    """``name``'s images under ``root``; ``download``: CIFAR missing there is downloaded first."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if name in ("C10", "C100"):
-        return _cifar(name, root)
+    if name in DOWNLOADABLE:
+        return _cifar(name, root, download)
     if name == "DIGITS":
         return _digits(root)
     return _fashion(root)

@@ -3,29 +3,34 @@
 Two feature networks:
 - ``inception``: the paper's protocol. torch-fidelity's port of the TF Inception-v3 (2015-12-05) that
   StyleGAN's ``inception_v3_features.pkl`` also holds: uint8 images, TF1-compatible bilinear resize to
-  299, 2048-d pool features for FID and the 1008 unbiased logits for IS, from the local file
-  ``pt_inception-2015-12-05-6726825d.pth``.
+  299, 2048-d pool features for FID and the 1008 unbiased logits for IS. Its weights
+  ``weights-inception-2015-12-05-6726825d.pth``: a local file (``--fid-weights``), else torch-fidelity's
+  release file, downloaded once into torch.hub's cache (where torch-fidelity keeps it too).
 - ``timm``: any local timm classifier (the offline runs). Its FID is on another feature space and is
   **not comparable with Inception FIDs**; every output that reports it says so.
 The network computes features once per batch; the identity modules below hand those features to
 torchmetrics' FrechetInceptionDistance and InceptionScore, so one pass serves both metrics.
 """
 import contextlib
+import http.client
 import os
+import urllib.parse
 import warnings
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
 from generation.teachers import FrozenImageNetwork, load_timm_network, require_file
-from vkd.checkpoints import safe_torch_load
+from vkd import downloads
+from vkd.checkpoints import first_line, safe_torch_load
+from vkd.errors import CheckpointError
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_HINT = (f"torch-fidelity's Inception weights {INCEPTION_FILE} (from the torch-fidelity GitHub "
-                  f"releases, v0.2.0)")
+INCEPTION_FILE = os.path.basename(urllib.parse.urlparse(URL_INCEPTION_V3).path)
+INCEPTION_HINT = f"torch-fidelity's Inception weights {INCEPTION_FILE} from {URL_INCEPTION_V3}"
 FID_EXTRACTORS = ("inception", "timm", "none")
 NOT_COMPARABLE = "not comparable with Inception FIDs"
 
@@ -59,13 +64,14 @@ class InceptionNetwork(FrozenImageNetwork):
     name = "Inception-v3 (TF 2015-12-05, torch-fidelity)"
     feature_dim = 2048
 
-    def __init__(self, weights_path: str):
+    def __init__(self, weights_path: str, source: Optional[str] = None):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         safe_torch_load(weights_path)  # a one-line error for an unreadable or unsafe file, before torch-fidelity
         with _forced_weights_only_load():
             self.network = FeatureExtractorInceptionV3(
                 "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path)
+        self.source = source or os.path.abspath(weights_path)
         self.freeze()
 
     def forward(self, images: torch.Tensor):
@@ -75,10 +81,36 @@ class InceptionNetwork(FrozenImageNetwork):
         return features.float(), logits.float()
 
 
+def download_inception_weights() -> str:
+    """torch-fidelity's Inception weights in torch.hub's cache, downloaded from its release the first time.
+
+    The cache file is torch-fidelity's own (``torch.hub.load_state_dict_from_url``'s name for the URL), so
+    either finds the other's copy; the file is then read like a local one, with the safe loader.
+    """
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+    if os.path.isfile(cached):
+        return cached
+    cannot = f"could not download torch-fidelity's Inception weights from {URL_INCEPTION_V3}"
+    instead = f"pass --fid-weights FILE with a local copy of {INCEPTION_FILE}"
+    if not downloads.reachable(URL_INCEPTION_V3):
+        raise CheckpointError(f"{cannot} (the server cannot be reached); {instead}")
+    print(f"Downloading {URL_INCEPTION_V3} to {cached}", flush=True)
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        # Written to a temporary name and renamed when complete: an interrupted download leaves no file.
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, cached, progress=True)
+    except (OSError, http.client.HTTPException) as error:  # urllib's URLError, HTTPError and timeouts are OSErrors
+        raise CheckpointError(f"{cannot} ({first_line(error)}); {instead}") from None
+    return cached
+
+
 def build_fid_network(kind: str, weights_path: Optional[str], timm_name: str, input_size: int) -> FrozenImageNetwork:
     if kind == "inception":
-        require_file(weights_path, "FID with Inception", "--fid-weights", INCEPTION_HINT)
-        return InceptionNetwork(weights_path)
+        if weights_path:
+            require_file(weights_path, "FID with Inception", "--fid-weights", INCEPTION_HINT)
+            return InceptionNetwork(weights_path)
+        cached = download_inception_weights()
+        return InceptionNetwork(cached, f"{URL_INCEPTION_V3}, cached as {cached}")
     return load_timm_network(timm_name, weights_path, input_size, "--fid-weights")
 
 

@@ -1,8 +1,10 @@
 """Data-limited class-conditional BigGAN with VkD (paper: image generation on CIFAR-10/100 with 10%, 20%
 and 100% of the training data), on 1..N processes.
 
-    python -m generation.main --config configs/generation/c10_10pct_vkd_whiten.yaml --data-path DATA \\
-        --teacher-path open_clip_pytorch_model.bin --fid-weights pt_inception-2015-12-05-6726825d.pth --output-dir OUT
+    python -m generation.main --config configs/generation/c10_10pct_vkd_whiten.yaml --data-path DATA --download \\
+        --output-dir OUT                                      (CIFAR, CLIP and Inception weights downloaded once)
+    ... --teacher-path open_clip_pytorch_model.bin --fid-weights weights-inception-2015-12-05-6726825d.pth
+                                                              (without a network: local files, nothing downloaded)
     torchrun --nproc_per_node=N -m generation.main ...          (gradients averaged over processes)
     python -m generation.main --eval-checkpoint OUT/best.pth ...  (FID of a saved generator, no training)
 
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Data
     add("--dataset", default="C10", choices=gan_data.DATASETS, help="(default: C10)")
     add("--data-path", default=None, help="dataset folder (DIGITS: export folder, default data/digits)")
+    add("--download", action="store_true", help="C10 / C100: torchvision downloads it into --data-path when missing")
     add("--data-fraction", default=1.0, type=float, help="fraction of the training split kept (default: 1.0)")
     add("--subset-draw", default="uniform", choices=gan_data.SUBSET_DRAWS,
         help="uniform without replacement as KD-DLGAN, or class-balanced (default: uniform)")
@@ -85,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     # VkD
     add("--teacher", default="none", choices=TEACHERS, help="distillation teacher (default: none = DA only)")
     add("--teacher-model", default=None, help=f"CLIP architecture in open_clip (default {CLIP_MODEL}) or timm name")
-    add("--teacher-path", default=None, help="local teacher weights (nothing is downloaded)")
+    add("--teacher-path", default=None,
+        help="local teacher weights (timm: required; CLIP: without it open_clip downloads OpenAI's weights)")
     add("--teacher-input-size", default=0, type=int,
         help=f"teacher input side, nearest upsampling (default: {CLIP_INPUT_SIZE} for CLIP, else the image size)")
     add("--clip-normalise", default=False, help="CLIP mean/std on the teacher input (KD-DLGAN: off)", **flag)
@@ -103,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Evaluation
     add("--fid-extractor", default="inception", choices=FID_EXTRACTORS,
         help="inception (the paper's protocol), a local timm classifier, or none (default: inception)")
-    add("--fid-weights", default=None, help="local weights of the FID network")
+    add("--fid-weights", default=None,
+        help="local weights of the FID network (timm: required; inception: without it torch-fidelity's are downloaded)")
     add("--fid-model", default=None, help="timm name of the FID network with --fid-extractor timm")
     add("--fid-input-size", default=32, type=int, help="input side of a timm FID network (default: 32)")
     add("--fid-reference", default="test", choices=("test", "train"), help="real images of FID (default: test split)")
@@ -145,6 +150,8 @@ def check_arguments(args) -> None:
             build_normalisation(args.normalisation, args.whitening, args.whiten_eps)
     except ValueError as error:
         raise BadInput(str(error)) from None
+    if args.download and args.dataset not in gan_data.DOWNLOADABLE:
+        raise BadInput(f"--download fetches {' or '.join(gan_data.DOWNLOADABLE)}; {args.dataset} is read from local files")
     if args.teacher == "timm" and not args.teacher_model:
         raise BadInput("--teacher timm needs --teacher-model NAME (a timm model name)")
     if args.fid_extractor == "timm" and not args.fid_model:
@@ -213,6 +220,7 @@ def build_evaluator(args, data: gan_data.ImageData, runtime: Runtime) -> Optiona
     if args.fid_extractor == "none" or not runtime.is_main:
         return None
     network = build_fid_network(args.fid_extractor, args.fid_weights, args.fid_model, args.fid_input_size)
+    runtime.log(f"FID network: {network.name}, weights: {network.source}")
     reference = data.test_images if args.fid_reference == "test" else data.train_images
     return GeneratorEvaluator(network, gan_data.to_model_range(reference), args.batch_size, runtime.device,
                               args.is_splits)
@@ -303,9 +311,11 @@ def run_training(args, runtime: Runtime, argv) -> None:
                                   is_main=runtime.is_main)
     if moved_to:
         runtime.log(f"The previous run in {args.output_dir} was moved to {moved_to}")
-    data = gan_data.load_image_data(args.dataset, args.data_path)
+    data = gan_data.load_image_data(args.dataset, args.data_path, args.download)
     kept = gan_data.subset_indices(data.train_labels, args.data_fraction, args.subset_draw, args.subset_seed)
     teacher = build_teacher(args, runtime.device)
+    if teacher is not None:
+        runtime.log(f"Teacher: {teacher.name}, weights: {teacher.source}")
     generator, discriminator, generator_ema = build_networks(args, data.num_classes, teacher)
     evaluator = build_evaluator(args, data, runtime)
     for module in (generator, discriminator, generator_ema):
@@ -395,7 +405,8 @@ def run_training(args, runtime: Runtime, argv) -> None:
         writer.close()
         write_json(os.path.join(args.output_dir, RESULTS),
                    dict(final=last_results, best=best, iterations=iteration, training_images=len(kept),
-                        seconds_this_process=round(time.time() - started, 1), teacher=teacher.name if teacher else None))
+                        seconds_this_process=round(time.time() - started, 1), teacher=teacher.name if teacher else None,
+                        teacher_weights=teacher.source if teacher else None))
 
 
 def run_evaluation(args, runtime: Runtime) -> None:
@@ -406,7 +417,7 @@ def run_evaluation(args, runtime: Runtime) -> None:
     if not isinstance(checkpoint, dict) or "G_ema" not in checkpoint:
         raise CheckpointError(f"{args.eval_checkpoint} holds no 'G_ema' (expected latest.pth or best.pth of a run)")
     saved = checkpoint.get("args", {})
-    data = gan_data.load_image_data(args.dataset, args.data_path)
+    data = gan_data.load_image_data(args.dataset, args.data_path, args.download)
     generator = Generator(saved.get("g_ch", args.g_ch), saved.get("dim_z", args.dim_z), data.num_classes)
     try:
         generator.load_state_dict(checkpoint["G_ema"])

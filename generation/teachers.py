@@ -1,13 +1,14 @@
 """Frozen image networks that read generator-range images ([-1, 1], 32x32): the distillation teacher and
 the local FID feature extractor.
 
-- CLIP (the paper's teacher, as KD-DLGAN): open_clip's image tower, weights from a local file only.
+- CLIP (the paper's teacher, as KD-DLGAN): open_clip's image tower with OpenAI's weights, downloaded by
+  open_clip (its pretrained tag ``openai``) or read from a local file.
   KD-DLGAN feeds the discriminator's (augmented) inputs to CLIP ViT-B/32 upsampled x7 by nearest
   neighbour (32 -> 224) and *without* CLIP's mean/std normalisation; ``--clip-normalise`` adds it.
 - timm: any timm model from a local file; the pooled pre-logits features, on images normalised with
   the ImageNet mean/std (what this repository's ``main_distributed.py --train-teacher`` trains with),
   resized by nearest neighbour to the size the model was trained at.
-Nothing is ever downloaded: a missing file is one error that says what to fetch and which flag takes it.
+A missing file, or a download that cannot happen, is one error naming what to fetch and the flag that takes it.
 """
 import logging
 import os
@@ -19,11 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
-from vkd.checkpoints import load_state_dict_file
+from vkd.checkpoints import first_line, load_state_dict_file
 from vkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vkd.downloads import hub_offline_unless_reachable
 from vkd.errors import CheckpointError
 
 CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI's ViT-B/32 uses QuickGELU
+CLIP_PRETRAINED = "openai"  # open_clip's tag of OpenAI's weights, the paper's teacher
 CLIP_INPUT_SIZE = 224
 CLIP_WEIGHTS_HINT = ("open_clip's OpenAI ViT-B/32 weights, e.g. open_clip_pytorch_model.bin from the Hugging Face "
                      "repository timm/vit_base_patch32_clip_224.openai")
@@ -43,10 +46,12 @@ def resize_nearest(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class FrozenImageNetwork(nn.Module):
-    """Base: frozen, always in eval mode, fp32 outputs. ``forward`` returns (features [B, D], logits or None)."""
+    """Base: frozen, always in eval mode, fp32 outputs. ``forward`` returns (features [B, D], logits or None).
+    ``source`` says where the weights came from (a file, or what was downloaded)."""
 
     feature_dim: int
     name: str
+    source: str
 
     def freeze(self) -> None:
         self.eval()
@@ -89,7 +94,9 @@ def load_timm_network(name: str, path: Optional[str], input_size: int, flag: str
         raise CheckpointError(f"unknown timm model '{name}'")
     num_classes = _classifier_outputs(name, load_state_dict_file(path, preferred_keys=("model", "state_dict")))
     model = models.create_teacher(name, num_classes=num_classes, teacher_path=path)
-    return TimmNetwork(model, input_size, name)
+    network = TimmNetwork(model, input_size, name)
+    network.source = os.path.abspath(path)
+    return network
 
 
 class ClipImageEncoder(FrozenImageNetwork):
@@ -112,14 +119,31 @@ class ClipImageEncoder(FrozenImageNetwork):
         return self.visual(x).float(), None
 
 
-def load_clip(path: Optional[str], model_name: str = CLIP_MODEL, input_size: int = CLIP_INPUT_SIZE,
-              normalise: bool = False, device: torch.device = torch.device("cpu")) -> ClipImageEncoder:
-    """open_clip's image encoder with weights from a local open_clip state dict (.bin/.pt or .safetensors)."""
-    require_file(path, "the CLIP teacher", "--teacher-path", CLIP_WEIGHTS_HINT)
-    try:
-        import open_clip
-    except ImportError:
-        raise CheckpointError("the CLIP teacher needs open_clip: pip install open_clip_torch") from None
+def _download_clip(open_clip, model_name: str) -> Tuple[nn.Module, str]:
+    """open_clip's ``model_name`` with its ``openai`` weights, fetched (or found in its cache) by open_clip,
+    and where they came from."""
+    what = f"open_clip's {model_name} weights (pretrained tag '{CLIP_PRETRAINED}')"
+    config = open_clip.get_pretrained_cfg(model_name, CLIP_PRETRAINED)
+    if not config:
+        raise CheckpointError(f"open_clip has no {what}; pass --teacher-path FILE with local weights")
+    origin = f"the Hugging Face hub's {config['hf_hub'].rstrip('/')}" if config.get("hf_hub") else config["url"]
+    # open_clip fetches from the hub when the tag names a repository there (every 'openai' tag does) and
+    # huggingface_hub is installed (timm needs it): the hub is what to probe.
+    with hub_offline_unless_reachable() as offline:
+        logging.disable(logging.ERROR)  # open_clip logs the failure it raises; the error below is its one line
+        try:
+            model = open_clip.create_model(model_name, pretrained=CLIP_PRETRAINED)
+        except Exception as error:  # no network and no cache, an interrupted download, a refused file ...
+            reason = ("the hub is offline or cannot be reached, and they are not cached" if offline
+                      else first_line(error))
+            raise CheckpointError(f"could not download {what} from {origin} ({reason}); pass --teacher-path FILE "
+                                  f"with {CLIP_WEIGHTS_HINT}") from None
+        finally:
+            logging.disable(logging.NOTSET)
+    return model, f"{what} from {origin}"
+
+
+def _clip_from_file(open_clip, path: str, model_name: str) -> nn.Module:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file  # safe by design: tensors only
         state_dict = load_file(path)
@@ -136,7 +160,26 @@ def load_clip(path: Optional[str], model_name: str = CLIP_MODEL, input_size: int
     except RuntimeError as error:
         raise CheckpointError(f"{path} is not an open_clip {model_name} state dict "
                               f"({str(error).splitlines()[0]}); download {CLIP_WEIGHTS_HINT}") from None
+    return model
+
+
+def load_clip(path: Optional[str], model_name: str = CLIP_MODEL, input_size: int = CLIP_INPUT_SIZE,
+              normalise: bool = False, device: torch.device = torch.device("cpu")) -> ClipImageEncoder:
+    """open_clip's image encoder with weights from a local open_clip state dict (.bin/.pt or .safetensors),
+    or, without ``path``, open_clip's download of the ``openai`` weights (kept in its cache)."""
+    if path:
+        require_file(path, "the CLIP teacher", "--teacher-path", CLIP_WEIGHTS_HINT)
+    try:
+        import open_clip
+    except ImportError:
+        raise CheckpointError("the CLIP teacher needs open_clip: pip install open_clip_torch") from None
+    if path:
+        model, source = _clip_from_file(open_clip, path, model_name), os.path.abspath(path)
+    else:
+        model, source = _download_clip(open_clip, model_name)
     half = device.type == "cuda"
     if half:
         model.half()
-    return ClipImageEncoder(model.to(device), input_size, normalise, f"CLIP {model_name}", half)
+    encoder = ClipImageEncoder(model.to(device), input_size, normalise, f"CLIP {model_name}", half)
+    encoder.source = source
+    return encoder

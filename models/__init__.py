@@ -1,7 +1,5 @@
 """Students and teachers. ``import models`` registers the DeiT students with timm."""
 import os
-import socket
-import urllib.parse
 from typing import Optional
 
 import timm
@@ -10,6 +8,7 @@ import torch.nn as nn
 
 from models.deit import STUDENT_MODELS, DistilledVisionTransformer
 from vkd.checkpoints import file_sha256, load_state_dict_file, strict_load
+from vkd.downloads import hub_offline_unless_reachable
 from vkd.errors import BadInput
 from vkd.projector import OrthogonalProjector
 
@@ -50,7 +49,6 @@ class TeacherError(BadInput):
 # timm resolves a bare architecture name to its default pretrained tag. For regnety_160 (timm 1.0) that is
 # regnety_160.sw_in12k_ft_in1k, not the weights DeiT distilled from and VkD used.
 DEFAULT_PRETRAINED_TAGS = {"regnety_160": "regnety_160.deit_in1k"}
-HUB_PORT, HUB_TIMEOUT_S = 443, 5.0
 
 
 def pretrained_name(name: str) -> str:
@@ -58,30 +56,17 @@ def pretrained_name(name: str) -> str:
     return name if "." in name else DEFAULT_PRETRAINED_TAGS.get(name, name)
 
 
-def _hub_reachable(endpoint: str) -> bool:
-    """One short connection attempt, so that a machine without network fails in seconds rather than after
-    the hub client's minute of retries (cached weights are then still used, offline)."""
-    address = urllib.parse.urlparse(endpoint)
-    try:
-        socket.create_connection((address.hostname, address.port or HUB_PORT), timeout=HUB_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
-
-
 def _download_pretrained(name: str, **kwargs) -> nn.Module:
-    from huggingface_hub import constants as hub  # timm's hub client, read at call time
     tagged = pretrained_name(name)
-    offline = hub.HF_HUB_OFFLINE or not _hub_reachable(hub.ENDPOINT)
-    was_offline, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, offline
-    try:
-        return timm.create_model(tagged, pretrained=True, **kwargs)
-    except Exception as error:  # no network and no cache, gated repository, unknown tag ...
-        reason = "the model hub cannot be reached and the weights are not cached" if offline else type(error).__name__
-        raise TeacherError(f"could not download pretrained weights '{tagged}' ({reason}); pass --teacher-path FILE "
-                           f"with local weights") from None
-    finally:
-        hub.HF_HUB_OFFLINE = was_offline
+    # Offline when the hub cannot be reached: cached weights are still used, and nothing waits on the network.
+    with hub_offline_unless_reachable() as offline:
+        try:
+            return timm.create_model(tagged, pretrained=True, **kwargs)
+        except Exception as error:  # no network and no cache, gated repository, unknown tag ...
+            reason = ("the model hub cannot be reached and the weights are not cached" if offline
+                      else type(error).__name__)
+            raise TeacherError(f"could not download pretrained weights '{tagged}' ({reason}); pass --teacher-path "
+                               f"FILE with local weights") from None
 
 
 def _classifier_weight_key(model: nn.Module) -> Optional[str]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The three rows of one paper column (DiffAugment only, VkD + LayerNorm teacher, VkD + whitened teacher), one
 # after the other, each through scripts/gen_train.sh.
-#   COLUMN=c10_10pct DATA=/data/cifar10 OUT=output CLIP=... INCEPTION=... scripts/gen_paper_rows.sh
+#   COLUMN=c10_10pct DATA=/data/cifar10 OUT=output scripts/gen_paper_rows.sh   (CLIP=... INCEPTION=... offline)
 # COLUMN: c10_10pct, c10_20pct, c10_100pct, c100_10pct, c100_20pct or c100_100pct.
 set -euo pipefail
 cd "$(dirname "$0")/.."

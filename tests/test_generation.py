@@ -305,9 +305,8 @@ def test_a_short_run_writes_its_files_and_resumes_exactly(tiny_fashion, network_
 
 @pytest.mark.parametrize("flags, named", [
     (["--teacher", "clip", "--teacher-path", "missing/open_clip_pytorch_model.bin"], ("open_clip", "--teacher-path")),
-    (["--teacher", "clip"], ("open_clip", "--teacher-path")),
-    (["--fid-extractor", "inception", "--fid-weights", "missing/pt_inception.pth"],
-     ("pt_inception-2015-12-05-6726825d.pth", "--fid-weights")),
+    (["--fid-extractor", "inception", "--fid-weights", "missing/weights-inception.pth"],
+     ("weights-inception-2015-12-05-6726825d.pth", "--fid-weights")),
 ])
 def test_a_missing_clip_or_inception_file_is_one_clear_error(tiny_fashion, tmp_path, capsys, flags, named):
     argv = ["--dataset", "FASHION", "--data-path", tiny_fashion, "--fid-extractor", "none", "--device", "cpu",
