@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import datasets
 import models
 from models.inference import (
     FORMAT_SUFFIXES,
@@ -34,6 +33,7 @@ from models.inference import (
 )
 from vkd.cli import entry_point
 from vkd.config import OneLineErrorParser
+from vkd.data.digits import DIGITS_MAX_VALUE
 from vkd.errors import BadInput, RunFailed
 
 ONNX_OPSET = 20
@@ -70,7 +70,7 @@ def digits_images(count: int) -> List[Image.Image]:
     """The first ``count`` of scikit-learn's 8x8 digits (shipped with it, so offline) as RGB images with the
     DIGITS data set's pixel values; the evaluation transform resizes them to the input size."""
     from sklearn.datasets import load_digits
-    pixels = np.round(load_digits().images[:count] * 255.0 / datasets.DIGITS_MAX_VALUE).astype(np.uint8)
+    pixels = np.round(load_digits().images[:count] * 255.0 / DIGITS_MAX_VALUE).astype(np.uint8)
     return [Image.fromarray(image).convert("RGB") for image in pixels]
 
 

@@ -40,18 +40,13 @@ class Trainer(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         submitit.helpers.TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, MASTER_ADDR... for env://
         child = subprocess.Popen([sys.executable, *self.command], cwd=REPO)
-        requeue = signal.getsignal(submitit.JobEnvironment._usr_sig())
-
-        def stop_then_requeue(number, frame):
-            child.send_signal(signal.SIGUSR1)  # the loop's stop request: a checkpoint at the next step
-            child.wait()
-            if callable(requeue):
-                requeue(number, frame)  # submitit: checkpoint() below, then the job is requeued
-
-        signal.signal(submitit.JobEnvironment._usr_sig(), stop_then_requeue)
+        stop_signal = submitit.JobEnvironment._usr_sig()
+        requeue = signal.getsignal(stop_signal)  # submitit's: calls checkpoint() below, then requeues the job
+        # Passed on as the loop's stop request, which checkpoints at the next step; the requeue waits for it.
+        signal.signal(stop_signal, lambda number, frame: child.send_signal(signal.SIGUSR1))
         code = child.wait()
-        if code == EXIT_PREEMPTED and callable(requeue):  # the scheduler signalled the child itself
-            requeue(submitit.JobEnvironment._usr_sig(), None)
+        if code == EXIT_PREEMPTED and callable(requeue):
+            requeue(stop_signal, None)
         if code != 0:
             raise RunFailed(f"{' '.join(self.command[:2])} exited with code {code}; its log is in the job folder")
         return code

@@ -164,7 +164,7 @@ def tiny_student_files(tmp_path_factory):
     import models
     from checkpoint import Trainer
     from config import parse_arguments
-    from utils import add_ddp_prefix
+    from vkd.checkpoints import add_ddp_prefix
 
     torch.manual_seed(0)
     student = models.create_student("deit_ti_distilled", num_classes=len(CLASSES), img_size=IMAGE_SIZE,

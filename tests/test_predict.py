@@ -14,7 +14,7 @@ import datasets
 import export
 import predict
 from models.inference import class_names_for
-from utils import safe_torch_load
+from vkd.checkpoints import safe_torch_load
 
 IMAGES = 3
 PRINTED_PROBABILITY = 1e-4  # printed with 4 decimals, from logits within export.CHECK_TOLERANCE

@@ -605,5 +605,5 @@ def test_every_load_in_the_project_is_weights_only():
                     unsafe.append(where)
             elif owner in ("pickle", "dill", "joblib") and node.func.attr in ("load", "loads", "Unpickler"):
                 unsafe.append(where)
-    assert loads >= 2  # utils.safe_torch_load and the tests' own reads were found
+    assert loads >= 2  # vkd.checkpoints.safe_torch_load and the tests' own reads were found
     assert unsafe == []
