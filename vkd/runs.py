@@ -92,14 +92,17 @@ def _decide(output_dir: str, continuing: bool, overwrite: bool, run_files: Seque
     return None, aside
 
 
-def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: int = 0, **first_record) -> None:
+def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: int = 0,
+                      changes: Optional[dict] = None, **first_record) -> None:
     """``args.json``: the resolved arguments, code version and ``first_record`` (e.g. the effective lr, the
     teacher's weights) of the run's first invocation, and one entry per invocation (a resume appends;
-    nothing is replaced)."""
+    nothing is replaced), with the ``changes`` a resume honoured (e.g. a new end of the run)."""
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, ARGS_FILE)
     invocation = dict(command=list(argv), **git_state(), processes=world_size, start_epoch=start_epoch,
                       started=datetime.datetime.now().isoformat(timespec="seconds"))
+    if changes:
+        invocation["changes"] = changes
     content = None
     if os.path.isfile(path):
         try:
