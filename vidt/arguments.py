@@ -1,4 +1,4 @@
-"""Command-line flags of ViDT/VkD, plus the small-image flags of this tree.
+"""Command-line flags of ViDT/VkD, plus this tree's small-image flags and --student_ckpt.
 
 Boolean flags take a value, as in the original (``--eval True``); only 'true'/'false' are accepted.
 Flags that the original defines but never uses are kept so the paper's commands parse; setting one to
@@ -120,6 +120,10 @@ def get_args_parser() -> OneLineErrorParser:
         help="checkpoint to resume from or to evaluate (loaded strictly); 'auto': the run folder's checkpoint.pth "
              "if there is one")
     add("--start_epoch", default=0, type=int, help="first epoch (overwritten on resume)")
+    add("--student_ckpt", default=None, type=str,
+        help="start a new run from these student weights only (loaded strictly; a plain ViDT file's projectors "
+             "start fresh), with a new optimizer and schedule: e.g. a run's checkpoint.pth to train on with "
+             "other settings, which --resume refuses")
     add("--overwrite", action="store_true",
         help="start a new run in a run folder that holds one: the old run is moved aside to "
              "<folder>.previous-<time>, never deleted (without it such a folder is refused)")
@@ -172,6 +176,38 @@ UNSUPPORTED_OPTIONS = (
 )
 
 
+# What defines the optimisation a checkpoint belongs to, as spelled on the command line: a resume that
+# changed one of them would log one run and train another. --epochs alone may change (see resumed_epochs).
+RUN_DEFINING_FLAGS = (
+    "--lr", "--lr_backbone", "--weight_decay", "--batch_size", "--n_iter_to_acc", "--clip_max_norm", "--sched",
+    "--lr_drop", "--min-lr", "--warmup-lr", "--warmup-epochs", "--decay-rate", "--lr-noise", "--lr-noise-pct",
+    "--lr-noise-std", "--seed", "--cls_loss_coef", "--bbox_loss_coef", "--giou_loss_coef", "--focal_alpha",
+    "--set_cost_class", "--set_cost_bbox", "--set_cost_giou", "--aux_loss", "--distil_model", "--distil_loss_coef",
+    "--train_sizes", "--max_size",
+)
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def resumed_epochs(args, saved: dict, world_size: int, path: str):
+    """Refuse to continue ``path`` (trained with the arguments ``saved``) with other settings, in one line
+    naming the flag, both values and how to start a new run from its weights instead. Returns the end of
+    the run the checkpoint was planned for when --epochs moved it, else None."""
+    new_run = f"to train its weights with other settings, start a new run: --student_ckpt {path} --output_dir NEW"
+    saved_processes = saved.get("world_size")
+    if saved_processes is not None and saved_processes != world_size:
+        raise BadInput(f"{path} was trained on {saved_processes} process(es), this resume has {world_size}: a resume "
+                       f"continues the same run (the global batch and the data order depend on it); {new_run}")
+    for flag in RUN_DEFINING_FLAGS:
+        name = flag.lstrip("-").replace("-", "_")
+        if name in saved and saved[name] != getattr(args, name):
+            raise BadInput(f"{flag} {_shown(getattr(args, name))} but {path} was trained with {_shown(saved[name])}: "
+                           f"a resume continues the same run; {new_run}")
+    return saved["epochs"] if saved.get("epochs", args.epochs) != args.epochs else None
+
+
 def check_supported(args) -> None:
     """Stop with one clear line for options that cannot take effect here."""
     for name, default, message in UNSUPPORTED_OPTIONS:
@@ -191,6 +227,10 @@ def check_supported(args) -> None:
         raise BadInput(f"--n_iter_to_acc {args.n_iter_to_acc} must divide --batch_size {args.batch_size}")
     if args.distil_model is not None and not args.distil_model_path:
         raise BadInput("--distil_model needs --distil_model_path")
+    # --resume auto may join it: a requeued run then continues its own checkpoint.pth once it has one.
+    if args.student_ckpt and (args.eval or args.resume not in ("", "auto")):
+        raise BadInput("--student_ckpt starts a new training run from its weights; --resume FILE continues a run "
+                       "or, with --eval True, names the file to evaluate: give one of them")
     if args.coco_path is None:
         raise BadInput("--coco_path is needed: the COCO 2017 root with train2017/, val2017/ and annotations/")
     if min(args.train_sizes) < MIN_IMAGE_SIDE or args.eval_size < MIN_IMAGE_SIDE:

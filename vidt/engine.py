@@ -1,13 +1,14 @@
 """train_one_epoch and evaluate (DETR's engine; the criterion owns the VkD teacher)."""
 import math
 import re
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
 import torch
 
 from vidt.datasets.coco_eval import CocoEvaluator
 from vidt.util.misc import is_main_process, reduce_dict
 from vkd.errors import RunFailed
+from vkd.preemption import StopRequest, rng_states, set_rng_states
 from vkd.progress import Progress, RunningMeans
 
 AUX_SUFFIX = re.compile(r"_\d+$")
@@ -36,19 +37,44 @@ def _log_values(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, max_norm: float,
-                    n_iter_to_acc: int = 1, print_freq: int = 100, tb_writer=None) -> Dict[str, float]:
+                    n_iter_to_acc: int = 1, print_freq: int = 100, tb_writer=None,
+                    stop: Optional[StopRequest] = None, resumed: Optional[dict] = None) -> Dict[str, float]:
     """One epoch over ``data_loader``.
 
     With gradient accumulation the loader yields micro-batches of batch_size / n_iter_to_acc images, each
     padded on its own (the original divides --batch_size before building the loader), and the optimizer
     steps after every n_iter_to_acc of them. As in the original, gradients are cleared only after a step,
     so an epoch's leftover micro-batches count towards the next epoch's first step.
+
+    ``stop``: once it is requested, the epoch ends at the next optimizer step boundary and returns
+    ``{"preempted_at": iteration, "partial": ...}``, ``partial`` being this rank's running sums and random
+    generators. ``resumed``: such a ``partial``, from a preempted run's checkpoint: its first ``step``
+    micro-batches are drawn and dropped (loader workers then stand where they stood), then the sums and
+    generators are restored, so the epoch goes on as if it had never stopped.
     """
     model.train()
     criterion.train()
-    progress = Progress(f"Epoch: [{epoch}]", len(data_loader), print_freq, is_main_process())
+    steps = len(data_loader)
     running = RunningMeans()
-    for iteration, (samples, targets) in enumerate(data_loader):
+    iterator = iter(data_loader)
+    first = 0
+    if resumed is not None:
+        first = resumed["step"]
+        for _ in range(first):
+            next(iterator)
+        running.sums.update(resumed["sums"])
+        running.counts.update(resumed["counts"])
+        set_rng_states(resumed["rng"])
+    progress = Progress(f"Epoch: [{epoch}]", steps, print_freq, is_main_process(), first=first)
+    for iteration in range(first, steps):
+        # Checked before the next batch is drawn (without loader workers, drawing uses this process's
+        # generators, which the checkpoint holds as they are here), and never between the micro-batches of
+        # one step, whose accumulated gradients a checkpoint does not hold.
+        if stop is not None and iteration > first and iteration % n_iter_to_acc == 0 and stop.requested(device):
+            progress.close()
+            return {"preempted_at": iteration, "partial": dict(
+                step=iteration, sums=dict(running.sums), counts=dict(running.counts), rng=rng_states())}
+        samples, targets = next(iterator)
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         outputs = model(samples)

@@ -16,24 +16,27 @@ import resource  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler  # noqa: E402
 
-from vidt.arguments import check_supported, get_args_parser  # noqa: E402
+from vidt.arguments import check_supported, get_args_parser, resumed_epochs  # noqa: E402
 from vidt.datasets.coco import build_coco  # noqa: E402
 from vidt.datasets.coco_eval import STAT_NAMES, eval_arrays  # noqa: E402
 from vidt.engine import evaluate, train_one_epoch  # noqa: E402
 from vidt.models import build  # noqa: E402
-from vidt.models.build import load_student_weights  # noqa: E402
+from vidt.models.build import NUM_CLASSES, load_student_weights  # noqa: E402
+from vidt.models.detector import is_projector_key  # noqa: E402
 from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E402
 from vidt.util.checkpoint import load_checkpoint, model_state_from  # noqa: E402
-from vidt.util.misc import collate_fn, setup_for_distributed_printing  # noqa: E402
+from vidt.util.misc import all_gather_object, collate_fn, setup_for_distributed_printing  # noqa: E402
 from vkd.checkpoints import first_line, save_atomically  # noqa: E402
 from vkd.cli import entry_point  # noqa: E402
 from vkd.distributed import Runtime, is_communication_failure, start_processes  # noqa: E402
 from vkd.errors import BadInput, RunFailed  # noqa: E402
+from vkd.preemption import Preempted, StopRequest, preempted_line  # noqa: E402
 from vkd.progress import append_json_line, tensorboard_writer  # noqa: E402
-from vkd.reproducibility import seed_everything  # noqa: E402
-from vkd.runs import LOG, git_state, prepare_output_dir, record_invocation, resolve_resume, write_json  # noqa: E402
+from vkd.reproducibility import epoch_seed, seed_everything  # noqa: E402
+from vkd.runs import LOG, git_state, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json  # noqa: E402
 
 LATEST = "checkpoint.pth"  # DETR's name, rewritten every epoch
 OPEN_FILES = 4096  # the original raises the soft limit for its data-loader workers
@@ -55,17 +58,19 @@ def run_folder(args) -> str:
 
 
 def make_loaders(args, eval_only: bool):
-    """(train loader or None, val loader, val dataset). With --n_iter_to_acc k both load batch_size / k
-    images per process, as in the original (which divides --batch_size)."""
+    """(train loader or None, val loader, val dataset), both splits checked (``build_coco``). With
+    --n_iter_to_acc k both load batch_size / k images per process, as in the original (which divides
+    --batch_size)."""
     batch_size = args.batch_size // args.n_iter_to_acc
-    dataset_val = build_coco("val", args)
+    num_classes = NUM_CLASSES[args.dataset_file]
+    dataset_val = build_coco("val", args, num_classes)
     sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
                    else SequentialSampler(dataset_val))
     loader_val = DataLoader(dataset_val, batch_size, sampler=sampler_val, drop_last=False,
                             collate_fn=collate_fn, num_workers=args.num_workers)
     if eval_only:
         return None, loader_val, dataset_val
-    dataset_train = build_coco("train", args)
+    dataset_train = build_coco("train", args, num_classes)
     sampler_train = DistributedSampler(dataset_train) if args.distributed else RandomSampler(dataset_train)
     batch_sampler = BatchSampler(sampler_train, batch_size, drop_last=True)
     if len(batch_sampler) == 0:
@@ -76,19 +81,32 @@ def make_loaders(args, eval_only: bool):
     return loader_train, loader_val, dataset_val
 
 
-def resume(args, model, optimizer, lr_scheduler) -> None:
-    """Strict load of the model; optimizer, scheduler and epoch too when training on from our own file."""
-    checkpoint = load_checkpoint(args.resume)
+def continues_a_run(checkpoint: dict) -> bool:
+    """Whether training goes on from the file's optimizer and epoch. A plain ViDT file (no projector key) is
+    fine-tuned instead, with a new optimizer and schedule, since its optimizer has no projector entries."""
+    return (all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch"))
+            and any(is_projector_key(k) for k in checkpoint.get("model") or {}))
+
+
+def resume(args, model, optimizer, lr_scheduler, checkpoint: dict):
+    """Strict load of the model; when training on from the file, also its optimizer and where the run stands.
+    Returns the file's ``mid_epoch`` record when the run stopped inside an epoch, else None."""
     plain_vidt = load_student_weights(model, model_state_from(checkpoint, args.resume), f"--resume {args.resume}")
+    mid_epoch = None
     if args.eval:
         pass
     elif plain_vidt:
         print(f"| fine-tuning from the plain ViDT weights: new optimizer and schedule from epoch {args.start_epoch}")
-    elif all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+    elif continues_a_run(checkpoint):
         optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        args.start_epoch = checkpoint["epoch"] + 1
+        mid_epoch = checkpoint.get("mid_epoch")
+        args.start_epoch = mid_epoch["epoch"] if mid_epoch else checkpoint["epoch"] + 1
+        # The schedule is a function of the epoch alone, so it is not read from the file but rebuilt from the
+        # flags (the same ones, or a new --epochs, whose curve then applies from here) and put where the run is.
+        if args.start_epoch > 0:
+            step_scheduler(lr_scheduler, args.start_epoch - 1)
     print(f"| resumed from {args.resume}")
+    return mid_epoch
 
 
 def named_stats(stats):
@@ -135,9 +153,16 @@ def run(args, argv) -> None:
         args.resume = resolve_resume(args, LATEST) or ""
         if args.eval and not args.resume:
             raise BadInput(f"--eval True --resume auto: no {LATEST} in {args.output_dir}")
-    if runtime.is_main:
-        record_invocation(args, argv, runtime.world_size, args.start_epoch)
     print(f"| git commit {git_state()['git_commit']}; run folder {args.output_dir}")
+    # What could stop the run is checked before anything is built or written: the files to start from,
+    # the resumed run's settings, then both data splits.
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    initial = load_checkpoint(args.student_ckpt) if args.student_ckpt and checkpoint is None else None
+    continuing = checkpoint is not None and not args.eval and continues_a_run(checkpoint)
+    planned_epochs = None
+    if continuing and isinstance(checkpoint.get("args"), dict):  # released files hold a Namespace: not compared
+        planned_epochs = resumed_epochs(args, checkpoint["args"], runtime.world_size, args.resume)
+    loader_train, loader_val, dataset_val = make_loaders(args, eval_only=args.eval)
 
     # Build
     model, criterion, postprocessors = build(args)
@@ -154,9 +179,26 @@ def run(args, argv) -> None:
     optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr,
                                   weight_decay=args.weight_decay)
     lr_scheduler = build_scheduler(optimizer, args)
-    loader_train, loader_val, dataset_val = make_loaders(args, eval_only=args.eval)
-    if args.resume:
-        resume(args, model_without_ddp, optimizer, lr_scheduler)
+    mid_epoch = None
+    if checkpoint is not None:
+        mid_epoch = resume(args, model_without_ddp, optimizer, lr_scheduler, checkpoint)
+        del checkpoint  # its tensors are in the model and optimizer now
+    elif initial is not None:
+        load_student_weights(model_without_ddp, model_state_from(initial, args.student_ckpt),
+                             f"--student_ckpt {args.student_ckpt}")
+        del initial
+        print(f"| a new run from the weights of {args.student_ckpt}: new optimizer and schedule from epoch "
+              f"{args.start_epoch}")
+    if planned_epochs is not None:
+        print(f"| --epochs {args.epochs}: the run was planned for {planned_epochs} epochs; from epoch "
+              f"{args.start_epoch} on, the lr follows the {args.sched} schedule of a {args.epochs}-epoch run "
+              f"(epoch {args.start_epoch} at lr {optimizer.param_groups[0]['lr']:.3g})")
+    if runtime.is_main:
+        changes = {"epochs": {"from": planned_epochs, "to": args.epochs}} if planned_epochs is not None else None
+        record_invocation(args, argv, runtime.world_size, args.start_epoch, changes=changes)
+        if not args.eval:
+            # A run stopped between an epoch's log line and its checkpoint redoes that epoch: one line each.
+            trim_log(os.path.join(args.output_dir, LOG), args.start_epoch)
 
     # Run
     if args.eval:
@@ -168,12 +210,16 @@ def run(args, argv) -> None:
                       {"checkpoint": args.resume, "stats": named_stats(coco_eval.stats.tolist())})
         return
     train(args, runtime, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
-          loader_val, dataset_val, n_parameters)
+          loader_val, dataset_val, n_parameters, mid_epoch)
 
 
 def train(args, runtime: Runtime, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
-          loader_train, loader_val, dataset_val, n_parameters) -> None:
-    """The epoch loop: train, step the schedule, save, evaluate on val, log (log.txt, tensorboard)."""
+          loader_train, loader_val, dataset_val, n_parameters, mid_epoch) -> None:
+    """The epoch loop: train, step the schedule, evaluate on val, log (log.txt, tensorboard), save.
+
+    SIGTERM or SIGUSR1 (``StopRequest``) stops the run with ``Preempted``: inside an epoch at the next step,
+    with a mid-epoch checkpoint.pth; during evaluation once the epoch is logged and saved.
+    """
     output_dir, device = args.output_dir, runtime.device
     tb_writer = None
     if runtime.is_main:
@@ -181,25 +227,66 @@ def train(args, runtime: Runtime, model, model_without_ddp, criterion, postproce
         os.makedirs(os.path.join(output_dir, "eval"), exist_ok=True)
     print("Start training")
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            loader_train.batch_sampler.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args.clip_max_norm,
-                                      args.n_iter_to_acc, args.print_freq, tb_writer=tb_writer)
-        step_scheduler(lr_scheduler, epoch)
-        if runtime.is_main:
-            checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": vars(args)}
-            save_atomically(checkpoint, os.path.join(output_dir, LATEST))
-            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % EXTRA_CHECKPOINT_EVERY == 0:
-                save_atomically(checkpoint, os.path.join(output_dir, f"checkpoint{epoch:04}.pth"))
-        test_stats, coco_eval = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device,
-                                         args.print_freq)
-        if runtime.is_main:
-            record_epoch(output_dir, epoch, train_stats, test_stats, coco_eval, n_parameters, tb_writer)
-    if tb_writer is not None:
-        tb_writer.close()
+    # An epoch that leaves micro-batches to the next one ends with accumulated gradients, which no checkpoint
+    # holds: a stop request then waits for the next epoch's first step.
+    may_stop_after_epoch = len(loader_train) % args.n_iter_to_acc == 0
+    try:
+        with StopRequest() as stop:
+            for epoch in range(args.start_epoch, args.epochs):
+                # The epoch's random numbers depend on (seed, rank, epoch) alone, so a resumed run draws those
+                # of an uninterrupted one.
+                seed_everything(epoch_seed(args.seed, runtime.rank, epoch))
+                if args.distributed:
+                    loader_train.batch_sampler.sampler.set_epoch(epoch)
+                resumed = mid_epoch["ranks"][runtime.rank] if mid_epoch and epoch == mid_epoch["epoch"] else None
+                train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
+                                              args.clip_max_norm, args.n_iter_to_acc, args.print_freq,
+                                              tb_writer=tb_writer, stop=stop, resumed=resumed)
+                if "preempted_at" in train_stats:
+                    save_preempted(args, runtime, epoch, train_stats["partial"], model_without_ddp, optimizer,
+                                   lr_scheduler)
+                    raise Preempted(preempted_line(f"epoch {epoch} step {train_stats['preempted_at']}"))
+                step_scheduler(lr_scheduler, epoch)
+                test_stats, coco_eval = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco,
+                                                 device, args.print_freq)
+                if runtime.is_main:
+                    record_epoch(output_dir, epoch, train_stats, test_stats, coco_eval, n_parameters, tb_writer)
+                    save_epoch(args, checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch))
+                if epoch + 1 < args.epochs and may_stop_after_epoch and stop.requested(device):
+                    raise Preempted(preempted_line(f"the end of epoch {epoch}"))
+    finally:
+        if tb_writer is not None:
+            tb_writer.close()
     print(f"Training time {time.time() - start_time:.0f}s")
+
+
+def checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch: int) -> dict:
+    """DETR's form, after ``epoch`` (the last finished one); our args as a plain dict."""
+    return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": dict(vars(args))}
+
+
+def save_epoch(args, content: dict) -> None:
+    """checkpoint.pth, and checkpointNNNN.pth every --lr_drop and every 100 epochs. checkpoint.pth is what
+    --resume auto continues, so it is written after the epoch's log line: a run stopped in between redoes
+    the epoch (``trim_log`` drops the line) instead of losing its line."""
+    epoch = content["epoch"]
+    if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % EXTRA_CHECKPOINT_EVERY == 0:
+        save_atomically(content, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
+    save_atomically(content, os.path.join(args.output_dir, LATEST))
+
+
+def save_preempted(args, runtime: Runtime, epoch: int, partial: dict, model_without_ddp, optimizer,
+                   lr_scheduler) -> None:
+    """checkpoint.pth in the middle of ``epoch``: the state after its last finished step, with every rank's
+    running sums and random generators (``partial`` of each), so that --resume auto continues at that step."""
+    partials = all_gather_object(partial)
+    if runtime.is_main:
+        content = checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch - 1)
+        content["mid_epoch"] = {"epoch": epoch, "step": partial["step"], "ranks": partials}
+        save_atomically(content, os.path.join(args.output_dir, LATEST))
+    if args.distributed:
+        dist.barrier()  # a launcher stops every process once one has exited: the file must be complete by then
 
 
 def record_epoch(output_dir: str, epoch: int, train_stats, test_stats, coco_eval, n_parameters: int,
