@@ -92,14 +92,18 @@ def _decide(output_dir: str, continuing: bool, overwrite: bool, run_files: Seque
     return None, aside
 
 
-def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: int = 0, **first_record) -> None:
+def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: int = 0,
+                      changed: Optional[Dict[str, Sequence]] = None, **first_record) -> None:
     """``args.json``: the resolved arguments, code version and ``first_record`` (e.g. the effective lr, the
     teacher's weights) of the run's first invocation, and one entry per invocation (a resume appends;
-    nothing is replaced)."""
+    nothing is replaced). ``changed`` ({destination: [before, now]}): what a resume changed on purpose (a
+    later end, say): the arguments take the new values and the invocation's entry names the change."""
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, ARGS_FILE)
     invocation = dict(command=list(argv), **git_state(), processes=world_size, start_epoch=start_epoch,
                       started=datetime.datetime.now().isoformat(timespec="seconds"))
+    if changed:
+        invocation["changed"] = dict(changed)
     content = None
     if os.path.isfile(path):
         try:
@@ -111,6 +115,7 @@ def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: i
         content = dict(args=vars(args), **git_state(), command=list(argv), processes=world_size, **first_record,
                        invocations=[])
     content.setdefault("invocations", []).append(invocation)
+    content.setdefault("args", {}).update({name: now for name, (_, now) in (changed or {}).items()})
     temporary = f"{path}.tmp"
     write_json(temporary, content)
     os.replace(temporary, path)
