@@ -10,7 +10,8 @@ and 100% of the training data), on 1..N processes.
 
 Writes args.json, log.txt (JSON lines), tensorboard scalars, samples/iter_N.png grids, latest.pth
 (atomically, every --save-every iterations), best.pth (best FID) and results.json to --output-dir;
-``--resume auto`` continues an interrupted run exactly where it stopped.
+``--resume auto`` continues an interrupted run exactly where it stopped, with the flags it was started with.
+SIGTERM or SIGUSR1 stop the run at the next iteration boundary with latest.pth written and exit code 124.
 """
 import argparse
 import contextlib
@@ -39,16 +40,24 @@ from vkd.ema import ModelEMA, after_start
 from vkd.errors import BadInput, CheckpointError, RunFailed
 from vkd.norms import WHITENINGS, build_normalisation
 from vkd.orthogonal_maps import ORTHOGONAL_MAPS
+from vkd.preemption import Preempted, StopRequest, preempted_line
 from vkd.progress import Progress, RunningMeans, append_json_line, tensorboard_writer
 from vkd.projector import OrthogonalProjector
 from vkd.reproducibility import seed_everything
-from vkd.runs import LOG, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json
+from vkd.runs import ARGS_FILE, LOG, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json
 
 LATEST, BEST, RESULTS = "latest.pth", "best.pth", "results.json"
 TEACHERS = ("none", "clip", "timm")
 PROJECTOR_OWNERS = ("D", "G")
 GRID_COLUMNS = 10
 EVAL_SEED_OFFSET = 7919  # evaluation draws its own latents, so evaluating never shifts training randomness
+# What a resume may change: where the files are, how often to print, save, sample and evaluate, and the
+# evaluation itself; none of it changes the weights. Every other flag must be the checkpoint's (--iterations
+# may grow), so a resumed run is the run it continues.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "config", "data_path", "teacher_path", "device", "output_dir", "resume", "overwrite", "print_freq", "save_every",
+    "sample_every", "local_rank", "dist_url", "fid_extractor", "fid_weights", "fid_model", "fid_input_size",
+    "fid_reference", "eval_samples", "eval_every", "is_splits", "eval_checkpoint", "eval_repeats"})
 
 
 # ============================================================================ command line
@@ -158,6 +167,8 @@ def check_arguments(args) -> None:
         raise BadInput("--fid-extractor timm needs --fid-model NAME (a timm model name)")
     if args.resume == "auto" and not args.output_dir:
         raise BadInput("--resume auto looks for output-dir/latest.pth: pass --output-dir")
+    if args.data_path and os.path.exists(args.data_path) and not os.path.isdir(args.data_path):
+        raise BadInput(f"--data-path {args.data_path} is a file: pass the folder that holds the {args.dataset} data")
     if args.fid_extractor != "none" and args.teacher != "none" and args.teacher_path and args.fid_weights \
             and same_file(args.teacher_path, args.fid_weights):
         raise BadInput("the FID network must not be the distillation teacher: --fid-weights and --teacher-path hold the same file")
@@ -274,19 +285,65 @@ def save_sample_grid(generator_ema: nn.Module, path: str, seed: int, batch_size:
 # ============================================================================ checkpoints
 
 def checkpoint_content(args, step: GanStep, generator_ema: nn.Module, real_batches, iteration: int,
-                       best: Dict[str, float]) -> dict:
+                       best: Dict[str, float], training_images: int) -> dict:
     return {
         "G": step.generator.state_dict(), "D": step.discriminator.state_dict(), "G_ema": generator_ema.state_dict(),
         "g_optimizer": step.g_optimizer.state_dict(), "d_optimizer": step.d_optimizer.state_dict(),
         "real_batches": real_batches.state_dict(), "lecam": step.lecam.state_dict() if step.lecam else None,
         "iteration": iteration, "best": dict(best), "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if step.device.type == "cuda" else None,
-        "args": dict(vars(args)),
+        "args": dict(vars(args)), "processes": step.world_size, "training_images": training_images,
     }
 
 
-def restore(path: str, step: GanStep, generator_ema: nn.Module, real_batches) -> Tuple[int, Dict[str, float]]:
-    checkpoint = safe_torch_load(path)
+def save_latest(args, step: GanStep, generator_ema: nn.Module, real_batches, iteration: int,
+                best: Dict[str, float], training_images: int) -> None:
+    if not all_finite(step.generator.state_dict()) or not all_finite(step.discriminator.state_dict()):
+        raise RunFailed(f"the weights became non-finite by iteration {iteration}; {LATEST} was left as it was")
+    save_atomically(checkpoint_content(args, step, generator_ema, real_batches, iteration, best, training_images),
+                    os.path.join(args.output_dir, LATEST))
+
+
+def option_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """Each destination's long flag, as a person types it."""
+    return {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+
+
+def shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return "unset" if value is None else str(value)
+
+
+def check_same_run(args, checkpoint: dict, path: str, processes: int) -> Optional[int]:
+    """Refuses, in one line, a resume whose flags would train differently from the run that wrote ``path``
+    (a changed batch size, say, would read past the saved data position). Returns the checkpoint's
+    --iterations when this resume only extends it, else None."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not the latest.pth of a generation run")
+    saved = checkpoint.get("args", {})
+    flags = option_names(build_parser())
+    extends = "iterations" in saved and args.iterations > saved["iterations"]
+    differences = [f"{flags[name]} {shown(getattr(args, name))} here, {shown(saved[name])} in the checkpoint"
+                   for name in sorted(vars(args))
+                   if name in saved and name not in MAY_CHANGE_ON_RESUME and getattr(args, name) != saved[name]
+                   and not (name == "iterations" and extends)]
+    if checkpoint.get("processes", processes) != processes:
+        differences.append(f"{processes} process(es) here, {checkpoint['processes']} in the checkpoint")
+    if differences:
+        raise BadInput(f"cannot resume {path}: {'; '.join(differences)}. A resume continues that run as it was "
+                       f"(only --iterations may grow); to train with these settings start a new run, e.g. "
+                       f"with another --output-dir and without --resume")
+    return saved["iterations"] if extends else None
+
+
+def restore(checkpoint: dict, path: str, step: GanStep, generator_ema: nn.Module, real_batches,
+            training_images: int) -> Tuple[int, Dict[str, float]]:
+    if checkpoint.get("training_images", training_images) != training_images:
+        raise CheckpointError(f"{path} was trained on {checkpoint['training_images']} images, the data here gives "
+                              f"{training_images}: is --data-path the run's data?")
     try:
         step.generator.load_state_dict(checkpoint["G"])
         step.discriminator.load_state_dict(checkpoint["D"])
@@ -311,6 +368,9 @@ def run_training(args, runtime: Runtime, argv) -> None:
                                   is_main=runtime.is_main)
     if moved_to:
         runtime.log(f"The previous run in {args.output_dir} was moved to {moved_to}")
+    resume_path = resolve_resume(args, LATEST)
+    checkpoint = safe_torch_load(resume_path) if resume_path else None
+    extended_from = check_same_run(args, checkpoint, resume_path, runtime.world_size) if resume_path else None
     data = gan_data.load_image_data(args.dataset, args.data_path, args.download)
     kept = gan_data.subset_indices(data.train_labels, args.data_fraction, args.subset_draw, args.subset_seed)
     teacher = build_teacher(args, runtime.device)
@@ -343,19 +403,36 @@ def run_training(args, runtime: Runtime, argv) -> None:
                 f"G {sizes[0]} / D {sizes[1]} parameters")
 
     iteration, best = 0, {}
-    resume_path = resolve_resume(args, LATEST)
     if resume_path:
-        iteration, best = restore(resume_path, step, generator_ema, real_batches)
+        iteration, best = restore(checkpoint, resume_path, step, generator_ema, real_batches, len(kept))
+        del checkpoint  # loading copied its tensors: do not hold a second copy of the run through training
         runtime.log(f"Resumed from {resume_path} at iteration {iteration}")
+    if extended_from:
+        runtime.log(f"--iterations {args.iterations} extends the run's {extended_from} iterations (only its end "
+                    f"moves; recorded in {ARGS_FILE})")
     if iteration >= args.iterations:
         runtime.log(f"Nothing to train: the run has finished its {args.iterations} iterations")
         return
     writer = None
     if args.output_dir and runtime.is_main:
-        record_invocation(args, argv, runtime.world_size, iteration, training_images=len(kept))
+        record_invocation(args, argv, runtime.world_size, iteration, training_images=len(kept),
+                          changes={"iterations": {"from": extended_from, "to": args.iterations}} if extended_from else None)
         trim_log(os.path.join(args.output_dir, LOG), iteration + 1, key="iteration")
         writer = tensorboard_writer(args.output_dir)
+    try:
+        with StopRequest() as stop:
+            train_iterations(args, runtime, step, generator_ema, real_batches, evaluator, writer, iteration, best,
+                             len(kept), {"teacher": teacher.name if teacher else None,
+                                         "teacher_weights": teacher.source if teacher else None}, stop)
+    finally:
+        if writer is not None:
+            writer.close()
 
+
+def train_iterations(args, runtime: Runtime, step: GanStep, generator_ema: nn.Module, real_batches,
+                     evaluator: Optional[GeneratorEvaluator], writer, iteration: int, best: Dict[str, float],
+                     training_images: int, teacher_record: Dict[str, Optional[str]], stop: StopRequest) -> None:
+    """The iterations from ``iteration`` on; a stop request ends them at an iteration boundary (``Preempted``)."""
     started = time.time()
     progress = Progress("Iteration", args.iterations, args.print_freq, runtime.is_main, first=iteration)
     running = RunningMeans()
@@ -375,9 +452,8 @@ def run_training(args, runtime: Runtime, argv) -> None:
                 append_json_line(os.path.join(args.output_dir, LOG), dict(iteration=iteration, **means))
                 for name, value in means.items():
                     writer.add_scalar(f"train/{name}", value, iteration)
-        if not runtime.is_main:
-            continue
-        if args.output_dir and (iteration % args.sample_every == 0 or finished):
+        saves = bool(args.output_dir) and runtime.is_main
+        if saves and (iteration % args.sample_every == 0 or finished):
             save_sample_grid(generator_ema, os.path.join(args.output_dir, "samples", f"iter_{iteration:06d}.png"),
                              args.seed, args.batch_size, runtime.device)
         if evaluator is not None and ((args.eval_every and iteration % args.eval_every == 0) or finished):
@@ -394,19 +470,21 @@ def run_training(args, runtime: Runtime, argv) -> None:
                     save_atomically({"G_ema": generator_ema.state_dict(), "iteration": iteration,
                                      "fid": last_results["fid"], "args": dict(vars(args))},
                                     os.path.join(args.output_dir, BEST))
-        if args.output_dir and (iteration % args.save_every == 0 or finished):
-            if not all_finite(generator.state_dict()) or not all_finite(discriminator.state_dict()):
-                raise RunFailed(f"the weights became non-finite by iteration {iteration}; {LATEST} was left as it was")
-            save_atomically(checkpoint_content(args, step, generator_ema, real_batches, iteration, best),
-                            os.path.join(args.output_dir, LATEST))
+        if saves and (iteration % args.save_every == 0 or finished):
+            save_latest(args, step, generator_ema, real_batches, iteration, best, training_images)
+        if not finished and stop.requested(runtime.device):
+            if saves and iteration % args.save_every:
+                save_latest(args, step, generator_ema, real_batches, iteration, best, training_images)
+            if runtime.distributed:
+                dist.barrier()  # a process that exits first could have the launcher kill rank 0 mid-save
+            raise Preempted(preempted_line(f"iteration {iteration}") if args.output_dir else
+                            f"preempted at iteration {iteration}; nothing was saved (no --output-dir)")
     if runtime.distributed:
         dist.barrier()
     if writer is not None:
-        writer.close()
         write_json(os.path.join(args.output_dir, RESULTS),
-                   dict(final=last_results, best=best, iterations=iteration, training_images=len(kept),
-                        seconds_this_process=round(time.time() - started, 1), teacher=teacher.name if teacher else None,
-                        teacher_weights=teacher.source if teacher else None))
+                   dict(final=last_results, best=best, iterations=iteration, training_images=training_images,
+                        seconds_this_process=round(time.time() - started, 1), **teacher_record))
 
 
 def run_evaluation(args, runtime: Runtime) -> None:

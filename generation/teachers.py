@@ -145,8 +145,13 @@ def _download_clip(open_clip, model_name: str) -> Tuple[nn.Module, str]:
 
 def _clip_from_file(open_clip, path: str, model_name: str) -> nn.Module:
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file  # safe by design: tensors only
-        state_dict = load_file(path)
+        try:
+            state_dict = load_file(path)
+        except SafetensorError as error:  # a corrupt or truncated file: its own error type, not an OSError
+            raise CheckpointError(f"could not read {path}: not a complete safetensors file "
+                                  f"({str(error).splitlines()[0]}); download {CLIP_WEIGHTS_HINT}") from None
     else:
         state_dict = load_state_dict_file(path, preferred_keys=("state_dict", "model"))
     # open_clip warns that the model is "initialized randomly": true until the strict load below.
