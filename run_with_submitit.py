@@ -5,7 +5,7 @@ after a preemption or a time limit until it has finished.
         -- --config configs/deit_ti_vkd.yaml --data-path /imagenet --output_dir runs/deit_ti_vkd
     python run_with_submitit.py --tree detection --gpus-per-node 8 -- --method vidt --backbone_name swin_nano \\
         --coco_path /coco --output_dir runs/vidt_nano ...
-    python run_with_submitit.py --local --gpus-per-node 1 -- ...     (the same, on this machine)
+    python run_with_submitit.py --local --gpus-per-node 1 -- ...     (the same with the local executor)
 
 Each task runs the entry point with ``--resume auto`` in a child process. When submitit's signal arrives
 (``--signal-delay-s`` before the time limit, or at a preemption), the task passes it on as SIGUSR1: the run

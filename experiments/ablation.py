@@ -7,7 +7,6 @@ preserves the student's own pairwise similarities (linear CKA between the pooled
 projection, on the validation set), and writes ``results/ablation/``: ``ablation.json``, ``ablation.png``
 and ``README.md``, the page written from the JSON. Finished runs are reused (``FORCE=1`` reruns).
 """
-import json
 import os
 import statistics
 import time
@@ -17,9 +16,8 @@ import torch
 import datasets
 from experiments import paper
 from experiments.rows import finished_runs, row_configs, row_job, summarise, trained_student
-from experiments.runner import ROOT, Job, epoch_log, force_requested, hardware_description, run_jobs
-from vkd.cli import fail
-from vkd.errors import VkDError
+from experiments.runner import ROOT, Job, epoch_log, force_requested, hardware_description, run_jobs, write_report
+from vkd.cli import entry_point
 
 CONFIGS = os.path.join("configs", "ablation")
 OUT = os.path.join("runs", "ablation")
@@ -108,16 +106,7 @@ def results_page(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(folder: str, report: dict) -> None:
-    """``ablation.json``, then the plot and the page drawn from it, in ``folder``."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "ablation.json"), "w") as handle:
-        json.dump(report, handle, indent=2)
-    plot(report, os.path.join(folder, "ablation.png"))
-    with open(os.path.join(folder, "README.md"), "w") as handle:
-        handle.write(results_page(report))
-
-
+@entry_point
 def main() -> None:
     os.chdir(ROOT)
     force = force_requested()
@@ -136,12 +125,9 @@ def main() -> None:
     report = {"teacher_acc1": epoch_log(DEMO_TEACHER.output_dir)[-1]["val_acc1"], "seeds": list(SEEDS),
               "rows": summaries, "seconds": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d"),
               "torch": torch.__version__, "hardware": hardware_description()}
-    write_report(RESULTS, report)
+    write_report(RESULTS, "ablation.json", report, results_page, plot)
     print(f"wrote {RESULTS}/ablation.json, ablation.png and README.md in {report['seconds'] / 60:.1f} min")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except VkDError as error:  # one error line and its exit code, not a traceback
-        fail(str(error), error.exit_code)
+    main()

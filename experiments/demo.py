@@ -18,14 +18,13 @@ the same machine gives the same numbers.
 Every step goes through the same entry point, data pipeline and engine as an ImageNet run. A rerun
 reuses the exported data and the teacher; ``FORCE=1 make demo`` redoes everything.
 """
-import json
 import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence
 
 import datasets
-from experiments.runner import ROOT, Job, epoch_log, force_requested, run_jobs
+from experiments.runner import ROOT, Job, epoch_log, force_requested, run_jobs, write_report
 from experiments.stats import (
     SIGNIFICANCE,
     correct_count,
@@ -34,8 +33,7 @@ from experiments.stats import (
     two_proportion_p_value,
     wilson_interval,
 )
-from vkd.cli import fail
-from vkd.errors import VkDError
+from vkd.cli import entry_point
 from vkd.runs import cpu_model
 
 CONFIGS = os.path.join("configs", "demo")
@@ -271,16 +269,7 @@ def results_page(summary: dict) -> str:
     return "\n".join(lines + [""])
 
 
-def write_report(folder: str, summary: dict) -> None:
-    """``summary.json``, then the plot and the page drawn from it, in ``folder``."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
-    plot_curves(summary, os.path.join(folder, "curves.png"))
-    with open(os.path.join(folder, "README.md"), "w") as handle:
-        handle.write(results_page(summary))
-
-
+@entry_point
 def main() -> None:
     os.chdir(ROOT)
     force = force_requested()
@@ -290,7 +279,7 @@ def main() -> None:
     logs = {job.name: epoch_log(job.output_dir) for job in JOBS}
     machine = machine_description()
     summary = build_summary(logs, records, round(time.time() - started, 1), machine)
-    write_report(RESULTS, summary)
+    write_report(RESULTS, "summary.json", summary, results_page, plot_curves)
     print("\n" + format_table(summary["runs"], summary["val_images"]))
     print(f"\nverdict: {summary['verdict']}")
     print(f"\ntotal {summary['seconds']:.0f} s on {machine['cpu']} ({machine['threads']} threads); "
@@ -298,7 +287,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except VkDError as error:  # one error line and its exit code, not a traceback
-        fail(str(error), error.exit_code)
+    main()

@@ -28,10 +28,9 @@ import torch
 
 import datasets
 from experiments import paper
-from experiments.runner import ROOT, Job, epoch_log, force_requested, run_jobs
+from experiments.runner import ROOT, Job, epoch_log, force_requested, run_jobs, write_report
 from experiments.stats import mean_and_std
-from vkd.cli import fail
-from vkd.errors import VkDError
+from vkd.cli import entry_point
 
 DATA = os.path.join("data", "digits")
 OUT = os.path.join("runs", "demo_gen")
@@ -177,14 +176,7 @@ def results_page(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(folder: str, summary: dict) -> None:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
-    with open(os.path.join(folder, "README.md"), "w") as handle:
-        handle.write(results_page(summary))
-
-
+@entry_point
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser("offline GAN demo: DiffAugment only vs VkD")
     parser.add_argument("--rows", nargs="+", default=["baseline", "whiten"], choices=tuple(ROWS))
@@ -228,12 +220,9 @@ def main(argv=None) -> None:
     print(f"({NOT_COMPARABLE}; mean ± std over seeds {args.seeds})" if len(args.seeds) > 1 else f"({NOT_COMPARABLE})")
     print(f"\ntotal {summary['seconds']:.0f} s; wrote {OUT}/summary.json and {OUT}/samples_side_by_side.png")
     if args.write_results:
-        write_report(RESULTS, summary)
+        write_report(RESULTS, "summary.json", summary, results_page)
         print(f"wrote {RESULTS}/summary.json and README.md")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except VkDError as error:  # one error line and its exit code, not a traceback
-        fail(str(error), error.exit_code)
+    main()

@@ -10,7 +10,6 @@ per-seed comparisons of VkD with the other rows, and a conclusion that follows f
 ``--report-only`` writes them from the runs finished so far, without training.
 """
 import argparse
-import json
 import math
 import os
 import statistics
@@ -21,10 +20,10 @@ import torch
 
 import datasets
 from experiments.rows import finished_runs, row_configs, row_job, summarise, trained_student
-from experiments.runner import ROOT, Job, epoch_log, force_requested, hardware_description, run_jobs
+from experiments.runner import ROOT, Job, epoch_log, force_requested, hardware_description, run_jobs, write_report
 from experiments.stats import binomial_standard_error, paired_comparison
-from vkd.cli import fail
-from vkd.errors import BadInput, VkDError
+from vkd.cli import entry_point
+from vkd.errors import BadInput
 
 CONFIGS = os.path.join("configs", "fmnist")
 OUT = os.path.join("runs", "fmnist")
@@ -255,16 +254,7 @@ def results_page(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(folder: str, report: dict) -> None:
-    """``fmnist.json``, then the plot and the page drawn from it, in ``folder``."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "fmnist.json"), "w") as handle:
-        json.dump(report, handle, indent=2)
-    plot(report, os.path.join(folder, "fmnist.png"))
-    with open(os.path.join(folder, "README.md"), "w") as handle:
-        handle.write(results_page(report))
-
-
+@entry_point
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report-only", action="store_true", help="write the results from the finished runs only")
@@ -282,12 +272,9 @@ def main(argv=None) -> None:
     record = TEACHER.done_record()
     teacher = {"acc1": epoch_log(TEACHER.output_dir)[-1]["val_acc1"], "seconds": record["seconds"],
                "command": record["command"]}
-    write_report(RESULTS, build_report(rows, teacher))
+    write_report(RESULTS, "fmnist.json", build_report(rows, teacher), results_page, plot)
     print(f"wrote {RESULTS}/fmnist.json, fmnist.png and README.md")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except VkDError as error:  # one error line and its exit code, not a traceback
-        fail(str(error), error.exit_code)
+    main()

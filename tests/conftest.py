@@ -73,24 +73,10 @@ def train_flags(data_flags, tiny_teacher_file):
 
 
 @pytest.fixture
-def run_main(capsys):
+def run_main(run_entry_point):
     """``run_main(argv)`` runs ``main_distributed.main`` here; returns (exit code, stdout, stderr)."""
     import main_distributed
-
-    def run(argv):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the machines running the tests are small and shared
-        try:
-            main_distributed.main([str(item) for item in argv])
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        finally:
-            torch.set_num_threads(threads)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
+    return lambda argv: run_entry_point(main_distributed, argv)
 
 
 def free_port() -> int:

@@ -4,6 +4,7 @@ teacher (open_clip's ``openai`` weights) and torch-fidelity's Inception weights.
 Hermetic: every connection attempt and name lookup fails at once (``no_network``), the download caches are
 empty folders of tmp_path, and the tests that need a download replace the library's download function."""
 import errno
+import hashlib
 import os
 import pickle
 import socket
@@ -361,3 +362,32 @@ def test_inception_without_a_file_is_torch_fidelitys_file_in_the_torch_hub_cache
     fid.build_fid_network("inception", None, None, 32)
     assert built == [(cached, f"{INCEPTION_URL}, cached as {cached}")]
     assert len(downloads_asked) == 1 and len(probes) == 1  # cached: no second download, no probe
+
+
+# ----------------------------------------------------------------------------- detection: NAVER's release URLs
+
+EXAMPLE_RELEASE_URL = "https://github.com/naver-ai/vidt/releases/download/TAG/vidt_base_150.pth"  # the form only
+
+
+def test_an_offline_release_url_is_one_line_naming_the_flag():
+    from vidt.util import checkpoint as vidt_checkpoint
+    message = raises_in_time(CheckpointError, vidt_checkpoint.load_checkpoint, EXAMPLE_RELEASE_URL, "--distil_model_path")
+    assert "cannot reach github.com" in message and "--distil_model_path" in message
+
+
+def test_a_release_url_is_fetched_once_into_the_torch_hub_cache_and_its_checksum_printed(monkeypatch, probes,
+                                                                                         capsys):
+    from vidt.util import checkpoint as vidt_checkpoint
+    calls = []
+
+    def download_url_to_file(url, path, *args, **kwargs):
+        calls.append((url, path))
+        torch.save({"model": {"weight": torch.ones(2)}}, path)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download_url_to_file)
+    for _ in range(2):
+        assert torch.equal(vidt_checkpoint.load_checkpoint(EXAMPLE_RELEASE_URL, "--resume")["model"]["weight"], torch.ones(2))
+    [(url, path)] = calls
+    assert url == EXAMPLE_RELEASE_URL and path == os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    with open(path, "rb") as handle:
+        assert f"(sha256 {hashlib.sha256(handle.read()).hexdigest()})" in capsys.readouterr().out

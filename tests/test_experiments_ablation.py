@@ -8,6 +8,7 @@ import torch
 from config import parse_arguments
 from experiments import ablation, demo, paper
 from experiments.rows import row_configs
+from experiments.runner import write_report
 from vkd.errors import BadInput
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +91,7 @@ def test_the_recorded_numbers():
 
 def test_write_report_writes_the_json_and_a_plot(tmp_path):
     report = recorded_report()
-    ablation.write_report(str(tmp_path), report)
+    write_report(str(tmp_path), "ablation.json", report, ablation.results_page, ablation.plot)
     with open(tmp_path / "ablation.json") as handle:
         assert json.load(handle) == report
     assert (tmp_path / "ablation.png").stat().st_size > 1000

@@ -5,6 +5,7 @@ import os
 import re
 
 from experiments import demo_gen, paper
+from experiments.runner import write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORDED_PAGE = os.path.join(REPO, demo_gen.RESULTS, "README.md")
@@ -56,7 +57,7 @@ def test_the_printed_table_and_the_comparison_give_the_runs_numbers():
 
 def test_write_report_writes_the_summary_and_its_page(tmp_path):
     summary = fake_summary()
-    demo_gen.write_report(str(tmp_path), summary)
+    write_report(str(tmp_path), "summary.json", summary, demo_gen.results_page)
     with open(tmp_path / "summary.json") as handle:
         assert json.load(handle) == summary
     page = (tmp_path / "README.md").read_text()

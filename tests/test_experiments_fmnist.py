@@ -10,6 +10,7 @@ import yaml
 from config import parse_arguments
 from experiments import fmnist
 from experiments.rows import row_configs
+from experiments.runner import write_report
 from experiments.stats import paired_comparison
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +151,7 @@ def test_write_report_and_plot_before_any_student_run_finished(tmp_path):
     report["rows"] = [row(name, [], seeds=()) for name in sorted(EXPECTED_ROWS)]
     report["comparisons"] = fmnist.comparisons({r["row"]: r for r in report["rows"]})
     assert {fmnist.outcome(c) for c in report["comparisons"]} == {"too few seeds"}
-    fmnist.write_report(str(tmp_path), report)
+    write_report(str(tmp_path), "fmnist.json", report, fmnist.results_page, fmnist.plot)
     with open(tmp_path / "fmnist.json") as handle:
         assert json.load(handle) == report
     assert (tmp_path / "fmnist.png").stat().st_size > 1000

@@ -89,7 +89,7 @@ def test_torch_export_program_runs_without_the_repository(run_entry_point, tiny_
                             env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     expected = expected_logits(tiny_student_files, inputs)
-    for logits in torch.load(tmp_path / "outputs.pt"):
+    for logits in torch.load(tmp_path / "outputs.pt", weights_only=True):
         assert (logits - expected).abs().max() <= TOLERANCE
 
 

@@ -542,6 +542,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.multiprocess
 def test_two_concurrent_two_process_jobs_on_different_master_ports():
     """What torchrun / launch --use_env export: each job's group forms from its own MASTER_PORT."""
     processes = []
@@ -668,6 +669,7 @@ def test_evaluation_of_a_plain_vidt_file_writes_the_eval_arrays(nano, coco_root,
     assert stats["AP"] == pytest.approx(precision[precision > -1].mean().item() if (precision > -1).any() else -1)
 
 
+@pytest.mark.multiprocess
 def test_two_process_gloo_training_and_evaluation(coco_root, tmp_path):
     launcher = ["-m", "torch.distributed.launch", "--nproc_per_node=2", "--nnodes=1", "--use_env",
                 f"--master_port={free_port()}"]

@@ -156,8 +156,9 @@ def run(args, argv) -> None:
     print(f"| git commit {git_state()['git_commit']}; run folder {args.output_dir}")
     # What could stop the run is checked before anything is built or written: the files to start from,
     # the resumed run's settings, then both data splits.
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    initial = load_checkpoint(args.student_ckpt) if args.student_ckpt and checkpoint is None else None
+    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
+    initial = (load_checkpoint(args.student_ckpt, "--student_ckpt") if args.student_ckpt and checkpoint is None
+               else None)
     continuing = checkpoint is not None and not args.eval and continues_a_run(checkpoint)
     planned_epochs = None
     if continuing and isinstance(checkpoint.get("args"), dict):  # released files hold a Namespace: not compared

@@ -35,7 +35,7 @@ def build_teacher(args) -> Detector:
         raise BadInput("--distil_model needs --distil_model_path (the teacher checkpoint)")
     teacher = build_detector(args, TEACHER_BACKBONES[args.distil_model], "none", distil=True, with_projectors=False)
     source = f"teacher checkpoint {args.distil_model_path}"
-    state = model_state_from(load_checkpoint(args.distil_model_path), args.distil_model_path)
+    state = model_state_from(load_checkpoint(args.distil_model_path, "--distil_model_path"), args.distil_model_path)
     projector_keys = [k for k in state if is_projector_key(k)]
     if projector_keys:
         # A student trained here: the projectors map student tokens, so a teacher has no use for them.

@@ -11,35 +11,43 @@ from typing import Dict
 
 import torch
 
-from vkd.checkpoints import first_line, safe_torch_load
+from vkd.checkpoints import file_sha256, first_line, safe_torch_load
+from vkd.downloads import reachable
 from vkd.errors import CheckpointError
 
 RELEASED_FILE_GLOBALS = (argparse.Namespace,)
 
 
-def _downloaded(url: str) -> str:
-    """The torch hub cache's copy of ``url`` (where load_state_dict_from_url keeps it), downloaded once.
+def _downloaded(url: str, flag: str) -> str:
+    """The torch hub cache's copy of ``url`` (where load_state_dict_from_url keeps it), downloaded once, its
+    SHA-256 printed so a run's log says which file it used.
 
     Loading goes through the local file so that a URL is read exactly as safely as a path.
     """
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
     if not os.path.isfile(path):
+        local_instead = f"download it elsewhere and pass the file to {flag}"
+        if not reachable(url):
+            raise CheckpointError(f"cannot reach {urllib.parse.urlparse(url).hostname} to download {url} "
+                                  f"(no network?): {local_instead}")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             torch.hub.download_url_to_file(url, path)  # writes a temporary file and renames it: never partial
         except OSError as error:  # urllib's URLError and HTTPError are OSErrors
-            raise CheckpointError(f"could not download {url}: {first_line(error)}") from None
+            raise CheckpointError(f"could not download {url}: {first_line(error)}; {local_instead}") from None
+    print(f"| {url}: {path} (sha256 {file_sha256(path)})", flush=True)
     return path
 
 
-def load_checkpoint(path: str) -> dict:
-    """Read a local file or an http(s) URL into a dict of tensors and plain values (weights only).
+def load_checkpoint(path: str, flag: str = "the flag") -> dict:
+    """Read a local file or an http(s) URL (given to ``flag``) into a dict of tensors and plain values
+    (weights only).
 
     A missing, corrupt or truncated file, or one whose unpickling could run code, is a one-line
-    ``CheckpointError`` naming it.
+    ``CheckpointError`` naming it; so is a URL that cannot be fetched, within seconds without a network.
     """
     if path.startswith(("http://", "https://")):
-        path = _downloaded(path)
+        path = _downloaded(path, flag)
     return safe_torch_load(path, allowed_globals=RELEASED_FILE_GLOBALS)
 
 

@@ -1,7 +1,11 @@
-"""run_with_submitit.py: the entry point's command, and a preemption of a job run by submitit's local executor
-(the signal submitit sends before a time limit), which is requeued and ends as an uninterrupted run."""
+"""Running on a cluster: scripts/train_slurm.sh passes Slurm's signal to the tasks and requeues a preempted
+job; run_with_submitit.py builds the entry point's command, and a job of submitit's local executor that gets
+submitit's signal is requeued and ends as an uninterrupted run."""
 import json
 import os
+import signal
+import stat
+import subprocess
 import time
 
 import pytest
@@ -61,3 +65,32 @@ def test_a_preempted_local_job_is_requeued_and_ends_like_an_uninterrupted_run(ti
     assert actual["epoch"] == 2 and "mid_epoch" not in actual
     assert all(torch.equal(actual["student"][name], value) for name, value in expected["student"].items())
     assert [record["epoch"] for record in read_log(output_dir)] == [0, 1, 2]
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+echo "$@" > "$CALLS/srun"
+trap 'echo USR1 >> "$CALLS/signals"; exit 124' USR1
+while true; do sleep 0.05; done
+"""
+
+
+def test_the_slurm_script_passes_the_signal_on_and_requeues_a_preempted_job(tmp_path):
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    calls.mkdir()
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", '#!/usr/bin/env bash\necho "$@" > "$CALLS/scontrol"\n')):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), SLURM_JOB_ID="4242",
+               SLURM_SUBMIT_DIR=REPO, OUT=str(tmp_path / "out"))
+    script = subprocess.Popen(["bash", os.path.join(REPO, "scripts", "train_slurm.sh"), "--epochs", "3"], env=env)
+    deadline = time.time() + 30
+    while not (calls / "srun").exists():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)  # the script is waiting on its tasks
+    script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends to the batch script
+    assert script.wait(timeout=30) == 124
+    assert "--resume auto" in (calls / "srun").read_text() and "--epochs 3" in (calls / "srun").read_text()
+    assert (calls / "signals").read_text().split() == ["USR1"]
+    assert (calls / "scontrol").read_text().split() == ["requeue", "4242"]
