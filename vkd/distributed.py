@@ -72,7 +72,8 @@ def launcher_ranks(local_rank_flag: int = 0) -> Tuple[int, int, int]:
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local_rank = int(env.get("SLURM_LOCALID", rank % max(torch.cuda.device_count(), 1)))
-        env.setdefault("MASTER_ADDR", _first_slurm_host())
+        if "MASTER_ADDR" not in env:  # asked of scontrol only when needed
+            env["MASTER_ADDR"] = _first_slurm_host()
         env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
         env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         return rank, world_size, local_rank

@@ -1,0 +1,64 @@
+"""vkd.distributed: which launcher started the process, and decisions that only the main process takes."""
+import pytest
+import torch
+
+from vkd import distributed
+from vkd.errors import BadInput
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+                      "SLURM_JOB_NODELIST", "SLURM_NODELIST", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def no_launcher(monkeypatch):
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.setenv(name, "")  # recorded, so what launcher_ranks exports is undone after the test
+        monkeypatch.delenv(name)
+
+
+def test_a_plain_run_is_rank_0_of_1_with_the_local_rank_flag():
+    assert distributed.launcher_ranks(3) == (0, 1, 3)
+
+
+def test_torchrun_variables_win_over_the_local_rank_flag(monkeypatch):
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.launcher_ranks(0) == (5, 8, 1)
+
+
+def test_slurm_tasks_export_what_env_process_groups_read(monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("MASTER_ADDR", "node-a")
+    assert distributed.launcher_ranks() == (3, 4, 1)
+    assert [distributed.os.environ[name] for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")] == [
+        "3", "4", "1", distributed.DEFAULT_MASTER_PORT]
+
+
+def test_slurm_without_a_findable_first_node_is_bad_input(monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(BadInput, match="export MASTER_ADDR"):
+        distributed.launcher_ranks()
+
+
+def test_a_world_size_flag_must_agree_with_the_launcher():
+    with pytest.raises(BadInput, match="--world_size 2 but the launcher started 1"):
+        distributed.start_processes("cpu", world_size_flag=2)
+    runtime = distributed.start_processes("cpu")
+    assert (runtime.rank, runtime.world_size, runtime.device, runtime.is_main) == (0, 1, torch.device("cpu"), True)
+
+
+def test_cuda_without_a_gpu_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(BadInput, match="no CUDA device is visible; pass --device cpu"):
+        distributed.select_device("cuda", 0)
+
+
+def test_the_main_process_decides_alone():
+    assert distributed.main_process_decides(lambda: 42, is_main=True) == 42
+    with pytest.raises(BadInput, match="refused"):
+        distributed.main_process_decides(lambda: (_ for _ in ()).throw(BadInput("refused")), is_main=True)
