@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the frozen teacher's convolutions channels-last (default; faster, same function)")
     parser.add_argument("--no-teacher-channels-last", action="store_false", dest="teacher_channels_last")
     parser.set_defaults(teacher_channels_last=True)
+    parser.add_argument("--teacher-cache", default=None, metavar="DIR",
+                        help="keep the teacher's outputs of each input batch in DIR and read them back when the same "
+                             "teacher sees the same batch again: the rows of an ablation (same seed and data) run "
+                             "it once; processes and runs may share DIR (default: off)")
 
     # Data and run
     parser.add_argument("--data-path", default=None, type=str, help="dataset folder")
@@ -234,7 +238,7 @@ EVAL_FLAGS = _flags("config", "batch_size", "eval_student", "student_ckpt", "stu
                     "local_rank", "world_size", "dist_url", "dist_timeout")
 DISTILLATION_FLAGS = _flags("alpha", "gamma", "temperature", "normalisation", "feature_loss", "projector",
                             "orthogonal_map", "projector_impl", "projector_weight_decay", "teacher_path",
-                            "teacher_channels_last")
+                            "teacher_channels_last", "teacher_cache")
 FEATURE_FLAGS = _flags("normalisation", "feature_loss", "projector", "orthogonal_map", "projector_impl",
                        "projector_weight_decay")
 
@@ -246,6 +250,8 @@ NOT_APPLICABLE = (
     (lambda a: a.train_teacher, _flags("student_model", "student_ckpt"), "--train-teacher trains the --teacher model"),
     (lambda a: not a.train_teacher and a.alpha == 0, FEATURE_FLAGS, "--alpha 0 turns feature distillation off"),
     (lambda a: not a.train_teacher and a.gamma == 0, _flags("temperature"), "--gamma 0 turns logit distillation off"),
+    (lambda a: not a.train_teacher and a.alpha == 0 and a.gamma == 0, _flags("teacher_cache"),
+     "with --alpha 0 and --gamma 0 the teacher is never run"),
     (lambda a: not a.train_teacher, _flags("teacher_pretrained"),
      "it applies to --train-teacher; a distillation teacher comes from --teacher-path or timm"),
     (lambda a: a.opt != "adamw", _flags("opt_eps", "opt_betas"), "they apply to --opt adamw"),
