@@ -5,6 +5,7 @@ so the training loop is the same with and without distillation. The terms themse
 import hashlib
 import json
 import os
+import time
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -38,7 +39,7 @@ class TeacherCache:
         for name, tensor in teacher.state_dict().items():
             digest.update(name.encode())
             _hash_tensor(digest, tensor)
-        self.folder, self.teacher_digest = folder, digest.digest()
+        self.folder, self.teacher_digest, self.teacher = folder, digest.digest(), teacher
         self.per_image: Optional[tuple] = None  # (dtype, shape) of one image's features and logits
         self.hits = self.misses = self.bytes_written = 0
 
@@ -55,8 +56,10 @@ class TeacherCache:
 
     def outputs(self, samples: torch.Tensor, teacher: Callable[[torch.Tensor], TeacherOutputs]) -> TeacherOutputs:
         if self.per_image is None:
-            # What a valid entry holds, under the caller's autocast: learnt from one image.
-            self.per_image = tuple((output.dtype, output.shape[1:]) for output in teacher(samples[:1]))
+            # What a valid entry holds, under the caller's autocast: learnt from one image, by the plain teacher
+            # (a compiled one would compile for that batch size too).
+            self.per_image = tuple((output.dtype, output.shape[1:])
+                                   for output in features_and_logits(self.teacher, samples[:1]))
         path = self.path(samples)
         entry = self._load(path, samples.shape[0])
         if entry is not None:
@@ -108,11 +111,14 @@ class VkDLoss(nn.Module):
         normalisation: teacher feature normalisation ('layernorm' for classification).
         feature_loss: 'smooth_l1' (the paper) or 'mse'.
         teacher_cache: where the teacher's outputs are looked up before running it (None: always run it).
+        compile_backend: torch.compile the teacher's forward with this backend (None: not compiled); the first
+            call, which compiles, logs its time through ``log``.
     """
 
     def __init__(self, teacher: Optional[nn.Module], base_criterion: nn.Module, alpha: float = 1.0,
                  gamma: float = 1.0, temperature: float = 1.0, normalisation: str = "layernorm",
-                 feature_loss: str = "smooth_l1", teacher_cache: Optional[TeacherCache] = None):
+                 feature_loss: str = "smooth_l1", teacher_cache: Optional[TeacherCache] = None,
+                 compile_backend: Optional[str] = None, log: Callable[[str], None] = print):
         super().__init__()
         if (alpha > 0 or gamma > 0) and teacher is None:
             raise ValueError("distillation (alpha > 0 or gamma > 0) needs a teacher")
@@ -126,6 +132,12 @@ class VkDLoss(nn.Module):
         self.alpha, self.gamma, self.temperature = alpha, gamma, temperature
         self.normalisation, self.feature_loss = normalisation, feature_loss
         self.teacher_cache = teacher_cache
+        self.compile_backend, self.log = compile_backend, log
+        self.compiled_teacher = None
+        if compile_backend is not None and teacher is not None:
+            self.compiled_teacher = torch.compile(lambda images: features_and_logits(self.teacher, images),
+                                                  backend=compile_backend)
+        self.compile_seconds: Optional[float] = None
 
     @property
     def needs_student_features(self) -> bool:
@@ -138,6 +150,17 @@ class VkDLoss(nn.Module):
             self.teacher.eval()
         return self
 
+    def teacher_outputs(self, images: torch.Tensor) -> TeacherOutputs:
+        if self.compiled_teacher is None:
+            return features_and_logits(self.teacher, images)
+        if self.compile_seconds is not None:
+            return self.compiled_teacher(images)
+        start = time.perf_counter()
+        outputs = self.compiled_teacher(images)
+        self.compile_seconds = time.perf_counter() - start
+        self.log(f"Teacher compiled with torch.compile (backend {self.compile_backend}) in {self.compile_seconds:.1f} s")
+        return outputs
+
     def forward(self, samples: torch.Tensor, outputs, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         if isinstance(outputs, torch.Tensor):
             if self.alpha > 0 or self.gamma > 0:
@@ -149,10 +172,9 @@ class VkDLoss(nn.Module):
         if self.alpha > 0 or self.gamma > 0:
             with torch.no_grad():
                 if self.teacher_cache is None:
-                    teacher_features, teacher_logits = features_and_logits(self.teacher, samples)
+                    teacher_features, teacher_logits = self.teacher_outputs(samples)
                 else:
-                    teacher_features, teacher_logits = self.teacher_cache.outputs(
-                        samples, lambda images: features_and_logits(self.teacher, images))
+                    teacher_features, teacher_logits = self.teacher_cache.outputs(samples, self.teacher_outputs)
             if self.gamma > 0:
                 terms["kd"] = self.gamma * logit_distillation_loss(dist_logits, teacher_logits, self.temperature)
             if self.alpha > 0:

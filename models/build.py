@@ -83,7 +83,8 @@ def build(args, nb_classes: int, log: Callable[[str], None] = print):
     if teacher is not None and args.teacher_cache:
         cache = TeacherCache(args.teacher_cache, teacher, identity=dict(
             architecture=args.teacher, input_size=args.input_size, channels_last=args.teacher_channels_last,
-            amp=args.amp))
+            amp=args.amp, compile=args.compile))
     criterion = VkDLoss(teacher, base_criterion, alpha=args.alpha, gamma=args.gamma, temperature=args.temperature,
-                        normalisation=args.normalisation, feature_loss=args.feature_loss, teacher_cache=cache)
+                        normalisation=args.normalisation, feature_loss=args.feature_loss, teacher_cache=cache,
+                        compile_backend=args.compile, log=log)
     return student, criterion, None
