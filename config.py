@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the frozen teacher's convolutions channels-last (default; faster, same function)")
     parser.add_argument("--no-teacher-channels-last", action="store_false", dest="teacher_channels_last")
     parser.set_defaults(teacher_channels_last=True)
+    parser.add_argument("--teacher-cache", default=None, metavar="DIR",
+                        help="keep the teacher's outputs of each input batch in DIR and read them back when the same "
+                             "teacher sees the same batch again: the rows of an ablation (same seed and data) run "
+                             "it once; processes and runs may share DIR (default: off)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the frozen teacher's forward (timm's --torchcompile) with BACKEND "
+                             "(default: inductor); the first batch compiles, and its time is printed (default: off)")
 
     # Data and run
     parser.add_argument("--data-path", default=None, type=str, help="dataset folder")
@@ -234,7 +241,7 @@ EVAL_FLAGS = _flags("config", "batch_size", "eval_student", "student_ckpt", "stu
                     "local_rank", "world_size", "dist_url", "dist_timeout")
 DISTILLATION_FLAGS = _flags("alpha", "gamma", "temperature", "normalisation", "feature_loss", "projector",
                             "orthogonal_map", "projector_impl", "projector_weight_decay", "teacher_path",
-                            "teacher_channels_last")
+                            "teacher_channels_last", "teacher_cache", "compile")
 FEATURE_FLAGS = _flags("normalisation", "feature_loss", "projector", "orthogonal_map", "projector_impl",
                        "projector_weight_decay")
 
@@ -246,6 +253,8 @@ NOT_APPLICABLE = (
     (lambda a: a.train_teacher, _flags("student_model", "student_ckpt"), "--train-teacher trains the --teacher model"),
     (lambda a: not a.train_teacher and a.alpha == 0, FEATURE_FLAGS, "--alpha 0 turns feature distillation off"),
     (lambda a: not a.train_teacher and a.gamma == 0, _flags("temperature"), "--gamma 0 turns logit distillation off"),
+    (lambda a: not a.train_teacher and a.alpha == 0 and a.gamma == 0, _flags("teacher_cache", "compile"),
+     "with --alpha 0 and --gamma 0 the teacher is never run"),
     (lambda a: not a.train_teacher, _flags("teacher_pretrained"),
      "it applies to --train-teacher; a distillation teacher comes from --teacher-path or timm"),
     (lambda a: a.opt != "adamw", _flags("opt_eps", "opt_betas"), "they apply to --opt adamw"),
@@ -324,6 +333,11 @@ def check_arguments(args, explicit: Set[str]) -> None:
         closest = difflib.get_close_matches(args.teacher, timm.list_models(), n=MAX_SUGGESTIONS)
         suggestion = f"closest: {', '.join(closest)}" if closest else "e.g. regnety_160, resnet18"
         raise BadInput(f"unknown teacher model '{args.teacher}'; any name in timm.list_models() works ({suggestion})")
+    if args.compile is not None:
+        import torch._dynamo  # slow to import: only when asked for
+        if args.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise BadInput(f"--compile: unknown backend '{args.compile}'; "
+                           f"e.g. {', '.join(torch._dynamo.list_backends())}")
     evaluating = args.eval_student or args.eval
     for dest in sorted(explicit):
         if evaluating and dest not in EVAL_FLAGS:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from vkd.errors import RunFailed
 from vkd.preemption import StopRequest, rng_states, set_rng_states
 from vkd.progress import Progress
+from vkd.reproducibility import model_random_stream
 
 LOSS_TERMS = ("loss", "ce", "kd", "vkd")
 TOP_K = 5
@@ -73,7 +74,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
                     amp_dtype: Optional[torch.dtype] = None, mixup_fn=None, clip_grad: Optional[float] = None,
                     ema=None, skips_allowed: int = 0, bce_targets: bool = False, set_training_mode: bool = True,
                     print_freq: int = 10, is_main: bool = True, world_size: int = 1, tb_writer=None,
-                    stop: Optional[StopRequest] = None, resumed: Optional[dict] = None) -> Dict[str, float]:
+                    stop: Optional[StopRequest] = None, resumed: Optional[dict] = None, seed: int = 0,
+                    rank: int = 0) -> Dict[str, float]:
     """One pass over ``data_loader``; returns the epoch's mean loss terms (over all ranks) and counters.
 
     ``stop``: when it is requested, the epoch ends at the next step boundary and returns
@@ -86,7 +88,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
     The LR is set from the global iteration before every step, so the curve depends on the
     iteration index alone (a resumed run follows the uninterrupted one). A non-finite loss skips
     the step while fewer than ``skips_allowed`` were skipped this epoch, else raises
-    ``NonFiniteLossError`` before any weight changes.
+    ``NonFiniteLossError`` before any weight changes. ``seed`` and ``rank`` seed the model's own random
+    stream at each step (``vkd.reproducibility.model_random_stream``).
     """
     model.train(set_training_mode)
     criterion.train()
@@ -122,7 +125,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
             continue
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        # Backward draws nothing: dropout and drop-path keep their masks from the forward.
+        with model_random_stream(seed, rank, global_step, device), \
+                torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(samples, with_projection=True) if criterion.needs_student_features else model(samples)
             if bce_targets:
                 targets = _binary_targets(targets, _logits(outputs).shape[-1])

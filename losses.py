@@ -2,13 +2,95 @@
 feature term on the projected student, with the frozen teacher owned here (DeiT's ``DistillationLoss`` shape),
 so the training loop is the same with and without distillation. The terms themselves live in ``vkd``.
 """
-from typing import Dict, Optional
+import hashlib
+import json
+import os
+import time
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from vkd.checkpoints import safe_torch_load, save_atomically
+from vkd.errors import CheckpointError
 from vkd.losses import feature_distillation_loss, features_and_logits, get_feature_loss, logit_distillation_loss
 from vkd.norms import get_normalisation
+
+TeacherOutputs = Tuple[torch.Tensor, torch.Tensor]
+
+
+def _hash_tensor(digest, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+class TeacherCache:
+    """The frozen teacher's (pooled features, logits) of each input batch, stored in ``folder`` under
+    ``<key[:2]>/<key>.pt``, key = sha256 of the teacher's identity (its state dict's bytes and ``identity``:
+    architecture, input size, memory layout, AMP) and of the batch's bytes. Rows of an ablation that feed the
+    teacher the same batches run it once. Entries hold exactly the tensors the teacher returned, so a hit gives
+    the numbers of computing. Processes may share the folder; an unreadable or malformed entry is recomputed
+    and rewritten. ``hits``, ``misses`` and ``bytes_written`` count since ``take_counts``.
+    """
+
+    def __init__(self, folder: str, teacher: nn.Module, identity: Mapping[str, object]):
+        digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode())
+        for name, tensor in teacher.state_dict().items():
+            digest.update(name.encode())
+            _hash_tensor(digest, tensor)
+        self.folder, self.teacher_digest, self.teacher = folder, digest.digest(), teacher
+        self.per_image: Optional[tuple] = None  # (dtype, shape) of one image's features and logits
+        self.hits = self.misses = self.bytes_written = 0
+
+    def take_counts(self) -> Tuple[int, int, int]:
+        counts = (self.hits, self.misses, self.bytes_written)
+        self.hits = self.misses = self.bytes_written = 0
+        return counts
+
+    def path(self, samples: torch.Tensor) -> str:
+        digest = hashlib.sha256(self.teacher_digest)
+        _hash_tensor(digest, samples)
+        key = digest.hexdigest()
+        return os.path.join(self.folder, key[:2], f"{key}.pt")
+
+    def outputs(self, samples: torch.Tensor, teacher: Callable[[torch.Tensor], TeacherOutputs]) -> TeacherOutputs:
+        if self.per_image is None:
+            # What a valid entry holds, under the caller's autocast: learnt from one image, by the plain teacher
+            # (a compiled one would compile for that batch size too).
+            self.per_image = tuple((output.dtype, output.shape[1:])
+                                   for output in features_and_logits(self.teacher, samples[:1]))
+        path = self.path(samples)
+        entry = self._load(path, samples.shape[0])
+        if entry is not None:
+            self.hits += 1
+            return tuple(tensor.to(samples.device) for tensor in entry)
+        self.misses += 1
+        features, logits = teacher(samples)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            # clone: a view (a ViT's class token) would save its whole storage.
+            save_atomically({"features": features.cpu().clone(), "logits": logits.cpu().clone()}, path)
+            self.bytes_written += os.path.getsize(path)
+        except FileNotFoundError:
+            # A concurrent writer of this entry cleared our temporary file as stale; it writes the same bytes.
+            pass
+        return features, logits
+
+    def _load(self, path: str, batch: int) -> Optional[TeacherOutputs]:
+        if not os.path.exists(path):
+            return None
+        try:
+            entry = safe_torch_load(path)
+        except CheckpointError:
+            return None
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(name), torch.Tensor)
+                                                  for name in ("features", "logits")):
+            return None
+        outputs = entry["features"], entry["logits"]
+        valid = all(output.shape[:1] == (batch,) and (output.dtype, output.shape[1:]) == expected
+                    for output, expected in zip(outputs, self.per_image))
+        return outputs if valid else None
 
 
 class VkDLoss(nn.Module):
@@ -28,11 +110,15 @@ class VkDLoss(nn.Module):
         alpha: weight of the feature term. gamma: weight of the KL term. temperature: KL temperature.
         normalisation: teacher feature normalisation ('layernorm' for classification).
         feature_loss: 'smooth_l1' (the paper) or 'mse'.
+        teacher_cache: where the teacher's outputs are looked up before running it (None: always run it).
+        compile_backend: torch.compile the teacher's forward with this backend (None: not compiled); the first
+            call, which compiles, logs its time through ``log``.
     """
 
     def __init__(self, teacher: Optional[nn.Module], base_criterion: nn.Module, alpha: float = 1.0,
                  gamma: float = 1.0, temperature: float = 1.0, normalisation: str = "layernorm",
-                 feature_loss: str = "smooth_l1"):
+                 feature_loss: str = "smooth_l1", teacher_cache: Optional[TeacherCache] = None,
+                 compile_backend: Optional[str] = None, log: Callable[[str], None] = print):
         super().__init__()
         if (alpha > 0 or gamma > 0) and teacher is None:
             raise ValueError("distillation (alpha > 0 or gamma > 0) needs a teacher")
@@ -45,6 +131,13 @@ class VkDLoss(nn.Module):
         self.base_criterion = base_criterion
         self.alpha, self.gamma, self.temperature = alpha, gamma, temperature
         self.normalisation, self.feature_loss = normalisation, feature_loss
+        self.teacher_cache = teacher_cache
+        self.compile_backend, self.log = compile_backend, log
+        self.compiled_teacher = None
+        if compile_backend is not None and teacher is not None:
+            self.compiled_teacher = torch.compile(lambda images: features_and_logits(self.teacher, images),
+                                                  backend=compile_backend)
+        self.compile_seconds: Optional[float] = None
 
     @property
     def needs_student_features(self) -> bool:
@@ -57,6 +150,17 @@ class VkDLoss(nn.Module):
             self.teacher.eval()
         return self
 
+    def teacher_outputs(self, images: torch.Tensor) -> TeacherOutputs:
+        if self.compiled_teacher is None:
+            return features_and_logits(self.teacher, images)
+        if self.compile_seconds is not None:
+            return self.compiled_teacher(images)
+        start = time.perf_counter()
+        outputs = self.compiled_teacher(images)
+        self.compile_seconds = time.perf_counter() - start
+        self.log(f"Teacher compiled with torch.compile (backend {self.compile_backend}) in {self.compile_seconds:.1f} s")
+        return outputs
+
     def forward(self, samples: torch.Tensor, outputs, targets: torch.Tensor) -> Dict[str, torch.Tensor]:
         if isinstance(outputs, torch.Tensor):
             if self.alpha > 0 or self.gamma > 0:
@@ -67,7 +171,10 @@ class VkDLoss(nn.Module):
         terms = {"ce": self.base_criterion(cls_logits, targets), "kd": zero, "vkd": zero}
         if self.alpha > 0 or self.gamma > 0:
             with torch.no_grad():
-                teacher_features, teacher_logits = features_and_logits(self.teacher, samples)
+                if self.teacher_cache is None:
+                    teacher_features, teacher_logits = self.teacher_outputs(samples)
+                else:
+                    teacher_features, teacher_logits = self.teacher_cache.outputs(samples, self.teacher_outputs)
             if self.gamma > 0:
                 terms["kd"] = self.gamma * logit_distillation_loss(dist_logits, teacher_logits, self.temperature)
             if self.alpha > 0:

@@ -151,13 +151,15 @@ def train_epochs(args, runtime: Runtime, trainer: Trainer, trained: nn.Module, c
             scaler=trainer.scaler, amp_dtype=AMP_DTYPES[args.amp], mixup_fn=mixup_fn, clip_grad=args.clip_grad,
             ema=ema, skips_allowed=args.skip_nonfinite - trainer.nonfinite_skipped, bce_targets=args.bce_loss,
             set_training_mode=args.train_mode, print_freq=args.print_freq, is_main=runtime.is_main,
-            world_size=runtime.world_size, tb_writer=tb_writer, stop=stop, resumed=resumed)
+            world_size=runtime.world_size, tb_writer=tb_writer, stop=stop, resumed=resumed, seed=args.seed,
+            rank=runtime.rank)
         if "preempted_at" in train_stats:
             partials = gathered(train_stats["partial"], runtime)
             if args.output_dir and runtime.is_main:
                 trainer.save_preempted(epoch, partials)
             raise Preempted(preempted_line(f"epoch {epoch} step {train_stats['preempted_at']}"))
         trainer.nonfinite_skipped += train_stats["nonfinite_skipped"]
+        train_stats.update(teacher_cache_counts(criterion, runtime))
         warn_unreadable(runtime, train_stats["unreadable_images"], f"training images in epoch {epoch}")
         val_stats = evaluate(model, val_loader, runtime.device, AMP_DTYPES[args.amp], args.print_freq,
                              runtime.is_main, sharded=args.dist_eval)
@@ -175,6 +177,20 @@ def train_epochs(args, runtime: Runtime, trainer: Trainer, trained: nn.Module, c
             tb_writer.flush()
         if epoch + 1 < total_epochs and stop.requested(runtime.device):
             raise Preempted(preempted_line(f"the end of epoch {epoch}"))
+
+
+def teacher_cache_counts(criterion, runtime: Runtime) -> dict:
+    """The epoch's teacher cache counts, summed over ranks, with one line; empty without a cache."""
+    cache = getattr(criterion, "teacher_cache", None)
+    if cache is None:
+        return {}
+    counts = torch.tensor(cache.take_counts(), dtype=torch.float64, device=runtime.device)
+    if runtime.distributed:
+        dist.all_reduce(counts)
+    hits, misses, written = (int(value) for value in counts.tolist())
+    runtime.log(f"Teacher cache {cache.folder}: {hits} hits, {misses} misses "
+                f"({100 * hits / max(hits + misses, 1):.1f}% hit rate), {written / 2 ** 20:.1f} MiB written")
+    return {"teacher_cache_hits": hits, "teacher_cache_misses": misses, "teacher_cache_bytes_written": written}
 
 
 def gathered(value, runtime: Runtime) -> list:

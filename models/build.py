@@ -6,7 +6,7 @@ import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models
-from losses import VkDLoss
+from losses import TeacherCache, VkDLoss
 from vkd.data.mixup import mixup_active
 from vkd.errors import BadInput
 
@@ -79,6 +79,12 @@ def build(args, nb_classes: int, log: Callable[[str], None] = print):
     if args.alpha > 0 and args.projector_weight_decay and args.weight_decay > 0 and args.projector == "orthogonal":
         log("note: as in the original, the projector gets weight decay; with the Householder map this "
             "zeroes it after the first step. --no-projector-weight-decay keeps it an isometry (README)")
+    cache = None
+    if teacher is not None and args.teacher_cache:
+        cache = TeacherCache(args.teacher_cache, teacher, identity=dict(
+            architecture=args.teacher, input_size=args.input_size, channels_last=args.teacher_channels_last,
+            amp=args.amp, compile=args.compile))
     criterion = VkDLoss(teacher, base_criterion, alpha=args.alpha, gamma=args.gamma, temperature=args.temperature,
-                        normalisation=args.normalisation, feature_loss=args.feature_loss)
+                        normalisation=args.normalisation, feature_loss=args.feature_loss, teacher_cache=cache,
+                        compile_backend=args.compile, log=log)
     return student, criterion, None

@@ -1,7 +1,8 @@
 """Seeds, thread counts and deterministic kernels: what makes a run repeatable, and resumable exactly."""
+import contextlib
 import os
 import random
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -17,6 +18,27 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     # Augmentation and mixup randomness of an epoch depend on (seed, rank, epoch) alone, so a resumed
     # run draws the same random numbers as an uninterrupted one.
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+# Sets the model's stream apart from epoch_seed's (seed, rank, epoch) ones.
+MODEL_STREAM = 0x6D6F64656C
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([MODEL_STREAM, seed, rank, step]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def model_random_stream(seed: int, rank: int, step: int, device: torch.device) -> Iterator[None]:
+    """Within it, torch draws from a stream seeded by (seed, rank, global step) and the global one is left as it
+    was. A student's dropout and drop-path then cannot shift the augmentation and mixup draws, so students of
+    one seed see the same batches; the stream needs no state to resume mid-epoch. A model that draws nothing
+    computes exactly what it computed outside."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(step_seed(seed, rank, step))
+        yield
 
 
 def configure_determinism(deterministic: bool, threads: Optional[int]) -> None:
