@@ -68,13 +68,10 @@ class TeacherCache:
         self.misses += 1
         features, logits = teacher(samples)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            # clone: a view (a ViT's class token) would save its whole storage.
-            save_atomically({"features": features.cpu().clone(), "logits": logits.cpu().clone()}, path)
-            self.bytes_written += os.path.getsize(path)
-        except FileNotFoundError:
-            # A concurrent writer of this entry cleared our temporary file as stale; it writes the same bytes.
-            pass
+        # clone: a view (a ViT's class token) would save its whole storage. A concurrent writer of this
+        # entry writes the same bytes under its own temporary name; the last rename wins.
+        save_atomically({"features": features.cpu().clone(), "logits": logits.cpu().clone()}, path)
+        self.bytes_written += os.path.getsize(path)
         return features, logits
 
     def _load(self, path: str, batch: int) -> Optional[TeacherOutputs]:

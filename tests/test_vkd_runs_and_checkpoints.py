@@ -3,6 +3,7 @@ strict loading with hints, atomic saving, room for checkpoints, tensor bytes).""
 import argparse
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -97,3 +98,16 @@ def test_atomic_saving_and_room_for_checkpoints(tmp_path, monkeypatch):
     checkpoints.require_room_for_checkpoints(str(tmp_path), 2 ** 20)
     with pytest.raises(BadInput, match="3 MiB free, and the run needs 4 MiB for 2 checkpoints of 2 MiB"):
         checkpoints.require_room_for_checkpoints(str(tmp_path), 2 * 2 ** 20)
+
+
+def test_only_the_temporaries_of_writers_gone_for_a_minute_are_cleared(tmp_path):
+    path = tmp_path / "latest.pth"
+    live = tmp_path / f".latest.pth.tmp.{os.getpid()}.0000live"
+    recent, old = tmp_path / ".latest.pth.tmp.999999999.recent", tmp_path / ".latest.pth.tmp.999999999.old00"
+    for temporary in (live, recent, old):
+        temporary.write_bytes(b"half a checkpoint")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    os.utime(live, (an_hour_ago, an_hour_ago))  # its writer (this process) still runs
+    checkpoints.save_atomically({"step": 1}, str(path))
+    assert sorted(os.listdir(tmp_path)) == sorted(["latest.pth", live.name, recent.name])

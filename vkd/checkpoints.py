@@ -5,6 +5,8 @@ import hashlib
 import os
 import pickle
 import re
+import time
+import uuid
 from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
@@ -14,6 +16,7 @@ from vkd.errors import BadInput, CheckpointError, RunFailed
 
 DDP_PREFIX = "module."
 MAX_KEYS_IN_MESSAGE = 5
+ABANDONED_AFTER_S = 60.0  # a temporary that has not grown this long, of a writer not running here, is left over
 
 
 def first_line(error: BaseException) -> str:
@@ -146,8 +149,10 @@ def save_atomically(obj: object, path: str) -> None:
     prefix = f".{os.path.basename(path)}.tmp."
     # Temporaries of writers killed mid-save (pre-emption) would otherwise pile up, one checkpoint each.
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*")):
-        os.remove(stale)
-    temporary = os.path.join(folder, f"{prefix}{os.getpid()}")
+        if _abandoned(stale):
+            os.remove(stale)
+    # One name per writer: several processes may save the same file (a shared teacher cache).
+    temporary = os.path.join(folder, f"{prefix}{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
         with open(temporary, "wb") as handle:
             torch.save(obj, handle)
@@ -169,6 +174,28 @@ def save_atomically(obj: object, path: str) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _abandoned(temporary: str) -> bool:
+    """A temporary whose writer is gone: its process no longer runs here, and it has not grown for a minute
+    (on a shared file system the pid may belong to another machine's live writer)."""
+    pid = os.path.basename(temporary).rsplit(".tmp.", 1)[-1].split(".")[0]
+    try:
+        if pid.isdigit() and _process_runs(int(pid)):
+            return False
+        return time.time() - os.path.getmtime(temporary) > ABANDONED_AFTER_S
+    except FileNotFoundError:  # its writer just renamed or removed it
+        return False
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _out_of_space(error: BaseException) -> bool:
