@@ -279,7 +279,7 @@ def main() -> None:
     logs = {job.name: epoch_log(job.output_dir) for job in JOBS}
     machine = machine_description()
     summary = build_summary(logs, records, round(time.time() - started, 1), machine)
-    write_report(RESULTS, "summary.json", summary, results_page, plot_curves)
+    write_report(RESULTS, "summary.json", summary, results_page, plot_curves, "curves.png")
     print("\n" + format_table(summary["runs"], summary["val_images"]))
     print(f"\nverdict: {summary['verdict']}")
     print(f"\ntotal {summary['seconds']:.0f} s on {machine['cpu']} ({machine['threads']} threads); "

@@ -177,12 +177,13 @@ def run_jobs(jobs: Sequence[Job], force: bool, workers: int = 1, show_output: bo
 
 
 def write_report(folder: str, json_name: str, content: dict, page: Callable[[dict], str],
-                 plot: Optional[Callable[[dict, str], None]] = None) -> None:
-    """``json_name`` (the numbers), then the plot (``json_name`` as .png) and the README page drawn from them."""
+                 plot: Optional[Callable[[dict, str], None]] = None, plot_name: Optional[str] = None) -> None:
+    """``json_name`` (the numbers), then the plot (``plot_name``, by default ``json_name`` as .png) and the
+    README page drawn from them."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, json_name), "w") as handle:
         json.dump(content, handle, indent=2)
     if plot is not None:
-        plot(content, os.path.join(folder, os.path.splitext(json_name)[0] + ".png"))
+        plot(content, os.path.join(folder, plot_name or os.path.splitext(json_name)[0] + ".png"))
     with open(os.path.join(folder, "README.md"), "w") as handle:
         handle.write(page(content))

@@ -156,8 +156,13 @@ def raises_in_time(error_type, call, *args):
 
 # ----------------------------------------------------------------------------- the reachability probe
 
+def hanging_lookup(*args, **kwargs):
+    time.sleep(3)
+    raise socket.timeout("timed out")
+
+
 def test_the_probe_gives_up_on_a_hanging_lookup_within_its_timeout(monkeypatch):
-    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: time.sleep(3))
+    monkeypatch.setattr(socket, "create_connection", hanging_lookup)
     started = time.monotonic()
     assert downloads.reachable("https://example.org/file", timeout=0.2) is False
     assert time.monotonic() - started < 1

@@ -100,14 +100,15 @@ def test_atomic_saving_and_room_for_checkpoints(tmp_path, monkeypatch):
         checkpoints.require_room_for_checkpoints(str(tmp_path), 2 * 2 ** 20)
 
 
-def test_only_the_temporaries_of_writers_gone_for_a_minute_are_cleared(tmp_path):
-    path = tmp_path / "latest.pth"
-    live = tmp_path / f".latest.pth.tmp.{os.getpid()}.0000live"
-    recent, old = tmp_path / ".latest.pth.tmp.999999999.recent", tmp_path / ".latest.pth.tmp.999999999.old00"
-    for temporary in (live, recent, old):
+def test_only_the_temporaries_of_writers_that_are_gone_are_cleared(tmp_path):
+    path, host = tmp_path / "latest.pth", checkpoints._HOST
+    live = tmp_path / f".latest.pth.tmp.{host}.{os.getpid()}.0000live"  # this process: still writing
+    dead = tmp_path / f".latest.pth.tmp.{host}.999999999.0000dead"  # a writer killed here
+    elsewhere = tmp_path / ".latest.pth.tmp.other-host.12.0000busy"  # another machine, still growing
+    abandoned = tmp_path / ".latest.pth.tmp.other-host.34.00000old"  # another machine, untouched for an hour
+    for temporary in (live, dead, elsewhere, abandoned):
         temporary.write_bytes(b"half a checkpoint")
     an_hour_ago = time.time() - 3600
-    os.utime(old, (an_hour_ago, an_hour_ago))
-    os.utime(live, (an_hour_ago, an_hour_ago))  # its writer (this process) still runs
+    os.utime(abandoned, (an_hour_ago, an_hour_ago))
     checkpoints.save_atomically({"step": 1}, str(path))
-    assert sorted(os.listdir(tmp_path)) == sorted(["latest.pth", live.name, recent.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["latest.pth", live.name, elsewhere.name])

@@ -5,6 +5,7 @@ import hashlib
 import os
 import pickle
 import re
+import socket
 import time
 import uuid
 from typing import Callable, Dict, Iterable, List, Mapping, Optional
@@ -16,7 +17,8 @@ from vkd.errors import BadInput, CheckpointError, RunFailed
 
 DDP_PREFIX = "module."
 MAX_KEYS_IN_MESSAGE = 5
-ABANDONED_AFTER_S = 60.0  # a temporary that has not grown this long, of a writer not running here, is left over
+ABANDONED_AFTER_S = 600.0  # another machine's temporary that has not grown this long is left over
+_HOST = socket.gethostname().replace(".", "-")  # temporaries are named <file>.tmp.<host>.<pid>.<random>
 
 
 def first_line(error: BaseException) -> str:
@@ -152,7 +154,7 @@ def save_atomically(obj: object, path: str) -> None:
         if _abandoned(stale):
             os.remove(stale)
     # One name per writer: several processes may save the same file (a shared teacher cache).
-    temporary = os.path.join(folder, f"{prefix}{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    temporary = os.path.join(folder, f"{prefix}{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
         with open(temporary, "wb") as handle:
             torch.save(obj, handle)
@@ -177,12 +179,13 @@ def save_atomically(obj: object, path: str) -> None:
 
 
 def _abandoned(temporary: str) -> bool:
-    """A temporary whose writer is gone: its process no longer runs here, and it has not grown for a minute
-    (on a shared file system the pid may belong to another machine's live writer)."""
-    pid = os.path.basename(temporary).rsplit(".tmp.", 1)[-1].split(".")[0]
+    """A temporary whose writer is gone: on this machine, its process no longer runs; from another machine
+    (a shared file system), it has not grown for ``ABANDONED_AFTER_S``."""
+    fields = os.path.basename(temporary).rsplit(".tmp.", 1)[-1].split(".")
+    host, pid = (fields[0], fields[1]) if len(fields) >= 3 else ("", "")
     try:
-        if pid.isdigit() and _process_runs(int(pid)):
-            return False
+        if host == _HOST:
+            return not (pid.isdigit() and _process_runs(int(pid)))
         return time.time() - os.path.getmtime(temporary) > ABANDONED_AFTER_S
     except FileNotFoundError:  # its writer just renamed or removed it
         return False
