@@ -179,7 +179,7 @@ def save_atomically(obj: object, path: str) -> None:
 
 
 def _abandoned(temporary: str) -> bool:
-    """A temporary whose writer is gone: on this machine, its process no longer runs; from another machine
+    """A temporary whose writer is gone: on the same host, its process no longer runs; from another host
     (a shared file system), it has not grown for ``ABANDONED_AFTER_S``."""
     fields = os.path.basename(temporary).rsplit(".tmp.", 1)[-1].split(".")
     host, pid = (fields[0], fields[1]) if len(fields) >= 3 else ("", "")
