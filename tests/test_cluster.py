@@ -50,7 +50,7 @@ def test_a_preempted_local_job_is_requeued_and_ends_like_an_uninterrupted_run(ti
     job = executor.submit(run_with_submitit.Trainer(
         run_with_submitit.entry_point_command("classification", flags + ["--output_dir", str(output_dir)])))
     deadline = time.time() + 240
-    while "Epoch: [1] [1/4]" not in (job.stdout() or ""):
+    while "Epoch: [0] [1/4]" not in (job.stdout() or ""):
         assert time.time() < deadline and not job.done(), job.stderr()
         time.sleep(0.2)
     # What Slurm's --signal does before the time limit: the signal submitit listens to, sent to the job's task.
@@ -59,7 +59,8 @@ def test_a_preempted_local_job_is_requeued_and_ends_like_an_uninterrupted_run(ti
     assert job.result() == 0, job.stderr()
     with open(output_dir / "args.json") as handle:
         invocations = json.load(handle)["invocations"]
-    assert [entry["start_epoch"] for entry in invocations] == [0, 1]  # requeued, resumed in epoch 1
+    # Requeued once: resumed mid-epoch, or at an epoch's end when the signal came during its last step.
+    assert len(invocations) == 2 and invocations[1]["start_epoch"] in (0, 1, 2)
     expected, actual = (safe_torch_load(str(folder / "latest.pth.tar")) for folder in (tmp_path / "reference",
                                                                                        output_dir))
     assert actual["epoch"] == 2 and "mid_epoch" not in actual
