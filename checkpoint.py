@@ -16,24 +16,20 @@ import torch.nn as nn
 from utils import load_student_checkpoint
 from vkd.checkpoints import add_ddp_prefix, all_finite, safe_torch_load, save_atomically, tensor_bytes
 from vkd.ema import ModelEMA
-from vkd.errors import BadInput, CheckpointError, RunFailed
-from vkd.runs import LOG
+from vkd.errors import CheckpointError, RunFailed
+from vkd.runs import LOG, refuse_a_different_run
 
 LATEST, BEST, TEACHER_FILE = "latest.pth.tar", "best.pth.tar", "teacher.pth"
 # What defines the optimisation a checkpoint belongs to: a resume that changed one of these would print one
 # run and train another, so it is refused (``--epochs`` alone is honoured: ``Trainer.restore``).
 RUN_DEFINING_FLAGS = (
-    "batch_size", "lr", "min_lr", "warmup_lr", "warmup_epochs", "cooldown_epochs", "weight_decay", "sched", "opt",
-    "opt_eps", "opt_betas", "momentum", "decay_epochs", "decay_rate", "lr_noise", "lr_noise_pct", "lr_noise_std",
-    "unscale_lr", "projector_weight_decay", "clip_grad", "alpha", "gamma", "temperature", "normalisation",
-    "feature_loss", "projector", "smoothing", "mixup", "cutmix", "seed", "student_model", "teacher", "train_teacher",
-    "input_size", "data_set", "subset",
+    "--batch-size", "--lr", "--min-lr", "--warmup-lr", "--warmup-epochs", "--cooldown-epochs", "--weight-decay",
+    "--sched", "--opt", "--opt-eps", "--opt-betas", "--momentum", "--decay-epochs", "--decay-rate", "--lr-noise",
+    "--lr-noise-pct", "--lr-noise-std", "--unscale-lr", "--projector-weight-decay", "--clip-grad", "--alpha",
+    "--gamma", "--temperature", "--normalisation", "--feature-loss", "--projector", "--smoothing", "--mixup",
+    "--cutmix", "--seed", "--student-model", "--teacher", "--train-teacher", "--input-size", "--data-set",
+    "--subset",
 )
-
-
-def _comparable(value):
-    # Arguments come back from a checkpoint as saved: tuples as lists.
-    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass
@@ -107,15 +103,11 @@ class Trainer:
 
     def _refuse_a_different_run(self, checkpoint: dict, path: str) -> None:
         saved = checkpoint.get("args") or {}  # released files carry no arguments: nothing to compare
-        new_run = f"to train its weights with other settings, start a new run: --student-ckpt {path} --output_dir NEW"
-        saved_processes = checkpoint.get("world_size")
-        if saved and saved_processes is not None and saved_processes != self.world_size:
-            raise BadInput(f"{path} was trained on {saved_processes} process(es), this resume has {self.world_size}: "
-                           f"a resume continues the same run (batch, data order and LR depend on it); {new_run}")
-        for flag in RUN_DEFINING_FLAGS:
-            if flag in saved and saved[flag] != _comparable(getattr(self.args, flag)):
-                raise BadInput(f"--{flag.replace('_', '-')} {getattr(self.args, flag)} but {path} was trained with "
-                               f"{saved[flag]}: a resume continues the same run; {new_run}")
+        if not saved:
+            return
+        refuse_a_different_run(self.args, saved, RUN_DEFINING_FLAGS, checkpoint.get("world_size"), self.world_size,
+                               path, f"to train its weights with other settings, start a new run: --student-ckpt "
+                                     f"{path} --output_dir NEW")
         if "epochs" in saved and saved["epochs"] != self.args.epochs:
             self.epochs_changed = {"from": saved["epochs"], "to": self.args.epochs}
 

@@ -11,6 +11,7 @@ from vidt.models.swin_ram import SWIN_VARIANTS
 from vkd.config import OneLineErrorParser
 from vkd.distributed import DEFAULT_TIMEOUT_MINUTES
 from vkd.errors import BadInput
+from vkd.runs import refuse_a_different_run
 
 DEFAULT_TRAIN_SIZES = list(range(480, 801, 16))
 MIN_IMAGE_SIDE = 32
@@ -187,24 +188,13 @@ RUN_DEFINING_FLAGS = (
 )
 
 
-def _shown(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
 def resumed_epochs(args, saved: dict, world_size: int, path: str):
     """Refuse to continue ``path`` (trained with the arguments ``saved``) with other settings, in one line
     naming the flag, both values and how to start a new run from its weights instead. Returns the end of
     the run the checkpoint was planned for when --epochs moved it, else None."""
-    new_run = f"to train its weights with other settings, start a new run: --student_ckpt {path} --output_dir NEW"
-    saved_processes = saved.get("world_size")
-    if saved_processes is not None and saved_processes != world_size:
-        raise BadInput(f"{path} was trained on {saved_processes} process(es), this resume has {world_size}: a resume "
-                       f"continues the same run (the global batch and the data order depend on it); {new_run}")
-    for flag in RUN_DEFINING_FLAGS:
-        name = flag.lstrip("-").replace("-", "_")
-        if name in saved and saved[name] != getattr(args, name):
-            raise BadInput(f"{flag} {_shown(getattr(args, name))} but {path} was trained with {_shown(saved[name])}: "
-                           f"a resume continues the same run; {new_run}")
+    refuse_a_different_run(args, saved, RUN_DEFINING_FLAGS, saved.get("world_size"), world_size, path,
+                           f"to train its weights with other settings, start a new run: --student_ckpt {path} "
+                           f"--output_dir NEW")
     return saved["epochs"] if saved.get("epochs", args.epochs) != args.epochs else None
 
 

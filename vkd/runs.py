@@ -141,6 +141,26 @@ def trim_log(path: str, start_epoch: int, key: str = "epoch") -> None:
         os.replace(temporary, path)
 
 
+def refuse_a_different_run(args, saved: dict, flags: Sequence[str], saved_processes: Optional[int],
+                           processes: int, path: str, new_run: str) -> None:
+    """A resume continues the run that wrote ``path`` (with the arguments ``saved``): a change of one of
+    ``flags`` (as spelled on the command line) or of the number of processes is refused in one line naming
+    both values and ``new_run``, the way to train the weights with other settings instead."""
+    if saved_processes is not None and saved_processes != processes:
+        raise BadInput(f"{path} was trained on {saved_processes} process(es), this resume has {processes}: a resume "
+                       f"continues the same run (the global batch and the data order depend on it); {new_run}")
+    for flag in flags:
+        name, value = flag.lstrip("-").replace("-", "_"), getattr(args, flag.lstrip("-").replace("-", "_"))
+        # Arguments come back from a checkpoint as saved: tuples as lists.
+        if name in saved and saved[name] != (list(value) if isinstance(value, tuple) else value):
+            raise BadInput(f"{flag} {_shown(value)} but {path} was trained with {_shown(saved[name])}: a resume "
+                           f"continues the same run; {new_run}")
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def resolve_resume(args, latest_name: str) -> Optional[str]:
     """``--resume``'s file: the path given, or with 'auto' the run folder's latest checkpoint if there is one."""
     if args.resume != "auto":
