@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "OUTPUT_DIR.previous-<time>, never deleted")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="first epoch (a resume overrides it)")
     parser.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
+    parser.add_argument("--eval-freq", default=1, type=int, metavar="N",
+                        help="evaluate after every N-th epoch and after the last (default: 1)")
+    parser.add_argument("--eval-head", default="mean", choices=models.EVAL_HEADS,
+                        help="a distilled student's evaluation logits: the mean of the cls and dist heads (DeiT's), "
+                             "or the cls head alone, for students trained with --gamma 0, whose dist head never "
+                             "learns (default: mean)")
     parser.add_argument("--eval-crop-ratio", default=datasets.EVAL_CROP_RATIO, type=float,
                         help=f"eval resize = input / ratio, then a centre crop (default: {datasets.EVAL_CROP_RATIO})")
     parser.add_argument("--dist-eval", action="store_true", help="each rank evaluates its own shard (default)")
@@ -236,7 +242,7 @@ def _flags(*names: str) -> Set[str]:
 
 EVAL_FLAGS = _flags("config", "batch_size", "eval_student", "student_ckpt", "student_model", "input_size", "teacher",
                     "train_teacher", "data_path", "data_set", "download", "strict_data", "output_dir", "device", "seed",
-                    "resume", "eval", "eval_crop_ratio", "dist_eval", "num_workers", "pin_mem", "amp", "print_freq",
+                    "resume", "eval", "eval_crop_ratio", "eval_head", "dist_eval", "num_workers", "pin_mem", "amp", "print_freq",
                     "deterministic", "threads",
                     "local_rank", "world_size", "dist_url", "dist_timeout")
 DISTILLATION_FLAGS = _flags("alpha", "gamma", "temperature", "normalisation", "feature_loss", "projector",
@@ -246,8 +252,8 @@ FEATURE_FLAGS = _flags("normalisation", "feature_loss", "projector", "orthogonal
                        "projector_weight_decay")
 
 
-# (applies when, flags that then have no effect, why). Only flags given on the command line are checked:
-# a config file is a recipe and lists everything.
+# (applies when, flags that then have no effect, why). Checked for the flags given on the command line and the
+# keys the --config file sets itself; keys it takes from its base (a family's shared recipe) are not checked.
 NOT_APPLICABLE = (
     (lambda a: a.train_teacher, DISTILLATION_FLAGS, "--train-teacher trains with plain cross-entropy"),
     (lambda a: a.train_teacher, _flags("student_model", "student_ckpt"), "--train-teacher trains the --teacher model"),
@@ -277,7 +283,7 @@ NOT_APPLICABLE = (
 
 
 class Chosen(frozenset):
-    """The destinations given on the command line; ``from_file``: those the ``--config`` file set."""
+    """The destinations given on the command line; ``from_file``: those the ``--config`` file sets itself."""
 
     def __new__(cls, command_line, from_file=()):
         chosen = super().__new__(cls, command_line)
@@ -297,7 +303,8 @@ def parse_arguments(argv):
 def check_arguments(args, explicit: Set[str]) -> None:
     """Contradictory or impossible flags: fail before any work."""
     for name, value in (("batch-size", args.batch_size), ("epochs", args.epochs), ("print-freq", args.print_freq),
-                        ("checkpoint-freq", args.checkpoint_freq), ("threads", args.threads or 1)):
+                        ("checkpoint-freq", args.checkpoint_freq), ("eval-freq", args.eval_freq),
+                        ("threads", args.threads or 1)):
         if value < 1:
             raise BadInput(f"--{name} must be at least 1, got {value}")
     for dest, (low, high, closed_low, closed_high) in VALUE_RANGES.items():

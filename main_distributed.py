@@ -161,18 +161,21 @@ def train_epochs(args, runtime: Runtime, trainer: Trainer, trained: nn.Module, c
         trainer.nonfinite_skipped += train_stats["nonfinite_skipped"]
         train_stats.update(teacher_cache_counts(criterion, runtime))
         warn_unreadable(runtime, train_stats["unreadable_images"], f"training images in epoch {epoch}")
-        val_stats = evaluate(model, val_loader, runtime.device, AMP_DTYPES[args.amp], args.print_freq,
-                             runtime.is_main, sharded=args.dist_eval)
-        warn_unreadable(runtime, val_stats["unreadable_images"], "validation images")
-        runtime.log(f"Accuracy of the network on the {val_stats['images']} test images: {val_stats['acc1']:.1f}%")
-        improved = val_stats["acc1"] > trainer.best_acc1
-        trainer.best_acc1 = max(trainer.best_acc1, val_stats["acc1"])
-        runtime.log(f"Max accuracy: {trainer.best_acc1:.2f}%")
+        val_stats = {}
+        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == total_epochs:
+            val_stats = evaluate(model, val_loader, runtime.device, AMP_DTYPES[args.amp], args.print_freq,
+                                 runtime.is_main, sharded=args.dist_eval)
+            warn_unreadable(runtime, val_stats["unreadable_images"], "validation images")
+            runtime.log(f"Accuracy of the network on the {val_stats['images']} test images: {val_stats['acc1']:.1f}%")
+        improved = bool(val_stats) and val_stats["acc1"] > trainer.best_acc1
+        if val_stats:
+            trainer.best_acc1 = max(trainer.best_acc1, val_stats["acc1"])
+            runtime.log(f"Max accuracy: {trainer.best_acc1:.2f}%")
         if args.output_dir and runtime.is_main:
             record = dict(epoch=epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                           **{f"val_{k}": v for k, v in val_stats.items()}, best_acc1=trainer.best_acc1)
             trainer.save(epoch, train_stats["loss"], improved, record)
-            for name in ("acc1", "acc5", "loss"):
+            for name in ("acc1", "acc5", "loss") if val_stats else ():
                 tb_writer.add_scalar(f"val/{name}", val_stats[name], epoch)
             tb_writer.flush()
         if epoch + 1 < total_epochs and stop.requested(runtime.device):

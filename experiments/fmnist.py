@@ -1,15 +1,17 @@
-"""`make fmnist` (``python -m experiments.fmnist``): does VkD's projector beat the alternatives, and does the
-original's collapse matter?
+"""`make fmnist` (``python -m experiments.fmnist``): does VkD's projector beat the alternatives, with and
+without logit KD beside it, and does the original's collapse matter?
 
 Trains the resnet10t teacher of ``configs/fmnist/teacher.yaml`` on a class-balanced training subset of
-Fashion-MNIST, then every row of ``configs/fmnist/`` for three seeds with identical budgets, seed by seed
-(all rows of seed 0 first), so that an interrupted run still holds complete pairs. Finished runs are
-reused (``FORCE=1`` reruns them); each finished run prints an ETA. Writes ``results/fmnist/``:
-``fmnist.json``, ``fmnist.png`` and ``README.md``, the page written from the JSON: the table, paired
-per-seed comparisons of VkD with the other rows, and a conclusion that follows from those numbers.
-``--report-only`` writes them from the runs finished so far, without training.
+Fashion-MNIST, then every row of ``configs/fmnist/`` for five seeds with identical budgets, seed by seed
+(all rows of seed 0 first), two runs side by side, so that an interrupted study still holds complete pairs.
+The rows of a seed share one teacher-output cache. Finished runs are reused (``FORCE=1`` reruns them) and an
+interrupted one continues where it stopped (``--resume auto``); each finished run prints an ETA. Writes
+``results/fmnist/``: ``fmnist.json``, ``fmnist.png`` and ``README.md``, the page written from the JSON: the
+table, paired per-seed comparisons, and a conclusion that follows from those numbers. ``--report-only``
+writes them from the runs finished so far, without training.
 """
 import argparse
+import json
 import math
 import os
 import statistics
@@ -24,24 +26,34 @@ from experiments.runner import ROOT, Job, epoch_log, force_requested, hardware_d
 from experiments.stats import binomial_standard_error, paired_comparison
 from vkd.cli import entry_point
 from vkd.errors import BadInput
+from vkd.runs import write_json
 
 CONFIGS = os.path.join("configs", "fmnist")
 OUT = os.path.join("runs", "fmnist")
 RESULTS = os.path.join("results", "fmnist")
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
+# Two runs side by side, one thread each: the two cores of the machine the study was sized for.
+WORKERS = 2
 TEST_IMAGES = 10000
+TRAINING_IMAGES = 6000  # the 10PERCENT subset: 600 per class
+WALL_RECORD = os.path.join(OUT, "students_wall.json")
 # Every run computes with one thread (and the driver runs under `nice -n 19` when started by make). On
 # cores shared with other jobs, two OpenMP threads spent ten times the CPU per image of one (measured:
 # 76 vs 7.8 CPU-ms per DeiT-Ti training image at load average 19), waiting for each other.
 THREADS = 1
 TEACHER = Job("teacher", os.path.join(OUT, "teacher"), config=os.path.join(CONFIGS, "teacher.yaml"), threads=THREADS)
-VKD = "row5_vkd"
-# (row compared with VKD, what the comparison asks); 3 vs 2 asks whether the collapsed projector taught anything.
+VKD = "row3_vkd"
+# (row compared with VKD, what the comparison asks).
 PAIRS = (("row1_no_distillation", "does VkD beat training without distillation?"),
          ("row2_logit_kd", "does the feature term add to logit KD?"),
-         ("row3_original_recipe", "does keeping the projector an isometry (no weight decay) change the result?"),
-         ("row4_linear_layernorm", "does the orthogonal constraint beat an unconstrained linear projector?"))
-COLLAPSE_PAIR = ("row3_original_recipe", "row2_logit_kd")
+         ("row4_linear_layernorm", "with logit KD, does the orthogonal constraint beat a linear projector?"),
+         ("row5_original_recipe", "does keeping the projector an isometry (no weight decay) change the result?"))
+# The projector question without logit KD to mask it (gamma 0), and whether features alone teach.
+FEATURES_ONLY, LINEAR_FEATURES_ONLY = "row6_features_orthogonal", "row7_features_linear"
+FEATURE_PAIRS = ((FEATURES_ONLY, LINEAR_FEATURES_ONLY,
+                  "without logit KD, does the orthogonal projector beat a linear one?"),
+                 (FEATURES_ONLY, "row1_no_distillation", "do the orthogonal projector's features alone teach?"))
+COLLAPSE_PAIR = ("row5_original_recipe", "row2_logit_kd")
 COLLAPSE_QUESTION = "did the collapsed projector's feature term teach anything beyond logit KD?"
 # ||W||_F / sqrt(width) below this is a projector that weight decay shrank to zero.
 COLLAPSED_BELOW = 1e-6
@@ -66,8 +78,9 @@ def paired(rows_by_name: dict, first: str, second: str) -> dict:
 
 
 def comparisons(rows_by_name: dict) -> list:
-    """VkD against each row of PAIRS, then the collapse pair, each with its question."""
+    """VkD against each row of PAIRS, the FEATURE_PAIRS, then the collapse pair, each with its question."""
     found = [dict(paired(rows_by_name, VKD, other), question=question) for other, question in PAIRS]
+    found += [dict(paired(rows_by_name, first, second), question=question) for first, second, question in FEATURE_PAIRS]
     return found + [dict(paired(rows_by_name, *COLLAPSE_PAIR), question=COLLAPSE_QUESTION)]
 
 
@@ -86,21 +99,47 @@ def projector_collapsed(row: dict) -> Optional[bool]:
     return max(scales) < COLLAPSED_BELOW if scales else None
 
 
+def teacher_cache_counts(runs: list) -> dict:
+    """Teacher-cache hits and misses summed over the epochs of ``runs`` (rows that run the teacher)."""
+    records = [record for run in runs for record in epoch_log(run["output_dir"])]
+    return {kind: sum(record.get(f"train_teacher_cache_{kind}", 0) for record in records)
+            for kind in ("hits", "misses", "bytes_written")}
+
+
+def study_wall_seconds() -> float:
+    """The students' wall time, summed over the driver's invocations (a study may span several)."""
+    if not os.path.isfile(WALL_RECORD):
+        return 0.0
+    with open(WALL_RECORD) as handle:
+        return json.load(handle)["seconds"]
+
+
+def add_study_wall_seconds(seconds: float) -> None:
+    write_json(WALL_RECORD, {"seconds": round(study_wall_seconds() + seconds, 1)})
+
+
 def build_report(rows: list, teacher: dict) -> dict:
-    summaries = []
+    summaries, all_runs = [], []
     for row in rows:
         runs = finished_runs(row, SEEDS, OUT)
-        summaries.append(summarise(row, runs, projector_scale=[projector_scale(row, run) for run in runs]))
+        all_runs += runs
+        summaries.append(summarise(row, runs, projector_scale=[projector_scale(row, run) for run in runs],
+                                   eval_head=row["settings"].get("eval_head", "mean")))
     missing = [f"{row['name']} seed {seed}" for row, summary in zip(rows, summaries) for seed in SEEDS
                if seed not in summary["seeds"]]
     settings = rows[0]["settings"]
-    return {"teacher_acc1": teacher["acc1"], "teacher_seconds": teacher["seconds"], "teacher_command": teacher["command"],
+    cache = teacher_cache_counts(all_runs)
+    return {"teacher_acc1": teacher["acc1"], "teacher_curve": teacher["curve"], "teacher_seconds": teacher["seconds"],
+            "teacher_command": teacher["command"], "teacher_epochs": len(teacher["curve"]),
             "seeds": list(SEEDS), "rows": summaries,
             "comparisons": comparisons({summary["row"]: summary for summary in summaries}), "missing": missing,
             "budget": {key: settings[key] for key in ("subset", "input_size", "epochs", "batch_size", "lr",
-                                                     "student_model", "teacher", "crop_scale_min", "eval_crop_ratio")},
-            "threads": THREADS,
+                                                     "student_model", "teacher", "crop_scale_min", "eval_freq")},
+            "training_images": TRAINING_IMAGES, "test_images": TEST_IMAGES,
+            "threads": settings["threads"], "deterministic": settings["deterministic"], "workers": WORKERS,
+            "teacher_cache": dict(cache, hit_rate=cache["hits"] / max(cache["hits"] + cache["misses"], 1)),
             "seconds": round(teacher["seconds"] + sum(summary["seconds"] for summary in summaries), 1),
+            "students_wall_seconds": study_wall_seconds(),
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "hardware": hardware_description()}
 
 
@@ -267,11 +306,15 @@ def main(argv=None) -> None:
         raise BadInput(f"no finished teacher in {TEACHER.output_dir}: run `make fmnist` first")
     if not args.report_only:
         run_jobs([TEACHER], force)
-        run_jobs([row_job(row, seed, OUT, threads=THREADS) for seed in SEEDS for row in rows], force,
-                 describe=lambda job: f"top-1 {epoch_log(job.output_dir)[-1]['val_acc1']:.2f}")
+        started = time.time()
+        try:
+            run_jobs([row_job(row, seed, OUT, threads=THREADS, resumable=True) for seed in SEEDS for row in rows],
+                     force, workers=WORKERS, describe=lambda job: f"top-1 {epoch_log(job.output_dir)[-1]['val_acc1']:.2f}")
+        finally:
+            add_study_wall_seconds(time.time() - started)
     record = TEACHER.done_record()
-    teacher = {"acc1": epoch_log(TEACHER.output_dir)[-1]["val_acc1"], "seconds": record["seconds"],
-               "command": record["command"]}
+    curve = [epoch["val_acc1"] for epoch in epoch_log(TEACHER.output_dir)]
+    teacher = {"acc1": curve[-1], "curve": curve, "seconds": record["seconds"], "command": record["command"]}
     write_report(RESULTS, "fmnist.json", build_report(rows, teacher), results_page, plot)
     print(f"wrote {RESULTS}/fmnist.json, fmnist.png and README.md")
 

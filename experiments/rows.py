@@ -27,9 +27,9 @@ def row_configs(folder: str) -> List[dict]:
     return rows
 
 
-def row_job(row: dict, seed: int, out: str, threads: Optional[int] = None) -> Job:
+def row_job(row: dict, seed: int, out: str, threads: Optional[int] = None, resumable: bool = False) -> Job:
     return Job(f"{row['name']}/seed{seed}", os.path.join(out, row["name"], f"seed{seed}"), config=row["path"],
-               overrides=["--seed", str(seed)], threads=threads)
+               overrides=["--seed", str(seed)], threads=threads, resumable=resumable)
 
 
 def finished_runs(row: dict, seeds: Sequence[int], out: str) -> List[dict]:

@@ -6,7 +6,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from models.deit import STUDENT_MODELS, DistilledVisionTransformer
+from models.deit import EVAL_HEADS, STUDENT_MODELS, DistilledVisionTransformer
 from vkd.checkpoints import file_sha256, load_state_dict_file, strict_load
 from vkd.downloads import hub_offline_unless_reachable
 from vkd.errors import BadInput
@@ -18,14 +18,21 @@ DEFAULT_PROJECTOR_IMPL = "fast"  # orthogonal_maps.FastOrthogonal: same function
 
 def create_student(name: str, num_classes: int = 1000, img_size: int = 224, teacher_dim: Optional[int] = None,
                    projector: str = "orthogonal", orthogonal_map: Optional[str] = None,
-                   projector_impl: str = DEFAULT_PROJECTOR_IMPL, **kwargs) -> nn.Module:
+                   projector_impl: str = DEFAULT_PROJECTOR_IMPL, eval_head: str = "mean", **kwargs) -> nn.Module:
     """Build a student; with ``teacher_dim`` it carries ``student.projector`` (embed_dim -> teacher_dim).
 
-    ``projector='orthogonal'`` is VkD's; ``'linear'`` is the unconstrained ablation.
+    ``projector='orthogonal'`` is VkD's; ``'linear'`` is the unconstrained ablation. ``eval_head`` (EVAL_HEADS):
+    what a distilled student's eval mode returns.
     """
     if name not in STUDENT_MODELS:
         raise ValueError(f"unknown student model '{name}'; choose from {', '.join(STUDENT_MODELS)}")
     student = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    if eval_head not in EVAL_HEADS:
+        raise ValueError(f"unknown eval head '{eval_head}'; choose from {', '.join(EVAL_HEADS)}")
+    if eval_head != "mean":
+        if not isinstance(student, DistilledVisionTransformer):
+            raise ValueError(f"--eval-head {eval_head} needs a distilled student (…_distilled), got '{name}'")
+        student.eval_head = eval_head
     if teacher_dim is not None:
         if not isinstance(student, DistilledVisionTransformer):
             raise ValueError(f"feature distillation needs a distilled student (…_distilled), got '{name}'")

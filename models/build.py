@@ -24,7 +24,7 @@ def build_student(args, nb_classes: int, teacher_dim: Optional[int] = None) -> n
     return _model_or_bad_input(lambda: models.create_student(
         args.student_model, num_classes=nb_classes, img_size=args.input_size, teacher_dim=teacher_dim,
         projector=args.projector, orthogonal_map=args.orthogonal_map, projector_impl=args.projector_impl,
-        drop_rate=args.drop, drop_path_rate=args.drop_path))
+        eval_head=args.eval_head, drop_rate=args.drop, drop_path_rate=args.drop_path))
 
 
 def build_teacher_to_train(args, nb_classes: int) -> nn.Module:

@@ -14,6 +14,8 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 STEM_STRIDE = 16
+# What a distilled student's eval mode returns: the mean of both heads' logits (DeiT's), or the cls head's.
+EVAL_HEADS = ("mean", "cls")
 DEIT_SIZES = {  # name -> (embed_dim, num_heads); all depth 12, mlp ratio 4
     "ti": (192, 3),
     "s": (384, 6),
@@ -46,7 +48,8 @@ class DistilledVisionTransformer(VisionTransformer):
     Tokens are [cls, dist, patches] plus a learned position embedding. ``forward_features``
     returns ``(cls, dist, patch_tokens)`` after the final norm; train mode returns
     ``(cls_logits, dist_logits)`` (and the projected pooled patch feature when asked), eval mode
-    the mean of the two heads' logits.
+    the mean of the two heads' logits, or the cls head's alone with ``eval_head="cls"`` (for a student
+    trained without logit distillation, whose dist head never learns).
     """
 
     def __init__(self, img_size: int = 224, **kwargs):
@@ -63,6 +66,7 @@ class DistilledVisionTransformer(VisionTransformer):
         trunc_normal_(self.head_dist.weight, std=.02)
         nn.init.zeros_(self.head_dist.bias)
         self.projector = None
+        self.eval_head = "mean"  # one of EVAL_HEADS
 
     def forward_features(self, x: torch.Tensor):
         stem_tokens = self.conv_embed(x)
@@ -86,7 +90,7 @@ class DistilledVisionTransformer(VisionTransformer):
         # timm's head dropout (--drop), on both heads; the original never applied it.
         cls_logits, dist_logits = self.head(self.head_drop(cls)), self.head_dist(self.head_drop(dist))
         if not self.training:
-            return (cls_logits + dist_logits) / 2
+            return cls_logits if self.eval_head == "cls" else (cls_logits + dist_logits) / 2
         if with_projection:
             return cls_logits, dist_logits, self.project(patch_tokens)
         return cls_logits, dist_logits

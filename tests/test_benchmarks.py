@@ -29,6 +29,11 @@ def test_train_step_prints_every_figure_the_issue_names():
     assert report["projector_impl"] == "fast" and report["teacher_channels_last"] is True
 
 
+def test_train_step_times_the_compiled_teacher_step():
+    report = run_benchmark("train_step.py", TINY + ["--steps", "1", "--warmup", "1", "--compile", "teacher"])
+    assert report["compile"] == "teacher" and report["first_step_s"] > 0 and report["step_s_median"] > 0
+
+
 def test_projector_ratio_runs_both_implementations_in_separate_processes():
     report = run_benchmark("projector_ratio.py", ["--pairs", "1", "--steps", "1", "--warmup", "0", "--"] + TINY)
     assert set(report["step_s_by_run"]) == {"fast", "torch"}

@@ -1,5 +1,6 @@
 """Defaults that must not hurt a user: a new run never destroys an old one, VkD is on when asked for, the
 teacher is the one named, and bad input is one line that says how to fix it."""
+import glob
 import json
 import os
 import time
@@ -9,7 +10,7 @@ import timm
 import torch
 
 import models
-from config import parse_arguments
+from config import check_arguments, parse_arguments
 from optim import build_optimizer
 from utils import load_student_checkpoint
 from vkd.checkpoints import add_ddp_prefix
@@ -96,6 +97,17 @@ def test_original_recipe_config_sets_the_projector_weight_decay():
     args, _ = parse_arguments(["--config", "configs/deit_ti_vkd_original.yaml"])
     assert args.projector_weight_decay is True
     assert parse_arguments(["--config", "configs/deit_ti_vkd.yaml"])[0].projector_weight_decay is False
+
+
+SHIPPED_CONFIGS = [path for path in sorted(glob.glob("configs/*.yaml") + glob.glob("configs/*/*.yaml"))
+                   if not path.startswith("configs/generation/") and not path.endswith("common.yaml")]
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS)
+def test_every_shipped_classification_config_is_accepted(path):
+    args, explicit = parse_arguments(["--config", path])
+    check_arguments(args, explicit)
+    assert args.config == path
 
 
 # ----------------------------------------------------------------------------- the teacher

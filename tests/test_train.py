@@ -130,6 +130,30 @@ def test_train_teacher_writes_the_file_teacher_path_reads(run_main, data_flags, 
     assert "--teacher-path" in stdout
 
 
+def test_eval_freq_evaluates_every_nth_epoch_and_the_last(run_main, train_flags, tmp_path):
+    code, stdout, stderr = run_main(train_flags + ["--epochs", 3, "--eval-freq", 2, "--output_dir", tmp_path])
+    assert code == 0, stderr
+    evaluated = ["val_acc1" in record for record in read_log(tmp_path)]
+    assert evaluated == [False, True, True]
+    summary, accuracy = accuracy_lines(stdout)
+    assert len(summary) == len(accuracy) == 2 + 1  # epochs 2 and 3, then the EMA
+    assert (tmp_path / "best.pth.tar").is_file()
+
+
+@torch.no_grad()
+def test_eval_head_cls_evaluates_on_the_cls_head_alone():
+    torch.manual_seed(0)
+    mean_student = models.create_student("deit_ti_distilled", num_classes=3, img_size=32).eval()
+    cls_student = models.create_student("deit_ti_distilled", num_classes=3, img_size=32, eval_head="cls").eval()
+    cls_student.load_state_dict(mean_student.state_dict())
+    images = torch.randn(2, 3, 32, 32)
+    cls, dist, _ = mean_student.forward_features(images)
+    assert torch.equal(cls_student(images), mean_student.head(cls))
+    assert torch.allclose(mean_student(images), (mean_student.head(cls) + mean_student.head_dist(dist)) / 2)
+    with pytest.raises(ValueError, match="needs a distilled student"):
+        models.create_student("deit_ti", num_classes=3, img_size=32, eval_head="cls")
+
+
 def test_non_finite_loss_stops_with_every_term_and_keeps_no_bad_checkpoint(run_main, data_flags, tmp_path):
     import timm
     teacher = timm.create_model("resnet10t", num_classes=3)
@@ -172,6 +196,11 @@ BAD_INPUTS = {
     "epochs 0": (lambda flags, folder, tmp: flags + ["--epochs", "0"], "--epochs must be at least 1"),
     "flag without effect": (lambda flags, folder, tmp: flags + ["--alpha", "0", "--projector", "linear"],
                             "--projector has no effect here"),
+    "eval-freq 0": (lambda flags, folder, tmp: flags + ["--eval-freq", "0"], "--eval-freq must be at least 1"),
+    "cls head of a student without one": (lambda flags, folder, tmp: flags + ["--student-model", "deit_ti", "--alpha",
+                                                                               "0", "--gamma", "0", "--eval-head",
+                                                                               "cls"],
+                                          "--eval-head cls needs a distilled student"),
 }
 
 

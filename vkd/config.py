@@ -147,14 +147,17 @@ def explicit_destinations(parser: argparse.ArgumentParser, argv) -> Set[str]:
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv) -> Tuple[argparse.Namespace, Set[str], Set[str]]:
-    """(arguments, destinations given on the command line, destinations set by the ``--config`` file)."""
+    """(arguments, destinations given on the command line, destinations the ``--config`` file sets itself).
+
+    The keys a file takes from its ``base`` are not in the third set: a base is the shared recipe of a family
+    of configs (the rows of an ablation), where a key may matter to some members only."""
     argv = list(argv)
     explicit = explicit_destinations(parser, argv)
     args = parser.parse_args(argv)
     from_file: Set[str] = set()
     if getattr(args, "config", None):
         file_defaults = config_file_defaults(parser, args.config)
-        from_file = set(file_defaults)
+        from_file = {str(key).lstrip("-").replace("-", "_") for key in _read_yaml(args.config)} - {"base"}
         parser.set_defaults(**file_defaults)
         args = parser.parse_args(argv)
     return args, explicit, from_file
