@@ -190,9 +190,8 @@ TABLE_VERDICTS = {"too few seeds": "too few seeds to tell", "within the noise": 
 
 
 def conclusion(report: dict) -> list:
-    """Plain-language answers to the two questions, each sentence chosen by the numbers."""
-    against_vkd = {c["second"]: c for c in report["comparisons"] if c["first"] == VKD}
-    collapse = next(c for c in report["comparisons"] if c["first"] == COLLAPSE_PAIR[0])
+    """Plain-language answers to the three questions, each sentence chosen by the numbers."""
+    by_pair = {(c["first"], c["second"]): c for c in report["comparisons"]}
     rows = {row["row"]: row for row in report["rows"]}
 
     def said(comparison, better: str, worse: str, tie: str) -> str:
@@ -205,31 +204,54 @@ def conclusion(report: dict) -> list:
         low, high = comparison["ci95"]
         return f"({comparison['mean']:+.2f} points, 95% interval {low:+.2f} to {high:+.2f})"
 
-    answers = ["**1. Orthogonal projector + LayerNorm against the alternatives.** "
-               f"Against no distillation, VkD {said(against_vkd['row1_no_distillation'], 'is better', 'is worse', 'is within the noise')} "
-               f"{numbers(against_vkd['row1_no_distillation'])}; against logit KD alone it "
-               f"{said(against_vkd['row2_logit_kd'], 'is better, so the feature term adds to the KL term', 'is worse, so the feature term costs accuracy here', 'is within the noise, so at this budget the feature term adds nothing measurable to the KL term')} "
-               f"{numbers(against_vkd['row2_logit_kd'])}; against an unconstrained linear projector it "
-               f"{said(against_vkd['row4_linear_layernorm'], 'is better, as the paper reports', 'is worse, the opposite of the paper', 'is within the noise, so this budget does not confirm the paper on this point')} "
-               f"{numbers(against_vkd['row4_linear_layernorm'])}."]
+    def against_vkd(other: str, better: str, worse: str, tie: str) -> str:
+        comparison = by_pair[(VKD, other)]
+        return f"{said(comparison, better, worse, tie)} {numbers(comparison)}"
+
+    answers = ["**1. VkD (orthogonal projector + LayerNorm, with logit KD) against the alternatives.** Against no "
+               "distillation VkD " + against_vkd("row1_no_distillation", "is better", "is worse", "is within the noise")
+               + "; against logit KD alone it " + against_vkd(
+                   "row2_logit_kd", "is better, so the feature term adds to the KL term",
+                   "is worse, so the feature term costs accuracy here",
+                   "is within the noise, so at this budget the feature term adds nothing measurable to the KL term")
+               + "; against an unconstrained linear projector it " + against_vkd(
+                   "row4_linear_layernorm", "is better, as the paper reports", "is worse, the opposite of the paper",
+                   "is within the noise, so with logit KD beside it this budget does not separate the projectors")
+               + "."]
+    projectors = by_pair[(FEATURES_ONLY, LINEAR_FEATURES_ONLY)]
+    alone = by_pair[(FEATURES_ONLY, "row1_no_distillation")]
+    answers.append(
+        "**2. The projector question without logit KD** (gamma 0; these students are evaluated on their cls head, "
+        "since their dist head never learns). The orthogonal projector against the linear one "
+        + said(projectors, "is better", "is worse", "is within the noise") + f" {numbers(projectors)}; the "
+        "orthogonal projector's features alone, against no distillation, "
+        + said(alone, "teach: the student is better", "hurt: the student is worse", "make no measurable difference")
+        + f" {numbers(alone)}.")
     collapsed_row = rows[COLLAPSE_PAIR[0]]
     scales = [s for s in collapsed_row["projector_scale"] if s is not None]
-    scale_text = (f"Row 3's projectors ended with ‖W‖_F/√192 = {', '.join(f'{s:.3f}' for s in scales)} "
+    scale_text = (f"Row 5's projectors ended with ‖W‖_F/√192 = {', '.join(f'{s:.3g}' for s in scales)} "
                   f"({'collapsed to zero' if projector_collapsed(collapsed_row) else 'not all collapsed'}; "
                   "VkD's stay at 1). " if scales else "")
-    answers.append("**2. The collapse.** " + scale_text +
-                   f"Row 3 against logit KD alone {numbers(collapse)}: "
-                   f"{said(collapse, 'they differ beyond the noise, which the collapse claim does not predict', 'they differ beyond the noise, which the collapse claim does not predict', 'nearly identical within the noise, as the collapse claim predicts')}. "
-                   f"Keeping the projector an isometry (VkD against row 3) "
-                   f"{said(against_vkd['row3_original_recipe'], 'improves the result', 'lowers the result', 'does not change the result measurably')} "
-                   f"{numbers(against_vkd['row3_original_recipe'])}.")
+    collapse = by_pair[COLLAPSE_PAIR]
+    answers.append("**3. The collapse.** " + scale_text +
+                   f"Row 5 against logit KD alone {numbers(collapse)}: "
+                   f"{said(collapse, 'they differ beyond the noise, which the collapse claim does not predict', 'they differ beyond the noise, which the collapse claim does not predict', 'equal within the noise, as the collapse claim predicts')}. "
+                   "Keeping the projector an isometry (VkD against row 5) " + against_vkd(
+                       "row5_original_recipe", "improves the result", "lowers the result",
+                       "does not change the result measurably") + ".")
     best = max(rows.values(), key=lambda row: row["acc1_mean"] if row["acc1_mean"] is not None else -1)
     if best["acc1_mean"] is not None:
         epochs = report["budget"]["epochs"]
-        answers.append(f"**Scope.** After {epochs} epoch{'s' if epochs > 1 else ''} the best row reaches "
-                       f"{best['acc1_mean']:.2f}% against the teacher's {report['teacher_acc1']:.2f}%: these answers "
-                       "describe early training at this budget, not converged students.")
+        answers.append(f"**Scope.** After {epochs} epochs on {report['training_images']:,} images the best row "
+                       f"({best['title'].split('. ', 1)[-1]}) reaches {best['acc1_mean']:.2f}% against the teacher's "
+                       f"{report['teacher_acc1']:.2f}%: these answers hold for DeiT-Ti students at this budget on "
+                       "32 px Fashion-MNIST, not for converged students or for ImageNet.")
     return answers
+
+
+def evaluated_epochs(epochs: int, eval_freq: int) -> list:
+    """The (1-based) epochs after which ``--eval-freq`` evaluates: every eval_freq-th and the last."""
+    return [epoch for epoch in range(1, epochs + 1) if epoch % eval_freq == 0 or epoch == epochs]
 
 
 def results_page(report: dict) -> str:
@@ -237,34 +259,41 @@ def results_page(report: dict) -> str:
     budget, rows, threads = report["budget"], report["rows"], report["threads"]
     finished = sum(len(row["seeds"]) for row in rows)
     common = "../../configs/fmnist/common.yaml"
+    cache = report["teacher_cache"]
+    curve = report["teacher_curve"]
     lines = [
-        "# Fashion-MNIST: the projector and the collapse, at a resolvable scale", "",
+        "# Fashion-MNIST: the projector, with and without logit KD, and the collapse", "",
         f"Made by `make fmnist` (`.venv/bin/python -m experiments.fmnist`) on {report['date']}: {report['hardware']}, "
-        f"torch {report['torch']}, {threads} thread{'s' if threads > 1 else ''} per run, `nice -n 19` beside other "
-        f"jobs; {sum(row['seconds'] for row in rows) / 60:.0f} min of student runs and "
-        f"{report['teacher_seconds'] / 60:.0f} min for the teacher. Every number below comes from "
+        f"torch {report['torch']}, {threads} thread{'s' if threads > 1 else ''} per run and deterministic kernels, "
+        f"{report['workers']} runs side by side under `nice -n 19`. The student runs took "
+        f"{report['students_wall_seconds'] / 3600:.1f} h of wall time ({sum(row['seconds'] for row in rows) / 3600:.1f} "
+        f"run-hours), the teacher {report['teacher_seconds'] / 60:.0f} min. Every number below comes from "
         "[`fmnist.json`](fmnist.json).", "",
-        f"**Budget, fixed before the runs** ([`configs/fmnist/`]({common})): training subset "
-        f"`{budget['subset']}` of the 60,000 training images (class-balanced, drawn once with seed 0 and the same for "
-        f"every run), the full 10,000-image test set, input {budget['input_size']} px (the 28 px gray images copied "
-        f"to 3 channels, bicubic resize), {budget['student_model']} students for {budget['epochs']} "
-        f"epoch{'s' if budget['epochs'] > 1 else ''} at batch {budget['batch_size']}, lr {budget['lr']:g}, "
-        f"random-resized crops keeping at least {budget['crop_scale_min']:.0%} of the image, no mixup; teacher "
-        f"{budget['teacher']} trained on the same subset ({report['teacher_acc1']:.2f}% test top-1, "
-        f"`{report['teacher_command']}`). Seeds {', '.join(map(str, report['seeds']))}; a seed fixes the "
-        "initialisation and the data order, the same for every row, so rows are compared seed by seed. The budget "
-        "was sized to the time left on shared CPU cores (the reasoning and the throughput measured beforehand are "
-        f"in the head of [`common.yaml`]({common})); fewer epochs were preferred to fewer seeds or rows. No GPU "
-        "was lent to this work, so the full-60k run was not made.", "",
+        f"**Budget, fixed before any student ran** ([`configs/fmnist/`]({common}), where the head of "
+        "`common.yaml` gives the throughput it was sized on): a class-balanced training subset of "
+        f"{report['training_images']:,} of the 60,000 training images (`{budget['subset']}`, drawn once with seed 0, "
+        f"the same for every run), the full {report['test_images']:,}-image test set, input {budget['input_size']} px "
+        f"(the 28 px gray images copied to 3 channels and resized), {budget['student_model']} students for "
+        f"{budget['epochs']} epochs at batch {budget['batch_size']}, lr {budget['lr']:g}, random-resized crops keeping "
+        f"at least {budget['crop_scale_min']:.0%} of the image, no mixup, evaluated after epochs "
+        f"{' and '.join(map(str, evaluated_epochs(budget['epochs'], budget['eval_freq'])))}; teacher {budget['teacher']} trained on the same subset for "
+        f"{report['teacher_epochs']} epochs ({report['teacher_acc1']:.2f}% test top-1; after each epoch: "
+        f"{', '.join(f'{a:.1f}' for a in curve)}), `{report['teacher_command']}`. Seeds "
+        f"{', '.join(map(str, report['seeds']))}: a seed fixes the initialisation and the data order, the same for "
+        "every row (the data pipeline draws from its own generator), so rows are compared seed by seed. The rows of "
+        "a seed shared one teacher-output cache: "
+        f"{cache['hits']:,} of {cache['hits'] + cache['misses']:,} teacher batches were read back "
+        f"({100 * cache['hit_rate']:.1f}%), which gives the numbers of computing them.", "",
         f"{finished} of {len(rows) * len(report['seeds'])} student runs finished"
         + (f"; missing: {', '.join(report['missing'])}." if report["missing"] else "."), "",
-        "| row | top-1 mean ± std | per seed | ‖W‖_F/√192 | config |", "|---|---|---|---|---|",
+        "| row | top-1 mean ± std | per seed | evaluated on | ‖W‖_F/√192 | config |", "|---|---|---|---|---|---|",
     ]
     for row in rows:
         scales = [s for s in row["projector_scale"] if s is not None]
-        scale_text = ", ".join(f"{s:.3f}" for s in scales) if scales else "—"
+        scale_text = ", ".join(f"{s:.3g}" for s in scales) if scales else "—"
         per_seed = ", ".join(f"{a:.2f}" for a in row["acc1_per_seed"]) or "—"
-        lines.append(f"| {row['title']} | {_mean_std(row)} | {per_seed} | {scale_text} | "
+        head = "cls head" if row["eval_head"] == "cls" else "mean of both heads"
+        lines.append(f"| {row['title']} | {_mean_std(row)} | {per_seed} | {head} | {scale_text} | "
                      f"[`{os.path.basename(row['config'])}`](../../{row['config']}) |")
     means = [row["acc1_mean"] for row in rows if row["acc1_mean"] is not None]
     noise = binomial_standard_error(statistics.mean(means), TEST_IMAGES) if means else float("nan")
@@ -272,7 +301,7 @@ def results_page(report: dict) -> str:
         "", "![Fashion-MNIST](fmnist.png)", "",
         "**Paired comparisons** (first row minus second, per seed; a difference exceeds the noise when its "
         "95% t interval across seeds excludes zero, a rule fixed before the runs). For scale: one accuracy on "
-        f"10,000 test images has a binomial standard error of about {noise:.2f} points.", "",
+        f"{TEST_IMAGES:,} test images has a binomial standard error of about {noise:.2f} points.", "",
         "| comparison | question | per seed | mean ± sd | 95% interval | verdict |", "|---|---|---|---|---|---|",
     ]
     for comparison in report["comparisons"]:
@@ -285,11 +314,14 @@ def results_page(report: dict) -> str:
                      f"{TABLE_VERDICTS[outcome(comparison)]} |")
     lines += ["", "**What the numbers say.**", ""] + [answer + "\n" for answer in conclusion(report)]
     first = rows[0]
-    lines += ["Commands: `make fmnist` runs everything (finished runs are reused, `FORCE=1` reruns); one run is "
+    lines += ["Commands: `make fmnist` runs everything (finished runs are reused, an interrupted one continues, "
+              "`FORCE=1` reruns); one run is "
               f"`.venv/bin/python main_distributed.py --config {first['config']} --seed 0 --output_dir "
-              f"{os.path.join(OUT, first['row'], 'seed0')}` "
-              "(the other rows and seeds change only the config and `--seed`; all are in `fmnist.json`). "
-              "`.venv/bin/python -m experiments.fmnist --report-only` rewrites this page from the finished runs.", ""]
+              f"{os.path.join(OUT, first['row'], 'seed0')} --resume auto` "
+              "(the other rows and seeds change only the config and `--seed`; every command is in `fmnist.json`, "
+              "and the configs fix the thread count and deterministic kernels, so a command gives its number again "
+              "on the same CPU type). `.venv/bin/python -m experiments.fmnist --report-only` rewrites this page "
+              "from the finished runs.", ""]
     return "\n".join(lines)
 
 
