@@ -41,3 +41,25 @@ def test_projector_ratio_runs_both_implementations_in_separate_processes():
     expected = report["step_s_by_run"]["torch"][0] / report["step_s_by_run"]["fast"][0]
     assert abs(report["ratio_by_pair"][0] - expected) < 1e-2
     assert report["teacher"] == "resnet10t" and report["input_size"] == 32
+
+
+def test_ablation_cache_rows_hit_the_shared_cache_and_end_bit_identical_to_independent_runs():
+    # 2 rows x 4 passes of real runs: 10 training images (1PERCENT), 2 steps of 4 each; aot_eager compiles fast.
+    report = run_benchmark("ablation_cache.py", ["--rows", "2", "--teacher", "resnet10t", "--input-size", "32",
+                                                 "--batch-size", "4", "--subset", "1PERCENT", "--epochs", "1",
+                                                 "--threads", "1", "--compile-backend", "aot_eager", "--repeats", "1"])
+    for key in ("rows", "ratio", "warm_ratio", "compile_ratio", "ideal_ratio", "teacher_share", "teacher_ms",
+                "student_ms", "step_ms", "hit_rate", "warm_hit_rate", "identical", "row_seconds", "bytes_written",
+                "teacher", "student", "input_size", "batch_size", "epochs", "threads", "torch", "cpu"):
+        assert key in report
+    assert report["rows"] == 2 and report["identical"] is True
+    assert report["identical_rows"] == {"cold": [True, True], "warm": [True, True]}
+    assert report["steps_per_epoch"] == 2
+    # The first cold row computes both batches, the second reads them; the warm pass reads everything.
+    assert report["cache_counts"] == {"cold": [[0, 2], [2, 0]], "warm": [[2, 0], [2, 0]]}
+    assert report["hit_rate"] == 0.5 and report["warm_hit_rate"] == 1.0
+    assert report["bytes_written"] > 0 and report["warm_bytes_written"] == 0
+    assert all(len(report["row_seconds"][name]) == 2 for name in ("independent", "cold", "warm", "compiled"))
+    assert min(report["ratio"], report["warm_ratio"], report["compile_ratio"], report["ideal_ratio"]) > 0
+    assert len(report["compile_seconds"]) == 2
+    assert report["teacher"] == "resnet10t" and report["input_size"] == 32 and report["threads"] == 1
