@@ -15,8 +15,13 @@ from vkd.checkpoints import safe_torch_load, save_atomically
 from vkd.errors import CheckpointError
 from vkd.losses import feature_distillation_loss, features_and_logits, get_feature_loss, logit_distillation_loss
 from vkd.norms import get_normalisation
+from vkd.runs import cpu_model
 
 TeacherOutputs = Tuple[torch.Tensor, torch.Tensor]
+
+
+def _device_model(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} {cpu_model()}"
 
 
 def _hash_tensor(digest, tensor: torch.Tensor) -> None:
@@ -28,14 +33,16 @@ def _hash_tensor(digest, tensor: torch.Tensor) -> None:
 class TeacherCache:
     """The frozen teacher's (pooled features, logits) of each input batch, stored in ``folder`` under
     ``<key[:2]>/<key>.pt``, key = sha256 of the teacher's identity (its state dict's bytes and ``identity``:
-    architecture, input size, memory layout, AMP) and of the batch's bytes. Rows of an ablation that feed the
+    architecture, input size, memory layout, AMP), of what computes it (torch's version, the thread count, the
+    device's model: the last bits of a forward depend on them) and of the batch's bytes. Rows of an ablation that feed the
     teacher the same batches run it once. Entries hold exactly the tensors the teacher returned, so a hit gives
     the numbers of computing. Processes may share the folder; an unreadable or malformed entry is recomputed
     and rewritten. ``hits``, ``misses`` and ``bytes_written`` count since ``take_counts``.
     """
 
     def __init__(self, folder: str, teacher: nn.Module, identity: Mapping[str, object]):
-        digest = hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode())
+        computed_by = dict(torch=torch.__version__, threads=torch.get_num_threads())
+        digest = hashlib.sha256(json.dumps({**identity, **computed_by}, sort_keys=True).encode())
         for name, tensor in teacher.state_dict().items():
             digest.update(name.encode())
             _hash_tensor(digest, tensor)
@@ -50,6 +57,7 @@ class TeacherCache:
 
     def path(self, samples: torch.Tensor) -> str:
         digest = hashlib.sha256(self.teacher_digest)
+        digest.update(_device_model(samples.device).encode())
         _hash_tensor(digest, samples)
         key = digest.hexdigest()
         return os.path.join(self.folder, key[:2], f"{key}.pt")

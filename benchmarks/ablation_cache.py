@@ -19,7 +19,9 @@ of a shared host falls on the variants alike. Each cached row's final student we
 independent twin's bit for bit (``identical``). The teacher forward T and the student forward+backward S
 alone, at the same shapes (``train_step.TrainStep.component_ms``), give the ideal ratio of a perfect cache,
 K(T+S)/(T+K*S), against which ``ratio`` (independent / cold wall time, with each process's start-up and
-evaluation included) compares; ``teacher_step_share`` is T over a whole synthetic step (``TrainStep.step``).
+evaluation included) and ``train_ratio`` (the same for the training loops alone, from each run's log.txt)
+compare; ``teacher_step_share`` is T over a whole synthetic step (``TrainStep.step``). The rows evaluate
+once, after their last epoch.
 
 The default (4 rows of 2 epochs x 17 steps of 16 images at 64 px, RegNetY-160 teacher) is sized for
 under 15 minutes on 2 cores; the compiled pass is the longest, as its first row compiles the teacher.
@@ -170,7 +172,7 @@ def measure(args, work: str):
               "--student-model", args.student, "--teacher", args.teacher, "--teacher-path", teacher_path,
               "--alpha", "1", "--gamma", "1", "--seed", str(args.seed), "--threads", str(args.threads),
               "--deterministic", "--device", "cpu", "--num_workers", "0", "--no-student-ema", "--mixup", "0",
-              "--cutmix", "0", "--unscale-lr", "--print-freq", "1000000"]
+              "--cutmix", "0", "--unscale-lr", "--print-freq", "1000000", "--eval-freq", str(args.epochs)]
     pass_flags = {"independent": [], "cold": ["--teacher-cache", cache], "warm": ["--teacher-cache", cache],
                   "compiled": ["--compile", args.compile_backend]}
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
@@ -196,11 +198,16 @@ def measure(args, work: str):
     steps = re.search(r"\((\d+) iterations each", outputs["independent"][0])
     rows = args.rows
     total = {name: sum(seconds[name]) for name in PASSES}
+    # The training loops alone (log.txt's train_seconds), without each process's start-up and evaluation.
+    training = {name: sum(record["train_seconds"] for index in range(rows)
+                          for record in epoch_records(folders[name, index])) for name in PASSES}
     return {
         "rows": rows,
         "ratio": round(total["independent"] / total["cold"], 3),
         "warm_ratio": round(total["independent"] / total["warm"], 3),
         "compile_ratio": round(total["independent"] / total["compiled"], 3),
+        "train_ratio": round(training["independent"] / training["cold"], 3),
+        "train_warm_ratio": round(training["independent"] / training["warm"], 3),
         "ideal_ratio": round(rows * (teacher_ms + student_ms) / (teacher_ms + rows * student_ms), 3),
         "teacher_share": round(teacher_ms / (teacher_ms + student_ms), 4),
         "teacher_ms": round(teacher_ms, 1),
@@ -213,6 +220,7 @@ def measure(args, work: str):
         "identical_rows": identical,
         "row_seconds": {name: [round(value, 2) for value in seconds[name]] for name in PASSES},
         "total_seconds": {name: round(value, 2) for name, value in total.items()},
+        "train_seconds": {name: round(value, 2) for name, value in training.items()},
         "cache_counts": {name: [list(count[:2]) for count in counts[name]] for name in counts},
         "bytes_written": sum(count[2] for count in counts["cold"]),
         "warm_bytes_written": sum(count[2] for count in counts["warm"]),
@@ -241,7 +249,8 @@ def main(argv=None):
             shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(table(seconds))
-    print(f"ratio {report['ratio']} (ideal {report['ideal_ratio']}), warm {report['warm_ratio']}, "
+    print(f"ratio {report['ratio']} (ideal {report['ideal_ratio']}; training loops alone {report['train_ratio']}), "
+          f"warm {report['warm_ratio']}, "
           f"compiled {report['compile_ratio']}; hit rate {report['hit_rate']} cold, {report['warm_hit_rate']} warm; "
           f"identical {report['identical']}")
     print(json.dumps(report))

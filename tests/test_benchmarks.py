@@ -48,7 +48,7 @@ def test_ablation_cache_rows_hit_the_shared_cache_and_end_bit_identical_to_indep
     report = run_benchmark("ablation_cache.py", ["--rows", "2", "--teacher", "resnet10t", "--input-size", "32",
                                                  "--batch-size", "4", "--subset", "1PERCENT", "--epochs", "1",
                                                  "--threads", "1", "--compile-backend", "aot_eager", "--repeats", "1"])
-    for key in ("rows", "ratio", "warm_ratio", "compile_ratio", "ideal_ratio", "teacher_share", "teacher_ms",
+    for key in ("rows", "ratio", "warm_ratio", "compile_ratio", "train_ratio", "ideal_ratio", "teacher_share", "teacher_ms",
                 "student_ms", "step_ms", "hit_rate", "warm_hit_rate", "identical", "row_seconds", "bytes_written",
                 "teacher", "student", "input_size", "batch_size", "epochs", "threads", "torch", "cpu"):
         assert key in report

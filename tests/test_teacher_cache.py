@@ -113,6 +113,20 @@ def test_other_weights_or_another_input_size_never_hit_an_old_entry(tmp_path):
     assert len(entries(tmp_path)) == 3 * len(samples)
 
 
+def test_another_thread_count_never_hits_an_old_entry(tmp_path):
+    teacher, samples = tiny_teacher(), batches()
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            cache = TeacherCache(str(tmp_path), teacher, IDENTITY)
+            for sample in samples:
+                look_up(cache, teacher, sample)
+            assert cache.take_counts()[:2] == (0, len(samples))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def write_entries(folder, start):
     torch.set_num_threads(1)
     teacher = tiny_teacher()
