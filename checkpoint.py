@@ -28,7 +28,7 @@ RUN_DEFINING_FLAGS = (
     "--lr-noise-pct", "--lr-noise-std", "--unscale-lr", "--projector-weight-decay", "--clip-grad", "--alpha",
     "--gamma", "--temperature", "--normalisation", "--feature-loss", "--projector", "--smoothing", "--mixup",
     "--cutmix", "--seed", "--student-model", "--teacher", "--train-teacher", "--input-size", "--data-set",
-    "--subset",
+    "--subset", "--eval-head",
 )
 
 

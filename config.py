@@ -256,7 +256,8 @@ FEATURE_FLAGS = _flags("normalisation", "feature_loss", "projector", "orthogonal
 # keys the --config file sets itself; keys it takes from its base (a family's shared recipe) are not checked.
 NOT_APPLICABLE = (
     (lambda a: a.train_teacher, DISTILLATION_FLAGS, "--train-teacher trains with plain cross-entropy"),
-    (lambda a: a.train_teacher, _flags("student_model", "student_ckpt"), "--train-teacher trains the --teacher model"),
+    (lambda a: a.train_teacher, _flags("student_model", "student_ckpt", "eval_head"),
+     "--train-teacher trains the --teacher model"),
     (lambda a: not a.train_teacher and a.alpha == 0, FEATURE_FLAGS, "--alpha 0 turns feature distillation off"),
     (lambda a: not a.train_teacher and a.gamma == 0, _flags("temperature"), "--gamma 0 turns logit distillation off"),
     (lambda a: not a.train_teacher and a.alpha == 0 and a.gamma == 0, _flags("teacher_cache", "compile"),

@@ -2,6 +2,7 @@
 feature term on the projected student, with the frozen teacher owned here (DeiT's ``DistillationLoss`` shape),
 so the training loop is the same with and without distillation. The terms themselves live in ``vkd``.
 """
+import functools
 import hashlib
 import json
 import os
@@ -20,8 +21,12 @@ from vkd.runs import cpu_model
 TeacherOutputs = Tuple[torch.Tensor, torch.Tensor]
 
 
+@functools.lru_cache(maxsize=None)
 def _device_model(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} {cpu_model()}"
+    """The GPU's name, or the CPU's with the instruction set torch's kernels use on it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} {cpu_model()} {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _hash_tensor(digest, tensor: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from engine import evaluate, train_one_epoch
 from models.build import build, build_student, build_teacher_to_train
 from optim import build_lr_scheduler, build_optimizer, effective_lr
 from utils import init_runtime, load_student_checkpoint
-from vkd.checkpoints import first_line, require_room_for_checkpoints, save_atomically
+from vkd.checkpoints import first_line, require_room_for_checkpoints, safe_torch_load, save_atomically
 from vkd.cli import entry_point, fail
 from vkd.distributed import Runtime, is_communication_failure, main_process_decides
 from vkd.ema import ModelEMA, linear_momentum
@@ -37,8 +37,13 @@ def warn_unreadable(runtime: Runtime, count: int, what: str) -> None:
               file=sys.stderr, flush=True)
 
 
-def run_evaluation(args, runtime: Runtime, checkpoint_path: str, subject: str) -> None:
-    """Evaluate a checkpoint (released layout or ours) on the validation set; no teacher is built."""
+def run_evaluation(args, runtime: Runtime, checkpoint_path: str, subject: str, explicit) -> None:
+    """Evaluate a checkpoint (released layout or ours) on the validation set; no teacher is built. Without
+    --eval-head, a distilled student is evaluated on the head its training run evaluated on."""
+    if "eval_head" not in explicit and not args.train_teacher:
+        content = safe_torch_load(checkpoint_path)
+        saved = content.get("args") if isinstance(content, dict) else None
+        args.eval_head = saved.get("eval_head", args.eval_head) if isinstance(saved, dict) else args.eval_head
     data = datasets.data_args_from(args)
     dataset_val, nb_classes = datasets.build_dataset(False, data)
     model = build_teacher_to_train(args, nb_classes) if args.train_teacher else build_student(args, nb_classes)
@@ -233,12 +238,12 @@ def main(argv=None) -> None:
             fail(f"--{dest.replace('_', '-')} has no effect with a single process")
     try:
         if args.eval_student:
-            run_evaluation(args, runtime, args.student_ckpt, "the student network")
+            run_evaluation(args, runtime, args.student_ckpt, "the student network", explicit)
         elif args.eval:
             path = resolve_resume(args, LATEST)
             if path is None:
                 fail(f"--eval: no {LATEST} in {args.output_dir}")
-            run_evaluation(args, runtime, path, "the network")
+            run_evaluation(args, runtime, path, "the network", explicit)
         else:
             run_training(args, runtime, argv)
     except RuntimeError as error:

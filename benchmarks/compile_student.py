@@ -1,7 +1,8 @@
 """Where a torch.compile'd student's training time goes; print one JSON line.
 
-A training run calls the student on full batches, on the epoch's last, smaller batch, and in eval mode for
-validation. Each new batch size and the eval mode are new guards for torch.compile, so each compiles again.
+A training run calls the student on full batches, in eval mode for validation (whose last batch is smaller),
+and, with a loader that keeps it, on an epoch's last, smaller batch. Each new batch size and the eval mode
+are new guards for torch.compile, so each compiles again.
 This script times, on synthetic batches, the eager step, then the compiled student through that sequence:
 the first step (compiling), steady steps, the last partial batch, an eval call, and steps again. It also
 counts graphs and graph breaks (``torch._dynamo.explain``). Inductor's on-disk cache is pointed at a fresh

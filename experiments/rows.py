@@ -61,6 +61,7 @@ def trained_student(settings: dict, output_dir: str, num_classes: int) -> torch.
                                         teacher_path=settings["teacher_path"]).num_features
     student = models.create_student(settings["student_model"], num_classes=num_classes,
                                     img_size=settings["input_size"], teacher_dim=teacher_dim,
-                                    projector=settings["projector"])
+                                    projector=settings.get("projector", "orthogonal"),
+                                    eval_head=settings.get("eval_head", "mean"))
     load_student_checkpoint(student, os.path.join(output_dir, "latest.pth.tar"))
     return student.eval()

@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,9 @@ def run_jobs(jobs: Sequence[Job], force: bool, workers: int = 1, show_output: bo
         if job.name in records:
             report_progress(job)
     running: Dict[str, tuple] = {}
+    # A SIGTERM to the driver (a cluster, `kill`) ends it like Ctrl-C: the finally below stops the running jobs,
+    # which checkpoint and are continued by the next call.
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     try:
         while pending or running:
             while pending and len(running) < workers:
@@ -168,12 +172,17 @@ def run_jobs(jobs: Sequence[Job], force: bool, workers: int = 1, show_output: bo
                 records[name] = dict(record, reused=False)
                 report_progress(job)
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         for job, process, log, _ in running.values():
             process.terminate()
             process.wait()
             if log is not None:
                 log.close()
     return {job.name: records[job.name] for job in jobs}
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def write_report(folder: str, json_name: str, content: dict, page: Callable[[dict], str],

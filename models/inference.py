@@ -29,12 +29,13 @@ CONFIG_KEYS = ("architecture", "input_size", "num_classes", "class_names", "mean
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
 
-def build_student(architecture: str, num_classes: int, input_size: int) -> nn.Module:
-    """An inference student (eval mode, no projector)."""
+def build_student(architecture: str, num_classes: int, input_size: int, eval_head: str = "mean") -> nn.Module:
+    """An inference student (eval mode, no projector) whose logits come from ``eval_head`` (models.EVAL_HEADS)."""
     if input_size < 1:
         raise BadInput(f"the input size must be positive, got {input_size}")
     try:
-        return models.create_student(architecture, num_classes=num_classes, img_size=input_size).eval()
+        return models.create_student(architecture, num_classes=num_classes, img_size=input_size,
+                                     eval_head=eval_head).eval()
     except ValueError as error:  # an unknown name, an input size the stem cannot take
         raise BadInput(str(error)) from None
 
@@ -54,9 +55,11 @@ def class_names_for(stored: Optional[Sequence[str]], num_classes: int) -> List[s
 
 
 def _output_description(student: nn.Module) -> str:
-    if isinstance(student, DistilledVisionTransformer):
-        return "logits: the mean of the class and distillation heads' logits, as evaluation uses them"
-    return "logits"
+    if not isinstance(student, DistilledVisionTransformer):
+        return "logits"
+    if student.eval_head == "cls":
+        return "logits: the class head's (the run trained without logit distillation), as evaluation uses them"
+    return "logits: the mean of the class and distillation heads' logits, as evaluation uses them"
 
 
 def load_checkpoint_student(path: str, student_model: Optional[str] = None,
@@ -74,9 +77,10 @@ def load_checkpoint_student(path: str, student_model: Optional[str] = None,
         student_model = run_args.get("student_model", DEFAULT_STUDENT_MODEL)
     if input_size is None:
         input_size = int(run_args.get("input_size", DEFAULT_INPUT_SIZE))
-    student = build_student(student_model, num_classes, input_size)
+    eval_head = run_args.get("eval_head", "mean")
+    student = build_student(student_model, num_classes, input_size, eval_head)
     load_student_checkpoint(student, path)
-    config = dict(architecture=student_model, input_size=input_size, num_classes=num_classes,
+    config = dict(architecture=student_model, input_size=input_size, num_classes=num_classes, eval_head=eval_head,
                   class_names=class_names_for(content.get("class_names"), num_classes),
                   mean=list(datasets.IMAGENET_MEAN), std=list(datasets.IMAGENET_STD),
                   eval_crop_ratio=float(run_args.get("eval_crop_ratio", datasets.EVAL_CROP_RATIO)),
@@ -127,7 +131,9 @@ def load_exported_student(path: str) -> Tuple[nn.Module, dict]:
     """The student of a safetensors export, loaded strictly, in eval mode, and its config."""
     from safetensors.torch import load_file
     config = read_config(path)
-    student = build_student(config["architecture"], config["num_classes"], config["input_size"])
+    # Exports written before the eval head was recorded used the mean of both heads.
+    student = build_student(config["architecture"], config["num_classes"], config["input_size"],
+                            config.get("eval_head", "mean"))
     try:
         weights = load_file(path)
     # safetensors raises its own SafetensorError, or OSError, on a missing or malformed file.

@@ -146,8 +146,10 @@ def test_the_recorded_comparisons_come_back_from_the_per_seed_numbers():
         assert again["ci95"] == pytest.approx(comparison["ci95"])
         assert again["exceeds_noise"] == comparison["exceeds_noise"]
     assert [row["row"] for row in report["rows"]] == sorted(EXPECTED_ROWS)
-    assert fmnist.projector_collapsed(rows["row5_original_recipe"]) is True
-    assert fmnist.projector_collapsed(rows[fmnist.VKD]) is False
+    # Weight decay zeroes the original recipe's projector; VkD's stays an isometry (checked once each row ran).
+    for name, collapsed in (("row5_original_recipe", True), (fmnist.VKD, False)):
+        if rows[name]["seeds"]:
+            assert fmnist.projector_collapsed(rows[name]) is collapsed
 
 
 def test_a_page_with_missing_runs_names_them_and_no_machine_path():

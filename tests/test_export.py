@@ -151,3 +151,19 @@ def test_bad_input_is_one_line_and_exit_2(case, run_entry_point, tiny_student_fi
     assert code == 2
     assert re.fullmatch(f"error: .*{expected}.*\n", stderr), stderr  # one line
     assert not out.exists()
+
+
+def test_a_student_evaluated_on_its_cls_head_is_exported_with_that_head(run_entry_point, tiny_student_files, inputs,
+                                                                        tmp_path):
+    content = torch.load(tiny_student_files.ours, weights_only=True)
+    content["args"] = dict(content["args"], eval_head="cls")  # a --gamma 0 run evaluated with --eval-head cls
+    checkpoint = tmp_path / "cls_head.pth.tar"
+    torch.save(content, checkpoint)
+    out = tmp_path / "cls_head.safetensors"
+    code, _, stderr = run_entry_point(export, ["--checkpoint", checkpoint, "--format", "safetensors", "--out", out])
+    assert code == 0, stderr
+    student, config = load_exported_student(str(out))
+    assert config["eval_head"] == "cls" and "class head" in config["output"]
+    with torch.no_grad():
+        cls_token = tiny_student_files.student.forward_features(inputs)[0]
+        assert torch.equal(student(inputs), tiny_student_files.student.head(cls_token))

@@ -140,6 +140,25 @@ def test_eval_freq_evaluates_every_nth_epoch_and_the_last(run_main, train_flags,
     assert (tmp_path / "best.pth.tar").is_file()
 
 
+def test_evaluating_a_checkpoint_uses_the_head_its_run_evaluated_on(run_main, data_flags, tmp_path):
+    code, _, stderr = run_main(data_flags + ["--alpha", 0, "--gamma", 0, "--eval-head", "cls", "--epochs", 1,
+                                             "--output_dir", tmp_path / "run"])
+    assert code == 0, stderr
+    trained = read_log(tmp_path / "run")[-1]
+    checkpoint = tmp_path / "run" / "latest.pth.tar"
+    losses = {}
+    for flags, expected in (([], "cls"), (["--eval-head", "mean"], "mean")):
+        output_dir = tmp_path / f"eval_{expected}"
+        code, _, stderr = run_main(data_flags + ["--eval-student", "--student-ckpt", checkpoint, "--output_dir",
+                                                 output_dir] + flags)
+        assert code == 0, stderr
+        with open(output_dir / "eval_results.json") as handle:
+            results = json.load(handle)
+        assert results["args"]["eval_head"] == expected
+        losses[expected] = results["loss"]
+    assert losses["cls"] == pytest.approx(trained["val_loss"]) and losses["mean"] != pytest.approx(losses["cls"])
+
+
 @torch.no_grad()
 def test_eval_head_cls_evaluates_on_the_cls_head_alone():
     torch.manual_seed(0)
