@@ -12,10 +12,10 @@ TINY = ["--teacher", "resnet10t", "--batch-size", "2", "--input-size", "32"]
 pytestmark = pytest.mark.slow  # each benchmark runs end to end in subprocesses
 
 
-def run_benchmark(script, flags):
+def run_benchmark(script, flags, timeout=300):
     environment = {**os.environ, "PYTHONPATH": ROOT}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script)] + flags, cwd=ROOT,
-                            env=environment, capture_output=True, text=True, timeout=300)
+                            env=environment, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -47,7 +47,8 @@ def test_ablation_cache_rows_hit_the_shared_cache_and_end_bit_identical_to_indep
     # 2 rows x 4 passes of real runs: 10 training images (1PERCENT), 2 steps of 4 each; aot_eager compiles fast.
     report = run_benchmark("ablation_cache.py", ["--rows", "2", "--teacher", "resnet10t", "--input-size", "32",
                                                  "--batch-size", "4", "--subset", "1PERCENT", "--epochs", "1",
-                                                 "--threads", "1", "--compile-backend", "aot_eager", "--repeats", "1"])
+                                                 "--threads", "1", "--compile-backend", "aot_eager", "--repeats", "1"],
+                           timeout=900)  # eight training processes: minutes on busy cores
     for key in ("rows", "ratio", "warm_ratio", "compile_ratio", "train_ratio", "ideal_ratio", "teacher_share", "teacher_ms",
                 "student_ms", "step_ms", "hit_rate", "warm_hit_rate", "identical", "row_seconds", "bytes_written",
                 "teacher", "student", "input_size", "batch_size", "epochs", "threads", "torch", "cpu"):
