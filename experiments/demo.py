@@ -34,6 +34,7 @@ from experiments.stats import (
     wilson_interval,
 )
 from vkd.cli import entry_point
+from vkd.errors import BadInput
 from vkd.runs import cpu_model
 
 CONFIGS = os.path.join("configs", "demo")
@@ -158,6 +159,9 @@ def build_summary(logs: Dict[str, List[dict]], records: Dict[str, dict], seconds
     n = logs["vkd"][-1]["val_images"]
     runs = {}
     for name, epochs in logs.items():
+        if not all("val_acc1" in epoch for epoch in epochs):
+            raise BadInput(f"the {name} run skipped evaluations; the demo's report needs top-1 after every epoch "
+                           f"(eval_freq: 1 in {CONFIGS}/common.yaml)")
         acc1 = epochs[-1]["val_acc1"]
         runs[name] = {"acc1": acc1, "acc5": epochs[-1]["val_acc5"], "seconds": records[name]["seconds"],
                       "acc1_interval95": [round(v, 2) for v in wilson_interval(correct_count(acc1, n), n)]}

@@ -5,12 +5,12 @@ import os
 from typing import List, Optional, Sequence
 
 import torch
-import yaml
 
 import models
 from experiments.runner import Job, epoch_log
 from experiments.stats import mean_and_std
 from utils import load_student_checkpoint
+from vkd.config import config_settings
 
 
 def row_configs(folder: str) -> List[dict]:
@@ -18,12 +18,9 @@ def row_configs(folder: str) -> List[dict]:
     rows = []
     for path in sorted(glob.glob(os.path.join(folder, "row*.yaml"))):
         with open(path) as handle:
-            text = handle.read()
-        settings = yaml.safe_load(text)
-        with open(os.path.join(folder, settings.pop("base"))) as handle:
-            resolved = {**yaml.safe_load(handle), **settings}
-        rows.append({"name": os.path.basename(path)[:-len(".yaml")], "path": path,
-                     "title": text.splitlines()[0].lstrip("# "), "settings": resolved})
+            title = handle.readline().lstrip("# ").rstrip("\n")
+        rows.append({"name": os.path.basename(path)[:-len(".yaml")], "path": path, "title": title,
+                     "settings": config_settings(path)})
     return rows
 
 

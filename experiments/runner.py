@@ -1,11 +1,13 @@
 """The one job runner of the experiments.
 
 A job is one run of an entry point (``main_distributed.py``, or ``python -m generation.main``): a config
-file plus overrides, writing to its own output folder. A job that finished holds DONE_MARKER (its command
-and wall seconds, written only after the process exited cleanly) and is reused; FORCE=1 in the environment
-reruns it. A job that was interrupted starts again from scratch, or, if it is resumable, continues with
-``--resume auto``.
+file plus overrides, writing to its own output folder. A job that finished holds DONE_MARKER (its command,
+a checksum of its config's settings and its wall seconds, written only after the process exited cleanly)
+and is reused while its command and settings stay the same; FORCE=1 in the environment reruns it. A job
+that was interrupted starts again from scratch, or, if it is resumable, continues with ``--resume auto``;
+the seconds of a resumable job that the runner stopped count towards its wall time.
 """
+import hashlib
 import json
 import os
 import shlex
@@ -18,11 +20,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-from vkd.errors import RunFailed
-from vkd.runs import cpu_model
+from vkd.config import config_settings
+from vkd.errors import BadInput, RunFailed
+from vkd.runs import cpu_model, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DONE_MARKER = "job_done.json"
+STOPPED_MARKER = "job_stopped.json"  # the seconds a resumable job ran before the runner stopped it
 # Each entry point: what follows the interpreter, and its flag for the output folder.
 ENTRY_POINTS = {"classification": (["main_distributed.py"], "--output_dir"),
                 "generation": (["-m", "generation.main"], "--output-dir")}
@@ -84,13 +88,37 @@ class Job:
         """Where the job's stdout and stderr go, beside (not in) its output folder."""
         return os.path.normpath(self.output_dir) + ".log"
 
+    def settings_sha256(self) -> Optional[str]:
+        """A checksum of what the config file sets over its base chain (not of its comments); None without one."""
+        if self.config is None:
+            return None
+        settings = json.dumps(config_settings(self.config), sort_keys=True, default=str)
+        return hashlib.sha256(settings.encode()).hexdigest()
+
     def finished(self) -> bool:
         return os.path.isfile(os.path.join(self.output_dir, DONE_MARKER))
 
     def done_record(self) -> dict:
-        """{"command", "seconds"} of the finished job."""
+        """{"command", "settings_sha256", "seconds"} of the finished job. A job finished with another command or
+        other config settings than it has now is refused (BadInput), so old results never pass for new ones."""
         with open(os.path.join(self.output_dir, DONE_MARKER)) as handle:
-            return json.load(handle)
+            record = json.load(handle)
+        same_command = shlex.split(record.get("command", ""))[1:] == self.command()[1:]
+        if not same_command or record.get("settings_sha256") != self.settings_sha256():
+            raise BadInput(f"{self.output_dir} holds a run of another command or config than "
+                           f"`{self.shell_command()}`: delete or move that folder to run it again")
+        return record
+
+    def stopped_seconds(self) -> float:
+        """The seconds this job ran before the runner stopped it (0 if it never did)."""
+        path = os.path.join(self.output_dir, STOPPED_MARKER)
+        if not os.path.isfile(path):
+            return 0.0
+        with open(path) as handle:
+            return json.load(handle)["seconds"]
+
+    def record_stopped(self, seconds: float) -> None:
+        write_json(os.path.join(self.output_dir, STOPPED_MARKER), {"seconds": round(self.stopped_seconds() + seconds, 1)})
 
 
 def epoch_log(output_dir: str) -> List[dict]:
@@ -165,19 +193,21 @@ def run_jobs(jobs: Sequence[Job], force: bool, workers: int = 1, show_output: bo
                         print(f"last lines of {job.log_path}:\n{_log_tail(job.log_path)}", file=sys.stderr)
                     raise RunFailed(f"{name} failed (exit {process.returncode})"
                                     + ("" if show_output else f"; its output is in {job.log_path}"))
-                record = {"command": job.shell_command(), "seconds": round(time.time() - job_started, 1)}
                 os.makedirs(job.output_dir, exist_ok=True)
-                with open(os.path.join(job.output_dir, DONE_MARKER), "w") as handle:
-                    json.dump(record, handle, indent=1)
+                record = {"command": job.shell_command(), "settings_sha256": job.settings_sha256(),
+                          "seconds": round(job.stopped_seconds() + time.time() - job_started, 1)}
+                write_json(os.path.join(job.output_dir, DONE_MARKER), record)
                 records[name] = dict(record, reused=False)
                 report_progress(job)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        for job, process, log, _ in running.values():
+        for job, process, log, job_started in running.values():
             process.terminate()
             process.wait()
             if log is not None:
                 log.close()
+            if job.resumable and os.path.isdir(job.output_dir):
+                job.record_stopped(time.time() - job_started)
     return {job.name: records[job.name] for job in jobs}
 
 

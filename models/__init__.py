@@ -102,14 +102,16 @@ def create_teacher(name: str, num_classes: Optional[int] = None, teacher_path: O
         teacher.weights = {"source": f"timm:{pretrained_name(name)}"}
     else:
         state_dict = load_state_dict_file(teacher_path, preferred_keys=("model", "state_dict"))
-        teacher = timm.create_model(name, pretrained=False, **kwargs)
+        # Built once with the class count asked for (a large teacher takes seconds to build); without one, again
+        # with the file's if the default differs.
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        teacher = timm.create_model(name, pretrained=False, **extra, **kwargs)
         head_key = _classifier_weight_key(teacher)
         file_classes = int(state_dict[head_key].shape[0]) if head_key in state_dict else None
         if num_classes is not None and file_classes is not None and file_classes != num_classes:
             raise TeacherError(f"teacher file {teacher_path} has {file_classes} classes, {num_classes} expected")
-        wanted = num_classes if num_classes is not None else file_classes
-        if wanted is not None and wanted != teacher.num_classes:
-            teacher = timm.create_model(name, pretrained=False, num_classes=wanted, **kwargs)
+        if num_classes is None and file_classes is not None and file_classes != teacher.num_classes:
+            teacher = timm.create_model(name, pretrained=False, num_classes=file_classes, **kwargs)
         strict_load(teacher, state_dict, teacher_path)
         teacher.weights = {"source": os.path.abspath(teacher_path), "sha256": file_sha256(teacher_path)}
     teacher.eval()

@@ -62,5 +62,11 @@ def test_ablation_cache_rows_hit_the_shared_cache_and_end_bit_identical_to_indep
     assert report["bytes_written"] > 0 and report["warm_bytes_written"] == 0
     assert all(len(report["row_seconds"][name]) == 2 for name in ("independent", "cold", "warm", "compiled"))
     assert min(report["ratio"], report["warm_ratio"], report["compile_ratio"], report["ideal_ratio"]) > 0
+    # The student step is what a perfect cache leaves of the whole step; the ideal follows from it.
+    teacher, student = report["teacher_ms"], report["student_ms"]
+    assert student == pytest.approx(report["step_ms"] - teacher, abs=0.15)
+    assert report["ideal_ratio"] == pytest.approx(2 * (teacher + student) / (teacher + 2 * student), abs=0.01)
+    assert report["teacher_share"] == pytest.approx(teacher / report["step_ms"], abs=1e-3)
+    assert report["ratio_of_ideal"] == pytest.approx(report["ratio"] / report["ideal_ratio"], abs=0.01)
     assert len(report["compile_seconds"]) == 2
     assert report["teacher"] == "resnet10t" and report["input_size"] == 32 and report["threads"] == 1

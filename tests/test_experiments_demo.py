@@ -9,6 +9,7 @@ import yaml
 from config import check_arguments, parse_arguments
 from experiments import demo
 from experiments.stats import two_proportion_p_value
+from vkd.errors import BadInput
 
 N = 360
 
@@ -102,7 +103,7 @@ def test_every_demo_run_is_accepted_pinned_and_repeatable(tmp_path):
         assert job.threads == demo.THREADS and job.reuse_finished == (job.name == "teacher")
         args, explicit = parse_arguments(["--config", job.config, "--output_dir", str(tmp_path / job.name)])
         check_arguments(args, explicit)
-        assert args.seed == 0 and args.deterministic and args.threads == demo.THREADS
+        assert args.seed == 0 and args.deterministic and args.threads == demo.THREADS and args.eval_freq == 1
         parsed[job.name] = args
     assert parsed["teacher"].train_teacher and parsed["teacher"].teacher == demo.TEACHER
     baseline, vkd = parsed["baseline"], parsed["vkd"]
@@ -146,6 +147,13 @@ def test_summary_holds_the_numbers_and_a_verdict_made_from_them():
     assert summary["comparison"]["learned_faster"] == "vkd" and not summary["comparison"]["final_beyond_noise"]
     assert summary["verdict"] == demo.verdict({"baseline": baseline, "vkd": vkd}, summary["comparison"], N)
     assert summary["thresholds"] == [85, 90] and summary["machine"] == MACHINE
+
+
+def test_a_log_with_skipped_evaluations_is_refused():
+    skipping = dict(LOGS, vkd=[{key: value for key, value in epoch.items() if not key.startswith("val_")}
+                               if epoch["epoch"] == 3 else epoch for epoch in LOGS["vkd"]])
+    with pytest.raises(BadInput, match="the vkd run skipped evaluations.*eval_freq: 1"):
+        demo.build_summary(skipping, RECORDS, 30.0, MACHINE)
 
 
 def test_the_table_shows_the_summarys_numbers():

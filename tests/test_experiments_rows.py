@@ -30,16 +30,18 @@ def test_a_rows_job_is_its_config_and_seed():
 
 
 def finish(job, accuracies, seconds):
+    """What the runner leaves of a finished job: the log and the done marker."""
     os.makedirs(job.output_dir)
     with open(os.path.join(job.output_dir, "log.txt"), "w") as handle:
         handle.writelines(json.dumps({"epoch": epoch, "val_acc1": acc1}) + "\n"
                           for epoch, acc1 in enumerate(accuracies))
     with open(os.path.join(job.output_dir, DONE_MARKER), "w") as handle:
-        json.dump({"command": f"python main_distributed.py {job.name}", "seconds": seconds}, handle)
+        json.dump({"command": job.shell_command(), "settings_sha256": job.settings_sha256(), "seconds": seconds}, handle)
 
 
 def test_a_row_is_summarised_over_the_seeds_that_finished(tmp_path):
-    row = {"name": "row1_x", "path": "configs/x/row1_x.yaml", "title": "1. X", "settings": {"alpha": 0.0}}
+    (tmp_path / "row1_x.yaml").write_text("alpha: 0.0\n")
+    row = {"name": "row1_x", "path": str(tmp_path / "row1_x.yaml"), "title": "1. X", "settings": {"alpha": 0.0}}
     out = str(tmp_path / "runs")
     finish(rows.row_job(row, 0, out), [50.0, 90.0], 10.0)
     finish(rows.row_job(row, 2, out), [60.0, 92.0], 12.5)
@@ -50,7 +52,8 @@ def test_a_row_is_summarised_over_the_seeds_that_finished(tmp_path):
     assert summary["seeds"] == [0, 2] and summary["acc1_per_seed"] == [90.0, 92.0]
     assert summary["acc1_mean"] == pytest.approx(91.0) and summary["acc1_std"] == pytest.approx(2 ** 0.5)
     assert summary["seconds_per_run"] == [10.0, 12.5] and summary["seconds"] == pytest.approx(22.5)
-    assert summary["commands"] == ["python main_distributed.py row1_x/seed0", "python main_distributed.py row1_x/seed2"]
+    assert summary["commands"] == [rows.row_job(row, seed, out).shell_command() for seed in (0, 2)]
+    assert "--seed 2" in summary["commands"][1]
     assert summary["extra"] == [1, 2] and summary["settings"] == {"alpha": 0.0}
     lonely = rows.summarise(row, runs[:1])
     assert lonely["acc1_mean"] == 90.0 and lonely["acc1_std"] is None

@@ -2,13 +2,16 @@
 stand-in entry point (a few lines of Python, no training)."""
 import json
 import os
+import signal
 import sys
+import threading
+import time
 
 import pytest
 
 from experiments import runner
 from experiments.runner import Job, run_jobs
-from vkd.errors import RunFailed
+from vkd.errors import BadInput, RunFailed
 
 # Records each call in calls.txt beside the output folders, writes its arguments and OMP_NUM_THREADS to the
 # output folder, and with --fail prints a few lines and exits 3.
@@ -20,6 +23,9 @@ with open(os.path.join(os.path.dirname(out), "calls.txt"), "a") as handle:
 os.makedirs(out, exist_ok=True)
 with open(os.path.join(out, "call.json"), "w") as handle:
     json.dump({"argv": sys.argv[1:], "threads": os.environ.get("OMP_NUM_THREADS")}, handle)
+if "--sleep" in sys.argv:
+    import time
+    time.sleep(float(sys.argv[sys.argv.index("--sleep") + 1]))
 if "--fail" in sys.argv:
     print("\\n".join(f"line {i}" for i in range(8)))
     sys.exit(3)
@@ -78,13 +84,45 @@ def test_finished_jobs_are_reused_and_force_reruns_them(fake_entry_point, capsys
     assert calls() == ["a", "b"]
     for one in jobs:
         assert one.finished() and first[one.name]["reused"] is False and first[one.name]["seconds"] >= 0
-        assert one.done_record() == {"command": one.shell_command(), "seconds": first[one.name]["seconds"]}
+        assert one.done_record() == {"command": one.shell_command(), "settings_sha256": None,
+                                     "seconds": first[one.name]["seconds"]}
     again = run_jobs(jobs, force=False)
     assert calls() == ["a", "b"] and all(record["reused"] for record in again.values())
     assert again["a"]["seconds"] == first["a"]["seconds"]  # reused jobs keep their measured time
     assert "[2/2] b: reused" in capsys.readouterr().out
     run_jobs(jobs, force=True)
     assert calls() == ["a", "b", "a", "b"]
+
+
+def test_a_finished_job_of_another_command_or_config_is_refused_not_reused(fake_entry_point, tmp_path):
+    job, calls = fake_entry_point
+    config = tmp_path / "row.yaml"
+    config.write_text("# first title\nepochs: 3\n")
+    run_jobs([job("a", config=str(config), overrides=["--seed", "0"])], force=False)
+    config.write_text("# the title reworded\nepochs: 3  # a comment\n")  # the same settings: reused
+    assert run_jobs([job("a", config=str(config), overrides=["--seed", "0"])], force=False)["a"]["reused"]
+    for changed in (dict(config=str(config), overrides=["--seed", "1"]), dict(overrides=["--seed", "0"])):
+        with pytest.raises(BadInput, match=r"runs/a holds a run of another command or config .* delete or move"):
+            run_jobs([job("a", **changed)], force=False)
+    config.write_text("epochs: 4\n")
+    with pytest.raises(BadInput, match="another command or config"):
+        run_jobs([job("a", config=str(config), overrides=["--seed", "0"])], force=False)
+    assert calls() == ["a"]  # nothing rerun, nothing deleted
+    assert run_jobs([job("a", config=str(config), overrides=["--seed", "0"])], force=True)["a"]["reused"] is False
+
+
+def test_a_resumable_job_stopped_by_the_runner_counts_its_earlier_seconds(fake_entry_point):
+    job, calls = fake_entry_point
+    slow = job("slow", overrides=["--sleep", "30"], resumable=True)
+    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs([slow], force=False)
+    assert time.time() - started < 10 and not slow.finished()
+    assert 1.0 <= slow.stopped_seconds() <= 10
+    quick = job("slow", overrides=["--sleep", "0"], resumable=True)
+    seconds = run_jobs([quick], force=False)["slow"]["seconds"]
+    assert seconds >= slow.stopped_seconds() and quick.done_record()["seconds"] == seconds
 
 
 def test_an_interrupted_job_starts_over_unless_resumable(fake_entry_point):

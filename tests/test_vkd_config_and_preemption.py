@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vkd.config import OneLineErrorParser, parse_with_config
+from vkd.config import OneLineErrorParser, config_settings, parse_with_config
 from vkd.errors import BadInput
 from vkd.preemption import StopRequest, rng_states, set_rng_states
 
@@ -31,6 +31,16 @@ def test_yaml_sets_defaults_the_command_line_overrides_and_the_file_s_own_keys_a
     args, explicit, from_file = parse_with_config(parser(), ["--config", str(tmp_path / "run.yaml"), "--epochs", "7"])
     assert (args.epochs, args.lr, args.ema, args.betas, args.mode) == (7, 5e-4, True, [0.8, 0.9], "b")
     assert explicit == {"config", "epochs"} and from_file == {"lr", "ema", "betas"}
+
+
+def test_config_settings_are_a_file_over_its_base_chain_whatever_its_comments(tmp_path):
+    (tmp_path / "common.yaml").write_text("epochs: 5\nmode: b\n")
+    (tmp_path / "family.yaml").write_text("base: common.yaml\nmode: a\nlr: 1.0e-3\n")
+    (tmp_path / "row.yaml").write_text("# a title\nbase: family.yaml\nlr: 2.0e-3  # faster\n")
+    assert config_settings(str(tmp_path / "row.yaml")) == {"epochs": 5, "mode": "a", "lr": 2e-3}
+    (tmp_path / "common.yaml").write_text("base: row.yaml\n")
+    with pytest.raises(BadInput, match="refers back to itself"):
+        config_settings(str(tmp_path / "row.yaml"))
 
 
 @pytest.mark.parametrize("text, message", [

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from vkd.errors import BadInput, CheckpointError, RunFailed
+from vkd.errors import OUT_OF_SPACE, BadInput, CheckpointError, RunFailed
 
 DDP_PREFIX = "module."
 MAX_KEYS_IN_MESSAGE = 5
@@ -205,7 +205,7 @@ def _out_of_space(error: BaseException) -> bool:
     # torch.save reports a full disk as its own RuntimeError ("unexpected pos ..."), with the ENOSPC OSError
     # only in the chain; a plain write reports it directly.
     while error is not None:
-        if isinstance(error, OSError) and error.errno in (28, 122):  # ENOSPC, EDQUOT (a quota)
+        if isinstance(error, OSError) and error.errno in OUT_OF_SPACE:
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -5,7 +5,7 @@ length), be one of the flag's choices, and appear once. ``base: FILE.yaml`` (a s
 supplies defaults that the file overrides, so a family of configs states its shared recipe once."""
 import argparse
 import os
-from typing import Dict, Set, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 import yaml
 
@@ -115,16 +115,28 @@ def _actions_by_destination(parser: argparse.ArgumentParser) -> Dict[str, argpar
     return actions
 
 
-def config_file_defaults(parser: argparse.ArgumentParser, path: str, chain: Tuple[str, ...] = ()) -> Dict[str, object]:
-    """The defaults ``path`` (and its ``base`` chain) sets, by destination, each checked against its flag."""
+def _read_config(path: str, chain: Tuple[str, ...]) -> Tuple[dict, Optional[str]]:
+    """(the keys ``path`` sets itself, the path of its ``base`` or None); ``chain``: the files that led here."""
     if os.path.abspath(path) in chain:
         raise BadInput(f"config {path}: 'base' refers back to itself through {' -> '.join(chain)}")
     config = _read_yaml(path)
     base = config.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise BadInput(f"config {path}: base must be one file name (a string), got {base!r}")
-    defaults = (config_file_defaults(parser, os.path.join(os.path.dirname(path), base), chain + (os.path.abspath(path),))
-                if base else {})
+    return config, os.path.join(os.path.dirname(path), base) if base else None
+
+
+def config_settings(path: str, chain: Tuple[str, ...] = ()) -> dict:
+    """What ``path`` sets over its ``base`` chain, keys as written and values unchecked: the file's meaning,
+    whatever its comments and layout."""
+    config, base = _read_config(path, chain)
+    return {**(config_settings(base, chain + (os.path.abspath(path),)) if base else {}), **config}
+
+
+def config_file_defaults(parser: argparse.ArgumentParser, path: str, chain: Tuple[str, ...] = ()) -> Dict[str, object]:
+    """The defaults ``path`` (and its ``base`` chain) sets, by destination, each checked against its flag."""
+    config, base = _read_config(path, chain)
+    defaults = config_file_defaults(parser, base, chain + (os.path.abspath(path),)) if base else {}
     actions = _actions_by_destination(parser)
     for key, value in config.items():
         dest = str(key).lstrip("-").replace("-", "_")

@@ -4,6 +4,9 @@ Library code raises these; only an entry point's ``main()`` (through ``vkd.cli.e
 them into one ``error:`` line and an exit code: 2 for bad input (found before or during work: a flag,
 a file, a data set), 1 for a run that could not go on (a non-finite loss, a dead rank, a full disk).
 """
+import errno
+
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, a full quota
 
 
 class VkDError(Exception):
