@@ -32,6 +32,7 @@ ENTRY_POINTS = {"classification": (["main_distributed.py"], "--output_dir"),
                 "generation": (["-m", "generation.main"], "--output-dir")}
 LOG_TAIL_LINES = 5
 POLL_SECONDS = 0.2
+RESUME = ["--resume", "auto"]  # what a resumable job's command ends with
 
 
 def force_requested() -> bool:
@@ -56,6 +57,11 @@ def thread_environment(threads: int) -> Dict[str, str]:
     return environment
 
 
+def _defining(arguments: List[str]) -> List[str]:
+    """A job's arguments without the runner's ``--resume auto``, which continues a run without changing it."""
+    return arguments[:-len(RESUME)] if arguments[-len(RESUME):] == RESUME else arguments
+
+
 def hardware_description() -> str:
     return f"{len(os.sched_getaffinity(0))} cores of {cpu_model()}, no GPU"
 
@@ -77,7 +83,7 @@ class Job:
     def command(self) -> List[str]:
         program, output_flag = ENTRY_POINTS[self.entry_point]
         config = ["--config", self.config] if self.config else []
-        resume = ["--resume", "auto"] if self.resumable else []
+        resume = RESUME if self.resumable else []
         return [sys.executable, *program, *config, *self.overrides, output_flag, self.output_dir, *resume]
 
     def shell_command(self) -> str:
@@ -103,7 +109,7 @@ class Job:
         other config settings than it has now is refused (BadInput), so old results never pass for new ones."""
         with open(os.path.join(self.output_dir, DONE_MARKER)) as handle:
             record = json.load(handle)
-        same_command = shlex.split(record.get("command", ""))[1:] == self.command()[1:]
+        same_command = _defining(shlex.split(record.get("command", ""))[1:]) == _defining(self.command()[1:])
         if not same_command or record.get("settings_sha256") != self.settings_sha256():
             raise BadInput(f"{self.output_dir} holds a run of another command or config than "
                            f"`{self.shell_command()}`: delete or move that folder to run it again")

@@ -109,6 +109,8 @@ def test_a_finished_job_of_another_command_or_config_is_refused_not_reused(fake_
         run_jobs([job("a", config=str(config), overrides=["--seed", "0"])], force=False)
     assert calls() == ["a"]  # nothing rerun, nothing deleted
     assert run_jobs([job("a", config=str(config), overrides=["--seed", "0"])], force=True)["a"]["reused"] is False
+    # --resume auto continues a run without changing it: a job made resumable since it finished is the same job
+    assert run_jobs([job("a", config=str(config), overrides=["--seed", "0"], resumable=True)], force=False)["a"]["reused"]
 
 
 def test_a_resumable_job_stopped_by_the_runner_counts_its_earlier_seconds(fake_entry_point):
