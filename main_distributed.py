@@ -21,7 +21,7 @@ from config import AMP_DTYPES, check_arguments, parse_arguments
 from engine import evaluate, train_one_epoch
 from models.build import build, build_student, build_teacher_to_train
 from optim import build_lr_scheduler, build_optimizer, effective_lr
-from utils import init_runtime, load_student_checkpoint
+from utils import init_runtime, load_student_checkpoint, saved_run_args
 from vkd.checkpoints import first_line, require_room_for_checkpoints, safe_torch_load, save_atomically
 from vkd.cli import entry_point, fail
 from vkd.distributed import Runtime, is_communication_failure, main_process_decides
@@ -40,14 +40,13 @@ def warn_unreadable(runtime: Runtime, count: int, what: str) -> None:
 def run_evaluation(args, runtime: Runtime, checkpoint_path: str, subject: str, explicit) -> None:
     """Evaluate a checkpoint (released layout or ours) on the validation set; no teacher is built. Without
     --eval-head, a distilled student is evaluated on the head its training run evaluated on."""
+    content = safe_torch_load(checkpoint_path)
     if "eval_head" not in explicit and not args.train_teacher:
-        content = safe_torch_load(checkpoint_path)
-        saved = content.get("args") if isinstance(content, dict) else None
-        args.eval_head = saved.get("eval_head", args.eval_head) if isinstance(saved, dict) else args.eval_head
+        args.eval_head = saved_run_args(content).get("eval_head", args.eval_head)
     data = datasets.data_args_from(args)
     dataset_val, nb_classes = datasets.build_dataset(False, data)
     model = build_teacher_to_train(args, nb_classes) if args.train_teacher else build_student(args, nb_classes)
-    load_student_checkpoint(model, checkpoint_path)
+    load_student_checkpoint(model, checkpoint_path, content)
     model.to(runtime.device)
     loader = datasets.build_val_loader(data, dataset_val, args.dist_eval and runtime.distributed, runtime.rank,
                                        runtime.world_size)

@@ -5,7 +5,7 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from vkd.checkpoints import load_state_dict_file, strict_load, strip_ddp_prefix
+from vkd.checkpoints import safe_torch_load, state_dict_in, strict_load, strip_ddp_prefix
 from vkd.distributed import Runtime, start_processes
 from vkd.errors import BadInput
 from vkd.reproducibility import configure_determinism
@@ -32,17 +32,27 @@ def init_runtime(args, explicit) -> Runtime:
     return runtime
 
 
-def load_student_checkpoint(student: nn.Module, path: str) -> Dict[str, torch.Tensor]:
+def load_student_checkpoint(student: nn.Module, path: str, content: object = None) -> Dict[str, torch.Tensor]:
     """Load a released VkD checkpoint (``'student'`` with ``module.`` keys), one of ours, or a bare state dict.
 
     Strict: the only keys skipped are ``projector.*`` when the student has no projector (evaluation
-    does not need it). Returns the state dict that was loaded.
+    does not need it). ``content``: the file as ``safe_torch_load(path)`` returned it, when the caller has
+    read it already. Returns the state dict that was loaded.
     """
-    state_dict = strip_ddp_prefix(load_state_dict_file(path, preferred_keys=("student", "model", "state_dict")))
+    if content is None:
+        content = safe_torch_load(path)
+    state_dict = strip_ddp_prefix(state_dict_in(content, path, preferred_keys=("student", "model", "state_dict")))
     if getattr(student, "projector", None) is None:
         state_dict = {key: value for key, value in state_dict.items() if not key.startswith(PROJECTOR_PREFIX)}
     strict_load(student, state_dict, path, hint=_shape_hint)
     return state_dict
+
+
+def saved_run_args(content: object) -> dict:
+    """The arguments of the training run that wrote a checkpoint of ours (``content``, the loaded file); {} for
+    other files (the released checkpoints keep none)."""
+    run_args = content.get("args") if isinstance(content, Mapping) else None
+    return run_args if isinstance(run_args, dict) else {}
 
 
 def _shape_hint(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:

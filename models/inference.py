@@ -17,8 +17,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 import datasets
 import models
 from models.deit import DistilledVisionTransformer
-from utils import load_student_checkpoint
-from vkd.checkpoints import first_line, load_state_dict_file, safe_torch_load, strict_load, strip_ddp_prefix
+from utils import load_student_checkpoint, saved_run_args
+from vkd.checkpoints import first_line, safe_torch_load, state_dict_in, strict_load, strip_ddp_prefix
 from vkd.errors import BadInput, CheckpointError
 
 DEFAULT_STUDENT_MODEL, DEFAULT_INPUT_SIZE = "deit_ti_distilled", 224
@@ -67,19 +67,19 @@ def load_checkpoint_student(path: str, student_model: Optional[str] = None,
     """The student of a checkpoint (ours or the released layout), in eval mode without its projector, and its
     config. The class count is the head's; the architecture and input size are the arguments given, else the
     training run's (our checkpoints keep them), else deit_ti_distilled at 224 px."""
-    weights = strip_ddp_prefix(load_state_dict_file(path))  # also checks that the file holds a mapping
+    content = safe_torch_load(path)
+    weights = strip_ddp_prefix(state_dict_in(content, path))  # also checks that the file holds a mapping
     if HEAD_WEIGHT not in weights:
         raise CheckpointError(f"{path} has no {HEAD_WEIGHT}: not a student checkpoint")
     num_classes = int(weights[HEAD_WEIGHT].shape[0])
-    content = safe_torch_load(path)
-    run_args = content.get("args") if isinstance(content.get("args"), dict) else {}
+    run_args = saved_run_args(content)
     if student_model is None:
         student_model = run_args.get("student_model", DEFAULT_STUDENT_MODEL)
     if input_size is None:
         input_size = int(run_args.get("input_size", DEFAULT_INPUT_SIZE))
     eval_head = run_args.get("eval_head", "mean")
     student = build_student(student_model, num_classes, input_size, eval_head)
-    load_student_checkpoint(student, path)
+    load_student_checkpoint(student, path, content)
     config = dict(architecture=student_model, input_size=input_size, num_classes=num_classes, eval_head=eval_head,
                   class_names=class_names_for(content.get("class_names"), num_classes),
                   mean=list(datasets.IMAGENET_MEAN), std=list(datasets.IMAGENET_STD),

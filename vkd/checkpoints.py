@@ -71,7 +71,13 @@ def safe_torch_load(path: str, allowed_globals: Iterable[type] = ()) -> object:
 def load_state_dict_file(path: str, preferred_keys: Iterable[str] = ("student", "model", "state_dict"),
                          allowed_globals: Iterable[type] = ()) -> Dict[str, torch.Tensor]:
     """The state dict inside a file: under the first of ``preferred_keys`` present, else the file itself."""
-    content = safe_torch_load(path, allowed_globals)
+    return state_dict_in(safe_torch_load(path, allowed_globals), path, preferred_keys)
+
+
+def state_dict_in(content: object, path: str,
+                  preferred_keys: Iterable[str] = ("student", "model", "state_dict")) -> Dict[str, torch.Tensor]:
+    """``load_state_dict_file`` on ``content``, what ``safe_torch_load(path)`` returned: for a caller that also
+    reads other parts of the file and loads it once."""
     if not isinstance(content, Mapping):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(content).__name__})")
     for key in preferred_keys:
