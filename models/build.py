@@ -6,7 +6,8 @@ import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models
-from losses import TeacherCache, VkDLoss
+from distillers.teacher_cache import TeacherCache
+from losses import VkDLoss
 from vkd.data.mixup import mixup_active
 from vkd.errors import BadInput
 

@@ -10,7 +10,7 @@ import timm
 import torch
 from conftest import CLASSES, IMAGE_SIZE, TEACHER
 
-from losses import TeacherCache
+from distillers.teacher_cache import TeacherCache
 from vkd.checkpoints import safe_torch_load
 from vkd.losses import features_and_logits
 
