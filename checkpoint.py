@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
+import distillers
 from utils import load_student_checkpoint
 from vkd.checkpoints import add_ddp_prefix, all_finite, safe_torch_load, save_atomically, tensor_bytes
 from vkd.ema import ModelEMA
@@ -21,15 +22,18 @@ from vkd.runs import LOG, refuse_a_different_run
 
 LATEST, BEST, TEACHER_FILE = "latest.pth.tar", "best.pth.tar", "teacher.pth"
 # What defines the optimisation a checkpoint belongs to: a resume that changed one of these would print one
-# run and train another, so it is refused (``--epochs`` alone is honoured: ``Trainer.restore``).
-RUN_DEFINING_FLAGS = (
+# run and train another, so it is refused (``--epochs`` alone is honoured: ``Trainer.restore``). The distillers'
+# own flags are added at the time of the check (``run_defining_flags``): a method registered later counts too.
+CORE_RUN_DEFINING_FLAGS = (
     "--batch-size", "--lr", "--min-lr", "--warmup-lr", "--warmup-epochs", "--cooldown-epochs", "--weight-decay",
     "--sched", "--opt", "--opt-eps", "--opt-betas", "--momentum", "--decay-epochs", "--decay-rate", "--lr-noise",
-    "--lr-noise-pct", "--lr-noise-std", "--unscale-lr", "--projector-weight-decay", "--clip-grad", "--alpha",
-    "--gamma", "--temperature", "--normalisation", "--feature-loss", "--projector", "--smoothing", "--mixup",
-    "--cutmix", "--seed", "--student-model", "--teacher", "--train-teacher", "--input-size", "--data-set",
-    "--subset", "--eval-head",
+    "--lr-noise-pct", "--lr-noise-std", "--unscale-lr", "--clip-grad", "--smoothing", "--mixup", "--cutmix", "--seed",
+    "--student-model", "--teacher", "--train-teacher", "--input-size", "--data-set", "--subset", "--eval-head",
 )
+
+
+def run_defining_flags():
+    return CORE_RUN_DEFINING_FLAGS + tuple(distillers.run_defining_flags())
 
 
 @dataclass
@@ -105,7 +109,7 @@ class Trainer:
         saved = checkpoint.get("args") or {}  # released files carry no arguments: nothing to compare
         if not saved:
             return
-        refuse_a_different_run(self.args, saved, RUN_DEFINING_FLAGS, checkpoint.get("world_size"), self.world_size,
+        refuse_a_different_run(self.args, saved, run_defining_flags(), checkpoint.get("world_size"), self.world_size,
                                path, f"to train its weights with other settings, start a new run: --student-ckpt "
                                      f"{path} --output_dir NEW")
         if "epochs" in saved and saved["epochs"] != self.args.epochs:

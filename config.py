@@ -6,7 +6,6 @@ Defaults are the values the original effectively trained with, except where the 
 when it cannot, setting it is an error (see ``NOT_APPLICABLE``).
 """
 import argparse
-import difflib
 import os
 from typing import Set
 
@@ -14,17 +13,14 @@ import timm
 import torch
 
 import datasets
+import distillers
 import models
-from vkd import orthogonal_maps
 from vkd.config import OneLineErrorParser, parse_with_config
 from vkd.errors import BadInput
-from vkd.losses import FEATURE_LOSSES
-from vkd.norms import NORMALISATIONS
 
 SCHEDULES = ("cosine", "tanh", "step", "poly", "constant")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
 INFINITY = float("inf")
-MAX_SUGGESTIONS = 5  # close matches listed for an unknown teacher name
 ORIGINAL_WORKERS = 12
 # Flags the original parsed but never applied (a plateau schedule, RandAugment, random erasing): they parse, so
 # the original's commands run, are hidden from --help, and setting one is an error (NOT_APPLICABLE).
@@ -53,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Model
     parser.add_argument("--student-model", default="deit_ti_distilled", type=str, metavar="MODEL",
-                        help=f"student: {', '.join(models.STUDENT_MODELS)} (default: deit_ti_distilled)")
+                        help=f"student: any timm architecture (resnet18, regnetx_002, ...) or one of this repository's "
+                             f"conv-stem DeiT students ({', '.join(models.STUDENT_MODELS)}); default: deit_ti_distilled")
     parser.add_argument("--input-size", default=224, type=int, help="image size (default: 224)")
     parser.add_argument("--drop", type=float, default=0.0, metavar="PCT", help="dropout rate (default: 0)")
     parser.add_argument("--drop-path", type=float, default=0.0, metavar="PCT",
@@ -64,19 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="EMA momentum at the first iteration, rising linearly to 1.0 at the last (default: 0.996)")
     parser.add_argument("--student-ema-force-cpu", action="store_true", default=False,
                         help="keep the EMA on the CPU")
-    parser.add_argument("--projector", default="orthogonal", choices=models.PROJECTORS,
-                        help="student -> teacher feature map: VkD's orthogonal one, or a plain linear layer (ablation)")
-    parser.add_argument("--orthogonal-map", default=None, choices=orthogonal_maps.ORTHOGONAL_MAPS,
-                        help="orthogonal map (default: torch's choice, householder for non-square)")
-    parser.add_argument("--projector-impl", default=models.DEFAULT_PROJECTOR_IMPL, choices=orthogonal_maps.IMPLEMENTATIONS,
-                        help=f"implementation of the orthogonal projector (default: {models.DEFAULT_PROJECTOR_IMPL})")
-    parser.add_argument("--projector-weight-decay", action="store_true",
-                        help="weight decay on the projector's parametrization, as the original code: with the "
-                             "Householder map it zeroes the projector after the first AdamW step (README)")
-    parser.add_argument("--no-projector-weight-decay", action="store_false", dest="projector_weight_decay",
-                        help="no weight decay on the projector, which then stays an isometry, as the paper "
-                             "describes the method (default)")
-    parser.set_defaults(projector_weight_decay=False)
 
     # Optimizer
     parser.add_argument("--opt", default="adamw", choices=("adamw", "sgd"), help="(default: adamw)")
@@ -86,15 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: off)")
     parser.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="(default: 0.05; none on 1-D params)")
-
-    # Loss weights
-    parser.add_argument("--alpha", type=float, default=1.0, help="feature (VkD) distillation weight (default: 1)")
-    parser.add_argument("--gamma", type=float, default=1.0, help="logit (KL) distillation weight (default: 1)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="KL temperature (default: 1)")
-    parser.add_argument("--normalisation", default="layernorm", choices=tuple(NORMALISATIONS),
-                        help="teacher feature normalisation (default: layernorm)")
-    parser.add_argument("--feature-loss", default="smooth_l1", choices=tuple(FEATURE_LOSSES),
-                        help="feature distance (default: smooth_l1)")
 
     # Learning rate schedule (per iteration)
     parser.add_argument("--sched", default="cosine", choices=SCHEDULES, help="(default: cosine)")
@@ -216,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dist_url", default="env://", help="process group init method")
     parser.add_argument("--dist-timeout", default=30.0, type=float, metavar="MINUTES",
                         help="a collective that waits this long (a dead rank) stops the run (default: 30)")
+
+    distillers.add_arguments(parser)
     return parser
 
 
@@ -223,8 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 VALUE_RANGES = {
     "lr": (0.0, INFINITY, False, False), "min_lr": (0.0, INFINITY, True, False),
     "warmup_lr": (0.0, INFINITY, True, False), "weight_decay": (0.0, INFINITY, True, False),
-    "alpha": (0.0, INFINITY, True, False), "gamma": (0.0, INFINITY, True, False),
-    "temperature": (0.0, INFINITY, False, False), "smoothing": (0.0, 1.0, True, False),
+    "smoothing": (0.0, 1.0, True, False),
     "drop": (0.0, 1.0, True, False), "drop_path": (0.0, 1.0, True, False),
     "mixup": (0.0, INFINITY, True, False), "cutmix": (0.0, INFINITY, True, False),
     "mixup_prob": (0.0, 1.0, True, True), "mixup_switch_prob": (0.0, 1.0, True, True),
@@ -245,23 +221,21 @@ EVAL_FLAGS = _flags("config", "batch_size", "eval_student", "student_ckpt", "stu
                     "resume", "eval", "eval_crop_ratio", "eval_head", "dist_eval", "num_workers", "pin_mem", "amp", "print_freq",
                     "deterministic", "threads",
                     "local_rank", "world_size", "dist_url", "dist_timeout")
-DISTILLATION_FLAGS = _flags("alpha", "gamma", "temperature", "normalisation", "feature_loss", "projector",
-                            "orthogonal_map", "projector_impl", "projector_weight_decay", "teacher_path",
-                            "teacher_channels_last", "teacher_cache", "compile")
-FEATURE_FLAGS = _flags("normalisation", "feature_loss", "projector", "orthogonal_map", "projector_impl",
-                       "projector_weight_decay")
+TEACHER_RUN_FLAGS = _flags("teacher_cache", "compile")
+
+
+def distillation_flags() -> Set[str]:
+    """What --train-teacher ignores: the method, its teacher's settings and every method's flags."""
+    return _flags("distiller", "teacher_path", "teacher_channels_last", *TEACHER_RUN_FLAGS,
+                  *(flag.dest for flag in distillers.all_flags()))
 
 
 # (applies when, flags that then have no effect, why). Checked for the flags given on the command line and the
 # keys the --config file sets itself; keys it takes from its base (a family's shared recipe) are not checked.
 NOT_APPLICABLE = (
-    (lambda a: a.train_teacher, DISTILLATION_FLAGS, "--train-teacher trains with plain cross-entropy"),
+    (lambda a: a.train_teacher, distillation_flags, "--train-teacher trains with plain cross-entropy"),
     (lambda a: a.train_teacher, _flags("student_model", "student_ckpt", "eval_head"),
      "--train-teacher trains the --teacher model"),
-    (lambda a: not a.train_teacher and a.alpha == 0, FEATURE_FLAGS, "--alpha 0 turns feature distillation off"),
-    (lambda a: not a.train_teacher and a.gamma == 0, _flags("temperature"), "--gamma 0 turns logit distillation off"),
-    (lambda a: not a.train_teacher and a.alpha == 0 and a.gamma == 0, _flags("teacher_cache", "compile"),
-     "with --alpha 0 and --gamma 0 the teacher is never run"),
     (lambda a: not a.train_teacher, _flags("teacher_pretrained"),
      "it applies to --train-teacher; a distillation teacher comes from --teacher-path or timm"),
     (lambda a: a.opt != "adamw", _flags("opt_eps", "opt_betas"), "they apply to --opt adamw"),
@@ -308,7 +282,8 @@ def check_arguments(args, explicit: Set[str]) -> None:
                         ("threads", args.threads or 1)):
         if value < 1:
             raise BadInput(f"--{name} must be at least 1, got {value}")
-    for dest, (low, high, closed_low, closed_high) in VALUE_RANGES.items():
+    ranges = {**VALUE_RANGES, **{flag.dest: flag.range for flag in distillers.all_flags() if flag.range}}
+    for dest, (low, high, closed_low, closed_high) in ranges.items():
         value = getattr(args, dest)
         if value is not None and not ((low <= value if closed_low else low < value)
                                       and (value <= high if closed_high else value < high)):
@@ -330,17 +305,16 @@ def check_arguments(args, explicit: Set[str]) -> None:
     if args.bce_loss and datasets.mixup_active(args) and args.smoothing > 0:
         raise BadInput("--bce-loss binarises targets, and label smoothing under mixup would make every target 1: "
              "pass --smoothing 0 (as DeiT III)")
-    distilling = not args.train_teacher and (args.alpha > 0 or args.gamma > 0)
-    if not args.train_mode and distilling:
-        raise BadInput("--no-train-mode runs the student in eval mode, which returns only averaged logits: "
-             "it needs --alpha 0 --gamma 0")
-    if not args.train_teacher and args.student_model not in models.STUDENT_MODELS:
-        raise BadInput(f"unknown student model '{args.student_model}'; valid: {', '.join(models.STUDENT_MODELS)}")
+    method = distillers.distiller_class(args.distiller)
+    distilling = not args.train_teacher and method.needs_teacher(args)
+    if not args.train_mode and not args.train_teacher and (method.projector(args) or method.trains_distillation_head(args)):
+        raise BadInput(f"--no-train-mode runs the student in eval mode, which gives neither a distillation head's "
+                       f"logits nor features: --distiller {args.distiller} needs them here")
+    if not args.train_teacher and not models.is_student_name(args.student_model):
+        raise BadInput(models.unknown_model_line("student", args.student_model)
+                       + "; or one of this repository's: " + ", ".join(models.STUDENT_MODELS))
     if (args.train_teacher or (distilling and not args.eval)) and args.teacher.split(".")[0] not in timm.list_models():
-        # timm has over a thousand names: list the closest ones rather than all of them.
-        closest = difflib.get_close_matches(args.teacher, timm.list_models(), n=MAX_SUGGESTIONS)
-        suggestion = f"closest: {', '.join(closest)}" if closest else "e.g. regnety_160, resnet18"
-        raise BadInput(f"unknown teacher model '{args.teacher}'; any name in timm.list_models() works ({suggestion})")
+        raise BadInput(models.unknown_model_line("teacher", args.teacher))
     if args.compile is not None:
         import torch._dynamo  # slow to import: only when asked for
         if args.compile not in torch._dynamo.list_backends(exclude_tags=()):
@@ -352,9 +326,19 @@ def check_arguments(args, explicit: Set[str]) -> None:
             raise BadInput(f"--{dest.replace('_', '-')} has no effect when evaluating (--eval-student / --eval)")
     # A training recipe's keys are checked like its flags; evaluating with a recipe file is fine.
     from_file = () if evaluating else getattr(explicit, "from_file", ())
+    inert = [] if args.train_teacher else list(method.inert_flags(args))
+    if not distilling and not args.train_teacher:
+        inert.append((TEACHER_RUN_FLAGS, f"--distiller {args.distiller} runs no teacher here"))
     for dest in sorted(set(explicit) | set(from_file)):
         where = f"config {args.config}: {dest.replace('_', '-')}" if dest in from_file else f"--{dest.replace('_', '-')}"
+        owners = distillers.owners_of(dest)
+        if owners and not args.train_teacher and args.distiller not in owners:
+            raise BadInput(f"{where} is a flag of --distiller {' / '.join(owners)}; --distiller {args.distiller} "
+                           f"does not read it")
         for applies, flags, reason in NOT_APPLICABLE:
-            if dest in flags and applies(args):
+            if dest in (flags() if callable(flags) else flags) and applies(args):
+                raise BadInput(f"{where} has no effect here: {reason}")
+        for flags, reason in inert:
+            if dest in flags:
                 raise BadInput(f"{where} has no effect here: {reason}")
 

@@ -1,7 +1,9 @@
 """Training and evaluation loops (DeiT's ``engine.py`` layout): ``train_one_epoch`` and ``evaluate``.
 
-The loops are the same for distillation, for the undistilled baseline and for training a teacher:
-the criterion (``losses.VkDLoss``) owns the frozen teacher and returns the already-weighted terms.
+The loops are the same for every distillation method, for the undistilled baseline and for training a
+teacher: ``model`` is the student's training view (``models.students.TrainingView``, DDP-wrapped when
+distributed), whose forward gives ``distillers.StudentOutputs``, and the criterion (a ``distillers.Distiller``)
+owns the frozen teacher and returns its already-weighted terms, which are logged by name.
 """
 import math
 import resource
@@ -19,7 +21,6 @@ from vkd.preemption import StopRequest, rng_states, set_rng_states
 from vkd.progress import Progress
 from vkd.reproducibility import model_random_stream
 
-LOSS_TERMS = ("loss", "ce", "kd", "vkd")
 TOP_K = 5
 
 
@@ -41,10 +42,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _logits(outputs) -> torch.Tensor:
-    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
 
 
 def _binary_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -93,8 +90,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
     """
     model.train(set_training_mode)
     criterion.train()
+    terms_logged = criterion.terms_logged
     steps = len(data_loader)
-    sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(terms_logged), dtype=torch.float64, device=device)
     seen = unreadable = skipped = first = 0
     iterator = iter(data_loader)
     if resumed is not None:
@@ -128,14 +126,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
         # Backward draws nothing: dropout and drop-path keep their masks from the forward.
         with model_random_stream(seed, rank, global_step, device), \
                 torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            outputs = model(samples, with_projection=True) if criterion.needs_student_features else model(samples)
+            outputs = model(samples)
             if bce_targets:
-                targets = _binary_targets(targets, _logits(outputs).shape[-1])
+                targets = _binary_targets(targets, outputs.logits.shape[-1])
             terms = criterion(samples, outputs, targets)
         loss = terms["loss"]
         finite = _all_ranks_finite(loss)
         if not finite and skipped >= skips_allowed:
-            values = ", ".join(f"{name}={terms[name].item():.6g}" for name in LOSS_TERMS)
+            values = ", ".join(f"{name}={terms[name].item():.6g}" for name in terms_logged)
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, iteration {index} (global step {global_step}): {values}; "
                 f"{skipped} step(s) already skipped of --skip-nonfinite {skips_allowed}")
@@ -158,23 +156,23 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
             ema.update(global_step, model)
 
         seen += batch
-        sums += torch.stack([terms[name].detach().double() for name in LOSS_TERMS]) * batch
+        sums += torch.stack([terms[name].detach().double() for name in terms_logged]) * batch
         lr = optimizer.param_groups[0]["lr"]
         means = (sums / max(seen, 1)).tolist()
         fields = {"lr": f"{lr:.3e}"}
-        fields.update({name: f"{value:.4f}" for name, value in zip(LOSS_TERMS, means)})
+        fields.update({name: f"{value:.4f}" for name, value in zip(terms_logged, means)})
         fields["img/s"] = f"{seen * world_size / (time.time() - start):.1f}"
         fields["mem"] = f"{_peak_memory_mb(device):.0f}MB"
         progress.update(index + 1, fields)
         if tb_writer is not None:
             tb_writer.add_scalar("train/lr", lr, global_step)
-            for name in LOSS_TERMS:
+            for name in terms_logged:
                 tb_writer.add_scalar(f"train/{name}", terms[name].item(), global_step)
     progress.close()
 
     totals = _sum_over_ranks(torch.cat([sums, torch.tensor([seen, unreadable], dtype=torch.float64, device=device)]))
     images = totals[-2].item()
-    stats = {name: (totals[i].item() / images if images else math.nan) for i, name in enumerate(LOSS_TERMS)}
+    stats = {name: (totals[i].item() / images if images else math.nan) for i, name in enumerate(terms_logged)}
     stats.update(lr=optimizer.param_groups[0]["lr"], images=int(images), unreadable_images=int(totals[-1].item()),
                  nonfinite_skipped=skipped, seconds=time.time() - start)
     return stats

@@ -1,11 +1,12 @@
-"""VkD entry point: distil a DeiT student, train a teacher, or evaluate a checkpoint, on 1..N processes.
+"""VkD entry point: distil a student (any timm architecture or a DeiT student; ``--distiller`` picks the method),
+train a teacher, or evaluate a checkpoint, on 1..N processes.
 
     torchrun --nproc_per_node=N main_distributed.py --data-path DATA --output_dir OUT ...
     python main_distributed.py --config configs/deit_ti_vkd.yaml ...
 
 The story in five steps: parse the flags (``config.py``), join the processes (``distributed.py``), build
-the data (``datasets.py``), the model and its criterion (``models/build.py``; the criterion owns the
-teacher), then run the epochs (``engine.py``), saving and resuming through ``checkpoint.py``.
+the data (``datasets.py``), the model and its criterion (``models/build.py``; the criterion, a distiller of
+``distillers/``, owns the teacher), then run the epochs (``engine.py``), saving and resuming through ``checkpoint.py``.
 """
 import os
 import sys
@@ -19,7 +20,9 @@ import datasets
 from checkpoint import LATEST, TEACHER_FILE, Trainer
 from config import AMP_DTYPES, check_arguments, parse_arguments
 from engine import evaluate, train_one_epoch
+from models import has_distillation_head
 from models.build import build, build_student, build_teacher_to_train
+from models.students import TrainingView
 from optim import build_lr_scheduler, build_optimizer, effective_lr
 from utils import init_runtime, load_student_checkpoint, saved_run_args
 from vkd.checkpoints import first_line, require_room_for_checkpoints, safe_torch_load, save_atomically
@@ -79,16 +82,16 @@ def run_training(args, runtime: Runtime, argv) -> None:
     model.to(runtime.device)
     criterion.to(runtime.device)
     runtime.log(f"number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
-    trained = model
+    trained = TrainingView(model, with_features=criterion.projector(args) is not None)
     if runtime.distributed:
-        # A distilled student's dist head gets no gradient when gamma = 0.
-        unused_head = not args.train_teacher and args.gamma == 0 and hasattr(model, "head_dist")
+        # A distilled student's dist head gets no gradient from a method that does not train it.
+        unused_head = has_distillation_head(model) and not criterion.trains_distillation_head(args)
         trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            trained, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
             find_unused_parameters=unused_head)
 
     lr = effective_lr(args, runtime.world_size)
-    optimizer = build_optimizer(args, model, lr)
+    optimizer = build_optimizer(args, model, lr, decay_projector=criterion.decays_projector(args))
     lr_scheduler, total_epochs = build_lr_scheduler(args, optimizer, steps_per_epoch)
     ema = None
     if args.student_ema:

@@ -33,8 +33,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_projector: boo
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(args, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, args.weight_decay, args.projector_weight_decay)
+def build_optimizer(args, model: nn.Module, lr: float, decay_projector: bool) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, args.weight_decay, decay_projector)
     if args.opt == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=lr, eps=args.opt_eps, betas=tuple(args.opt_betas or (0.9, 0.999)))

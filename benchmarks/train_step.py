@@ -1,7 +1,7 @@
 """Time the whole VkD training step on synthetic in-memory batches; print one JSON line.
 
-The step is the engine's: student forward with the projected feature, ``losses.VkDLoss`` (frozen
-teacher forward, CE + KD + feature terms), backward, AdamW step with the recipe's parameter groups
+The step is the engine's: the student's training view (``models.students.TrainingView``: its forward with the
+projected feature), the ``vkd`` distiller (frozen teacher forward, CE + KD + feature terms), backward, AdamW step with the recipe's parameter groups
 (wd 0.05 except 1-D, biases and no_weight_decay names). The teacher is built with random weights
 (pretrained=False): the timing does not depend on them. Also timed separately on the same shapes:
 the projector's forward+backward, the teacher's forward and the student's forward+backward.
@@ -23,9 +23,12 @@ import timm
 import torch
 import torch.nn as nn
 
-from losses import VkDLoss
+from distillers import method_args
+from distillers.vkd import VkD
 from models import create_student
+from models.students import TrainingView
 from optim import parameter_groups
+from vkd.losses import feature_width
 from vkd.orthogonal_maps import ORTHOGONAL_MAPS
 
 AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -89,13 +92,14 @@ class TrainStep:
             # Weights alone suffice: convolutions follow the weight's memory format.
             self.teacher.to(memory_format=torch.channels_last)
         self.student = create_student(args.student, num_classes=1000, img_size=args.input_size,
-                                      teacher_dim=self.teacher.num_features, orthogonal_map=args.orthogonal_map,
+                                      teacher_dim=feature_width(self.teacher), orthogonal_map=args.orthogonal_map,
                                       projector_impl=args.projector_impl).to(self.device).train()
         compile_teacher = args.compile in ("teacher", "both")
-        self.criterion = VkDLoss(self.teacher, nn.CrossEntropyLoss(label_smoothing=0.1),
-                                 compile_backend="inductor" if compile_teacher else None).train()
+        self.criterion = VkD(method_args(), self.teacher, nn.CrossEntropyLoss(label_smoothing=0.1),
+                             compile_backend="inductor" if compile_teacher else None).train()
         # The timed step calls the compiled student; the component timings below use the eager one.
-        self.trained = torch.compile(self.student) if args.compile in ("student", "both") else self.student
+        view = TrainingView(self.student, with_features=True)
+        self.trained = torch.compile(view) if args.compile in ("student", "both") else view
         fused = {"fused": True} if args.optimizer_impl == "fused" else {}
         self.optimizer = torch.optim.AdamW(parameter_groups(self.student, WEIGHT_DECAY), lr=LR, **fused)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
@@ -112,7 +116,7 @@ class TrainStep:
         synchronize(self.device)
         start = time.perf_counter()
         with self.autocast():
-            terms = self.criterion(self.samples, self.trained(self.samples, with_projection=True), self.targets)
+            terms = self.criterion(self.samples, self.trained(self.samples), self.targets)
         self.scaler.scale(terms["loss"]).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()

@@ -63,10 +63,9 @@ COLLAPSED_BELOW = 1e-6
 @torch.no_grad()
 def projector_scale(row: dict, run: dict) -> Optional[float]:
     """||W||_F / sqrt(student width) of the trained projector: 1 for an isometry, 0 after the collapse."""
-    settings = row["settings"]
-    if settings["alpha"] == 0:
+    if row["settings"]["alpha"] == 0:
         return None
-    student = trained_student(settings, run["output_dir"], len(datasets.FMNIST_CLASSES))
+    student = trained_student(row, run["output_dir"], len(datasets.FMNIST_CLASSES))
     return (student.projector.weight.norm() / math.sqrt(student.embed_dim)).item()
 
 

@@ -2,21 +2,30 @@
 identical budgets: the digits ablation and the Fashion-MNIST comparison."""
 import glob
 import os
+import re
 from typing import List, Optional, Sequence
 
 import torch
 
 import models
+from config import parse_arguments
+from distillers import distiller_class
 from experiments.runner import Job, epoch_log
 from experiments.stats import mean_and_std
 from utils import load_student_checkpoint
 from vkd.config import config_settings
+from vkd.losses import feature_width
+
+
+def _row_number(path: str) -> int:
+    return int(re.match(r"row(\d+)", os.path.basename(path)).group(1))
 
 
 def row_configs(folder: str) -> List[dict]:
-    """Each row's name, file, title (its first comment line) and settings (its file over ``base``) in ``folder``."""
+    """Each row's name, file, title (its first comment line) and settings (its file over ``base``) in ``folder``,
+    in the order of their numbers (row2 before row10)."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(folder, "row*.yaml"))):
+    for path in sorted(glob.glob(os.path.join(folder, "row*.yaml")), key=_row_number):
         with open(path) as handle:
             title = handle.readline().lstrip("# ").rstrip("\n")
         rows.append({"name": os.path.basename(path)[:-len(".yaml")], "path": path, "title": title,
@@ -51,14 +60,22 @@ def summarise(row: dict, runs: List[dict], **measures) -> dict:
             "commands": [run["command"] for run in runs], **measures}
 
 
+def row_arguments(row: dict):
+    """The row's resolved arguments, as the entry point parses its config."""
+    return parse_arguments(["--config", row["path"]])[0]
+
+
 @torch.no_grad()
-def trained_student(settings: dict, output_dir: str, num_classes: int) -> torch.nn.Module:
-    """The student a row's run trained (its last checkpoint), in eval mode."""
-    teacher_dim = models.create_teacher(settings["teacher"], num_classes=num_classes,
-                                        teacher_path=settings["teacher_path"]).num_features
-    student = models.create_student(settings["student_model"], num_classes=num_classes,
-                                    img_size=settings["input_size"], teacher_dim=teacher_dim,
-                                    projector=settings.get("projector", "orthogonal"),
-                                    eval_head=settings.get("eval_head", "mean"))
+def trained_student(row: dict, output_dir: str, num_classes: int) -> torch.nn.Module:
+    """The student a row's run trained (its last checkpoint), with its projector if it has one, in eval mode."""
+    args = row_arguments(row)
+    projector = None if args.train_teacher else distiller_class(args.distiller).projector(args)
+    teacher_dim = None
+    if projector:
+        teacher_dim = feature_width(models.create_teacher(args.teacher, num_classes=num_classes,
+                                                          teacher_path=args.teacher_path))
+    student = models.create_student(args.student_model, num_classes=num_classes, img_size=args.input_size,
+                                    teacher_dim=teacher_dim, projector=projector or "orthogonal",
+                                    eval_head=args.eval_head)
     load_student_checkpoint(student, os.path.join(output_dir, "latest.pth.tar"))
     return student.eval()

@@ -1,4 +1,9 @@
-"""Students and teachers. ``import models`` registers the DeiT students with timm."""
+"""Students and teachers. ``import models`` registers this repository's DeiT students with timm.
+
+A student is any timm architecture (``resnet18``, ``regnetx_002``, ``vit_tiny_patch16_224`` ...) or one of the
+conv-stem DeiT students of the VkD recipe (``STUDENT_MODELS``); a teacher is any timm model.
+"""
+import difflib
 import os
 from typing import Optional
 
@@ -10,33 +15,72 @@ from models.deit import EVAL_HEADS, STUDENT_MODELS, DistilledVisionTransformer
 from vkd.checkpoints import file_sha256, load_state_dict_file, strict_load
 from vkd.downloads import hub_offline_unless_reachable
 from vkd.errors import BadInput
+from vkd.losses import feature_width
 from vkd.projector import OrthogonalProjector
 
 PROJECTORS = ("orthogonal", "linear")
 DEFAULT_PROJECTOR_IMPL = "fast"  # orthogonal_maps.FastOrthogonal: same function as torch's, much faster
+MAX_SUGGESTIONS = 5  # close matches listed for an unknown model name
+
+
+class StudentError(BadInput):
+    """A student that cannot be built as asked: an unknown name, options its architecture does not take."""
+
+
+def unknown_model_line(role: str, name: str) -> str:
+    """One line for an architecture timm does not know, with the closest names it does."""
+    closest = difflib.get_close_matches(name, timm.list_models(), n=MAX_SUGGESTIONS)
+    suggestion = f"closest: {', '.join(closest)}" if closest else "e.g. regnety_160, resnet18"
+    return f"unknown {role} model '{name}'; any name in timm.list_models() works ({suggestion})"
+
+
+def is_student_name(name: str) -> bool:
+    """An architecture name (no pretrained tag: a student is trained here, never downloaded)."""
+    return "." not in name and timm.is_model(name)
+
+
+def has_distillation_head(student: nn.Module) -> bool:
+    """Whether the student has a second (distillation) head, as DeiT's distilled students do."""
+    return isinstance(student, DistilledVisionTransformer)
+
+
+def _create_timm_student(name: str, num_classes: int, img_size: int, **kwargs) -> nn.Module:
+    """A timm architecture from scratch; ``img_size`` goes to the architectures that take it (ViTs)."""
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise StudentError(f"student '{name}' does not take these options: {error}") from None
+    try:  # a convolutional network: any input size
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as error:
+        raise StudentError(f"student '{name}' does not take these options: {error}") from None
 
 
 def create_student(name: str, num_classes: int = 1000, img_size: int = 224, teacher_dim: Optional[int] = None,
                    projector: str = "orthogonal", orthogonal_map: Optional[str] = None,
                    projector_impl: str = DEFAULT_PROJECTOR_IMPL, eval_head: str = "mean", **kwargs) -> nn.Module:
-    """Build a student; with ``teacher_dim`` it carries ``student.projector`` (embed_dim -> teacher_dim).
+    """Build a student; with ``teacher_dim`` it carries ``student.projector`` (its feature width -> teacher_dim).
 
-    ``projector='orthogonal'`` is VkD's; ``'linear'`` is the unconstrained ablation. ``eval_head`` (EVAL_HEADS):
-    what a distilled student's eval mode returns.
+    ``projector='orthogonal'`` is VkD's; ``'linear'`` is the unconstrained one (an ablation, FitNets). ``eval_head``
+    (EVAL_HEADS): what a distilled student's eval mode returns. ``kwargs``: timm's options (drop_rate ...).
     """
-    if name not in STUDENT_MODELS:
-        raise ValueError(f"unknown student model '{name}'; choose from {', '.join(STUDENT_MODELS)}")
-    student = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    if not is_student_name(name):
+        raise StudentError(unknown_model_line("student", name))
     if eval_head not in EVAL_HEADS:
-        raise ValueError(f"unknown eval head '{eval_head}'; choose from {', '.join(EVAL_HEADS)}")
+        raise StudentError(f"unknown eval head '{eval_head}'; choose from {', '.join(EVAL_HEADS)}")
+    if name in STUDENT_MODELS:
+        student = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    else:
+        student = _create_timm_student(name, num_classes, img_size, **kwargs)
     if eval_head != "mean":
-        if not isinstance(student, DistilledVisionTransformer):
-            raise ValueError(f"--eval-head {eval_head} needs a distilled student (…_distilled), got '{name}'")
+        if not has_distillation_head(student):
+            raise StudentError(f"--eval-head {eval_head} needs a student with a distillation head (…_distilled), "
+                               f"got '{name}'")
         student.eval_head = eval_head
     if teacher_dim is not None:
-        if not isinstance(student, DistilledVisionTransformer):
-            raise ValueError(f"feature distillation needs a distilled student (…_distilled), got '{name}'")
-        student.projector = build_projector(projector, student.embed_dim, teacher_dim, orthogonal_map, projector_impl)
+        student.projector = build_projector(projector, feature_width(student), teacher_dim, orthogonal_map,
+                                            projector_impl)
     return student
 
 
@@ -95,7 +139,7 @@ def create_teacher(name: str, num_classes: Optional[int] = None, teacher_path: O
     function, and convolutions then run in that (faster) layout; only the last bits of outputs differ.
     """
     if name.split(".")[0] not in timm.list_models():
-        raise TeacherError(f"unknown teacher model '{name}'; any timm model name works (e.g. regnety_160, resnet18)")
+        raise TeacherError(unknown_model_line("teacher", name))
     if teacher_path is None:
         extra = {} if num_classes is None else {"num_classes": num_classes}
         teacher = _download_pretrained(name, **extra, **kwargs)

@@ -60,6 +60,13 @@ def tiny_teacher_file(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> str:
+    """scikit-learn's digits exported as an ImageFolder (1,437 training and 360 validation images, 10 classes)."""
+    from vkd.data.digits import export_digits
+    return export_digits(str(tmp_path_factory.mktemp("data") / "digits"))
+
+
 @pytest.fixture
 def data_flags(tiny_image_folder):
     """Flags of a small, fast run on the tiny data (the student is the default deit_ti_distilled)."""

@@ -1,6 +1,6 @@
 """One training step of a VkD student on 2 gloo processes with different data per rank (run by
 tests/test_fidelity.py under torchrun). ``original``: the student's parts are called through
-``ddp.module`` as the original engine does; ``ddp``: through DDP's forward. Each rank saves its weights."""
+the wrapped module as the original engine does; ``ddp``: through DDP's forward, as training calls it. Each rank saves its weights."""
 import sys
 
 import torch
@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import models
+from models.students import TrainingView
 
 
 def main(mode: str, output_prefix: str) -> None:
@@ -15,16 +16,16 @@ def main(mode: str, output_prefix: str) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same initial weights on both ranks, as DDP's broadcast would make them
     student = models.create_student("deit_ti_distilled", num_classes=3, img_size=32, teacher_dim=256)
-    ddp = nn.parallel.DistributedDataParallel(student)
+    ddp = nn.parallel.DistributedDataParallel(TrainingView(student, with_features=True))
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     torch.manual_seed(1 + rank)  # each rank its own batch
     images, targets, teacher_features = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2,)), torch.randn(2, 256)
     if mode == "original":
-        cls, dist_token, patch_tokens = ddp.module.forward_features(images)
-        cls_logits, dist_logits = ddp.module.head(cls), ddp.module.head_dist(dist_token)
-        projected = ddp.module.projector(patch_tokens.mean(1))
-    else:
-        cls_logits, dist_logits, projected = ddp(images, with_projection=True)
+        cls, dist_token, patch_tokens = student.forward_features(images)
+        cls_logits, dist_logits = student.head(cls), student.head_dist(dist_token)
+        projected = student.projector(patch_tokens.mean(1))
+    else:  # as training calls it
+        cls_logits, dist_logits, projected = ddp(images)
     loss = (nn.functional.cross_entropy(cls_logits, targets) + nn.functional.cross_entropy(dist_logits, targets)
             + nn.functional.smooth_l1_loss(projected, teacher_features))
     loss.backward()

@@ -7,8 +7,10 @@ import torch.nn as nn
 from torch.nn.utils import parametrizations
 
 import models
-from losses import VkDLoss
+from distillers import method_args
+from distillers.vkd import VkD
 from models import create_student
+from models.students import student_outputs
 from utils import load_student_checkpoint
 from vkd.errors import CheckpointError
 from vkd.losses import feature_distillation_loss, logit_distillation_loss
@@ -106,9 +108,19 @@ def test_projector_state_dict_layout():
     torch.testing.assert_close(detection(inputs), detection.projector(inputs) * 2 + 1)
 
 
-def test_projector_rejects_narrowing_shape():
-    with pytest.raises(ValueError, match="out_dim >= in_dim"):
-        OrthogonalProjector(64, 32)
+@pytest.mark.parametrize("impl", ["fast", "torch"])
+def test_a_student_wider_than_the_teacher_gets_a_projector_with_orthonormal_rows(impl):
+    torch.manual_seed(0)
+    projector = OrthogonalProjector(64, 32, impl=impl)
+    weight = projector.weight
+    assert weight.shape == (32, 64)
+    torch.testing.assert_close(weight @ weight.T, torch.eye(32), atol=1e-5, rtol=0)
+    inputs = torch.randn(5, 64)
+    torch.testing.assert_close(projector(inputs), inputs @ weight.T, atol=1e-5, rtol=1e-5)
+    # A projection: it never lengthens a vector, and keeps those of the subspace its rows span.
+    assert (projector(inputs).norm(dim=1) <= inputs.norm(dim=1) + 1e-5).all()
+    inside = torch.randn(3, 32) @ weight
+    torch.testing.assert_close(projector(inside).norm(dim=1), inside.norm(dim=1), atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- normalisations
@@ -175,10 +187,10 @@ def test_vkd_criterion_combines_weighted_terms():
     torch.manual_seed(0)
     teacher = TinyTeacher()
     student = create_student("deit_ti_distilled", num_classes=3, img_size=32, teacher_dim=teacher.num_features)
-    criterion = VkDLoss(teacher, nn.CrossEntropyLoss(), alpha=2.0, gamma=0.5, temperature=1.0)
+    criterion = VkD(method_args(alpha=2.0, gamma=0.5, temperature=1.0), teacher, nn.CrossEntropyLoss())
     samples, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     student.train()
-    outputs = student(samples, with_projection=criterion.needs_student_features)
+    outputs = student_outputs(student, samples, with_features=True)
     terms = criterion(samples, outputs, targets)
     cls_logits, dist_logits, projected = outputs
     with torch.no_grad():
@@ -196,21 +208,21 @@ def test_vkd_criterion_combines_weighted_terms():
 
 def test_criterion_without_distillation_never_runs_teacher():
     teacher = TinyTeacher()
-    criterion = VkDLoss(teacher, nn.CrossEntropyLoss(), alpha=0.0, gamma=0.0)
+    criterion = VkD(method_args(alpha=0.0, gamma=0.0), teacher, nn.CrossEntropyLoss())
     student = create_student("deit_ti_distilled", num_classes=3, img_size=32).train()
     samples = torch.randn(2, 3, 32, 32)
-    terms = criterion(samples, student(samples), torch.tensor([0, 1]))
+    terms = criterion(samples, student_outputs(student, samples, with_features=False), torch.tensor([0, 1]))
     assert teacher.calls == 0
     assert terms["kd"].item() == 0 and terms["vkd"].item() == 0
     torch.testing.assert_close(terms["loss"], terms["ce"])
 
 
 def test_criterion_needs_projection_when_alpha_positive():
-    criterion = VkDLoss(TinyTeacher(), nn.CrossEntropyLoss(), alpha=1.0, gamma=0.0)
+    criterion = VkD(method_args(alpha=1.0, gamma=0.0), TinyTeacher(), nn.CrossEntropyLoss())
     student = create_student("deit_ti_distilled", num_classes=3, img_size=32, teacher_dim=200).train()
     samples = torch.randn(2, 3, 32, 32)
-    with pytest.raises(ValueError, match="with_projection"):
-        criterion(samples, student(samples), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="projected features"):
+        criterion(samples, student_outputs(student, samples, with_features=False), torch.tensor([0, 1]))
 
 
 def test_channels_last_teacher_computes_the_same_features(tmp_path):

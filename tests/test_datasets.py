@@ -51,11 +51,6 @@ def folder_args(root, **overrides):
     return default_data_args(**fields)
 
 
-@pytest.fixture(scope="module")
-def digits_root(tmp_path_factory):
-    return export_digits(str(tmp_path_factory.mktemp("data") / "digits"))
-
-
 # ----------------------------------------------------------------------------- data set kinds
 
 

@@ -11,6 +11,7 @@ import torch
 
 import models
 from config import check_arguments, parse_arguments
+from distillers import distiller_class
 from optim import build_optimizer
 from utils import load_student_checkpoint
 from vkd.checkpoints import add_ddp_prefix
@@ -75,7 +76,8 @@ def optimizer_step_on_projector(argv, impl):
     torch.manual_seed(0)
     student = models.create_student("deit_ti_distilled", num_classes=3, img_size=32, teacher_dim=256,
                                     projector_impl=impl)
-    optimizer = build_optimizer(args, student, lr=args.lr)
+    decay_projector = distiller_class(args.distiller).decays_projector(args)  # as main_distributed.py
+    optimizer = build_optimizer(args, student, lr=args.lr, decay_projector=decay_projector)
     student.projector(torch.randn(4, 192)).square().sum().backward()
     optimizer.step()
     return student.projector.weight.detach()

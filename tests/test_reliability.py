@@ -478,7 +478,7 @@ BAD_INPUTS = {
         folder, tmp, lambda d: (d / "train" / "zebra").mkdir())],
         r"class folder has no images .*: {tmp}/data/train/zebra"),
     "unknown student": (lambda folder, tmp: ["--student-model", "deit_tiny"],
-                        r"unknown student model 'deit_tiny'; valid: deit_ti_distilled, deit_s_distilled.*"),
+                        r"unknown student model 'deit_tiny'; any name in timm.list_models\(\) works .*; or one of this repository's: deit_ti_distilled.*"),
     "unknown teacher": (lambda folder, tmp: ["--teacher", "regnety160"],
                         r"unknown teacher model 'regnety160'; .*closest: regnety_160, .*"),
     "missing student checkpoint": (lambda folder, tmp: ["--student-ckpt", tmp / "missing.pth.tar"],

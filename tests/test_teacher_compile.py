@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 from conftest import CLASSES, IMAGE_SIZE, TEACHER
 
-from losses import VkDLoss
+from distillers import method_args
+from distillers.vkd import VkD
 from vkd.losses import features_and_logits
 
 
@@ -15,7 +16,7 @@ def test_the_compiled_teacher_matches_the_plain_one_and_reports_its_compile_time
     torch.manual_seed(0)
     teacher = timm.create_model(TEACHER, num_classes=len(CLASSES)).eval()
     lines = []
-    criterion = VkDLoss(teacher, nn.CrossEntropyLoss(), compile_backend=backend, log=lines.append)
+    criterion = VkD(method_args(), teacher, nn.CrossEntropyLoss(), compile_backend=backend, log=lines.append)
     for seed in (1, 2):
         images = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():

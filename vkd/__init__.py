@@ -2,7 +2,7 @@
 
 The method, for use in any training loop (shapes: B the batch, D_s / D_t the student / teacher widths)::
 
-    projector = OrthogonalProjector(D_s, D_t)          # bias-free, orthonormal columns (D_t >= D_s)
+    projector = OrthogonalProjector(D_s, D_t)          # bias-free; orthonormal columns (rows if D_s > D_t)
     t_features, t_logits = features_and_logits(teacher, images)   # [B, D_t], [B, classes]
     s_features, s_logits = features_and_logits(student, images)   # [B, D_s], [B, classes]
     loss = (cross_entropy(s_logits, labels)
@@ -12,12 +12,18 @@ The method, for use in any training loop (shapes: B the batch, D_s / D_t the stu
 Give the projector no weight decay: it is what keeps torch's Householder map an isometry.
 Importing ``vkd`` loads torch only; the repository's command lines, data sets and logging are elsewhere.
 """
-from vkd.losses import FEATURE_LOSSES, feature_distillation_loss, features_and_logits, logit_distillation_loss
+from vkd.losses import (
+    FEATURE_LOSSES,
+    feature_distillation_loss,
+    feature_width,
+    features_and_logits,
+    logit_distillation_loss,
+)
 from vkd.norms import NORMALISATIONS, batch_standardise, build_normalisation, layernorm, whiten, whiten_cholesky
 from vkd.projector import OrthogonalLinear, OrthogonalProjector
 
 __all__ = [
     "OrthogonalProjector", "OrthogonalLinear",
-    "features_and_logits", "feature_distillation_loss", "logit_distillation_loss", "FEATURE_LOSSES",
+    "features_and_logits", "feature_width", "feature_distillation_loss", "logit_distillation_loss", "FEATURE_LOSSES",
     "layernorm", "batch_standardise", "whiten", "whiten_cholesky", "build_normalisation", "NORMALISATIONS",
 ]

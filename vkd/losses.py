@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from vkd.norms import get_normalisation
 
 __all__ = ["FEATURE_LOSSES", "get_feature_loss", "feature_distillation_loss", "logit_distillation_loss",
-           "features_and_logits"]
+           "features_and_logits", "feature_width"]
 
 FEATURE_LOSSES = {
     "smooth_l1": F.smooth_l1_loss,
@@ -46,3 +46,9 @@ def features_and_logits(model: nn.Module, images: torch.Tensor) -> Tuple[torch.T
     pooled = model.forward_head(features, pre_logits=True)
     return pooled, model.forward_head(features)
 
+
+
+def feature_width(model: nn.Module) -> int:
+    """The width of ``features_and_logits``'s features: timm's ``head_hidden_size`` where the head widens the
+    pooled features before the classifier (MobileNetV3: 576 -> 1024), else ``num_features``."""
+    return getattr(model, "head_hidden_size", None) or model.num_features

@@ -13,19 +13,20 @@ __all__ = ["OrthogonalProjector", "OrthogonalLinear"]
 
 
 class OrthogonalProjector(nn.Linear):
-    """Bias-free linear map ``in_dim -> out_dim`` whose weight W [out_dim, in_dim] has orthonormal columns.
+    """Bias-free linear map ``in_dim -> out_dim`` whose weight W [out_dim, in_dim] is orthogonal: orthonormal
+    columns (WᵀW = I, an isometry) when the student is no wider than the teacher (``out_dim >= in_dim``, VkD's
+    case), orthonormal rows (WWᵀ = I, a projection onto a teacher-sized subspace) when it is wider. Either way
+    the map cannot absorb knowledge: it neither stretches nor mixes beyond a rotation.
 
     The state dict is the original's (``parametrizations.weight.original`` [out, in] and the buffer
-    ``parametrizations.weight.0.base`` [out, out]); W is computed from them as
+    ``parametrizations.weight.0.base`` [n, n], n = max(out, in)); W is computed from them as
     ``torch.nn.utils.parametrizations.orthogonal`` computes it, with dynamic trivialization
-    (W = base @ Q(original)). ``orthogonal_map`` defaults to torch's choice for the shape
-    (Householder when non-square, matrix_exp when square); ``impl='torch'`` uses torch's own
+    (W = base @ Q(original), transposed for a wide weight). ``orthogonal_map`` defaults to torch's choice for
+    the shape (Householder when non-square, matrix_exp when square); ``impl='torch'`` uses torch's own
     parametrization.
     """
 
     def __init__(self, in_dim: int, out_dim: int, orthogonal_map: Optional[str] = None, impl: str = "fast"):
-        if out_dim < in_dim:
-            raise ValueError(f"OrthogonalProjector needs out_dim >= in_dim for orthonormal columns, got {in_dim}->{out_dim}")
         super().__init__(in_dim, out_dim, bias=False)
         orthogonal_maps.register_orthogonal(self, orthogonal_map=orthogonal_map, impl=impl)
 
