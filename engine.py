@@ -9,7 +9,7 @@ import math
 import resource
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -60,10 +60,15 @@ def _any_rank_empty(batch: int, device: torch.device) -> bool:
     return _sum_over_ranks(empty).item() > 0
 
 
-def _all_ranks_finite(loss: torch.Tensor) -> bool:
-    # Every rank must take the same decision, or DDP's next gradient all-reduce would hang.
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
-    return _sum_over_ranks(bad).item() == 0
+def _step_decisions(loss: torch.Tensor, stop: Optional[StopRequest]) -> Tuple[bool, bool]:
+    """(the loss is finite on every rank, some rank was asked to stop): one all-reduce and one host read per step.
+    Every rank must take the same decisions, or DDP's next gradient all-reduce would hang."""
+    stop_here = stop is not None and stop.received is not None
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(stop_here)).float()])
+    if _is_distributed():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, stop_anywhere = flags.tolist()
+    return nonfinite == 0, stop_anywhere > 0
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimizer: torch.optim.Optimizer,
@@ -105,13 +110,6 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
     progress = Progress(f"Epoch: [{epoch}]", steps, print_freq, is_main, first=first)
     start = time.time() - (resumed["seconds"] if resumed is not None else 0.0)
     for index in range(first, steps):
-        # The step boundary, before the next batch is drawn (with no workers, drawing it uses this
-        # process's random generators, which the checkpoint must hold as they are here).
-        if stop is not None and index > first and stop.requested(device):
-            progress.close()
-            return {"preempted_at": index, "partial": dict(
-                step=index, sums=sums.cpu(), seen=seen, unreadable=unreadable, skipped=skipped,
-                seconds=time.time() - start, rng=rng_states())}
         samples, targets, num_unreadable = next(iterator)
         global_step = epoch * steps + index
         lr_scheduler.step_update(global_step)
@@ -131,7 +129,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
                 targets = _binary_targets(targets, outputs.logits.shape[-1])
             terms = criterion(samples, outputs, targets)
         loss = terms["loss"]
-        finite = _all_ranks_finite(loss)
+        finite, stop_requested = _step_decisions(loss, stop)
         if not finite and skipped >= skips_allowed:
             values = ", ".join(f"{name}={terms[name].item():.6g}" for name in terms_logged)
             raise NonFiniteLossError(
@@ -145,29 +143,23 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
             if is_main:
                 print(f"warning: non-finite loss at epoch {epoch}, iteration {index}: step skipped "
                       f"({skipped}/{skips_allowed})", file=sys.stderr, flush=True)
-            continue
-        if clip_grad is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(global_step, model)
-
-        seen += batch
-        sums += torch.stack([terms[name].detach().double() for name in terms_logged]) * batch
-        lr = optimizer.param_groups[0]["lr"]
-        means = (sums / max(seen, 1)).tolist()
-        fields = {"lr": f"{lr:.3e}"}
-        fields.update({name: f"{value:.4f}" for name, value in zip(terms_logged, means)})
-        fields["img/s"] = f"{seen * world_size / (time.time() - start):.1f}"
-        fields["mem"] = f"{_peak_memory_mb(device):.0f}MB"
+        else:
+            seen += batch
+            sums += torch.stack([terms[name].detach().double() for name in terms_logged]) * batch
+            _optimizer_step(model, optimizer, scaler, clip_grad, ema, global_step)
+        fields = None
+        if progress.due(index + 1):
+            fields = _progress_fields(optimizer, terms_logged, sums, seen, world_size, start, device, tb_writer,
+                                      global_step)
         progress.update(index + 1, fields)
-        if tb_writer is not None:
-            tb_writer.add_scalar("train/lr", lr, global_step)
-            for name in terms_logged:
-                tb_writer.add_scalar(f"train/{name}", terms[name].item(), global_step)
+        # The step boundary, before the next batch is drawn (with no workers, drawing it uses this
+        # process's random generators, which the checkpoint must hold as they are here). The last step's
+        # request is answered after the epoch is saved.
+        if stop_requested and index + 1 < steps:
+            progress.close()
+            return {"preempted_at": index + 1, "partial": dict(
+                step=index + 1, sums=sums.cpu(), seen=seen, unreadable=unreadable, skipped=skipped,
+                seconds=time.time() - start, rng=rng_states())}
     progress.close()
 
     totals = _sum_over_ranks(torch.cat([sums, torch.tensor([seen, unreadable], dtype=torch.float64, device=device)]))
@@ -176,6 +168,35 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
     stats.update(lr=optimizer.param_groups[0]["lr"], images=int(images), unreadable_images=int(totals[-1].item()),
                  nonfinite_skipped=skipped, seconds=time.time() - start)
     return stats
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    clip_grad: Optional[float], ema, global_step: int) -> None:
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(global_step)
+
+
+def _progress_fields(optimizer, terms_logged, sums: torch.Tensor, seen: int, world_size: int, start: float,
+                     device: torch.device, tb_writer, global_step: int) -> Dict[str, str]:
+    """The progress line's fields, also written to tensorboard: the epoch's running means so far. Read on print
+    steps only, since reading them waits for the device."""
+    lr = optimizer.param_groups[0]["lr"]
+    means = (sums / max(seen, 1)).tolist()
+    fields = {"lr": f"{lr:.3e}"}
+    fields.update({name: f"{value:.4f}" for name, value in zip(terms_logged, means)})
+    fields["img/s"] = f"{seen * world_size / (time.time() - start):.1f}"
+    fields["mem"] = f"{_peak_memory_mb(device):.0f}MB"
+    if tb_writer is not None:
+        tb_writer.add_scalar("train/lr", lr, global_step)
+        for name, value in zip(terms_logged, means):
+            tb_writer.add_scalar(f"train/{name}", value, global_step)
+    return fields
 
 
 @torch.no_grad()

@@ -25,13 +25,19 @@ class Progress:
         per_step = (time.time() - self.started) / max(done - self.first, 1)
         return per_step * (self.total - done)
 
-    def update(self, done: int, fields: Union[str, Mapping[str, object]] = "") -> None:
-        """After ``done`` steps (counted from 0, ``first`` included); a line at the first step of every
-        ``every`` and at the last, as DeiT's logger."""
+    def due(self, done: int) -> bool:
+        """Whether ``update(done)`` shows fields: at the first step of every ``every`` and at the last, as DeiT's
+        logger. A loop whose fields cost a device sync computes them on these steps only."""
+        return (done - 1) % self.every == 0 or done == self.total
+
+    def update(self, done: int, fields: Union[None, str, Mapping[str, object]] = "") -> None:
+        """After ``done`` steps (counted from 0, ``first`` included): a line (or the bar's text) when ``due``;
+        ``fields`` None only advances the bar."""
         if self.bar is not None and self.enabled:
-            self.bar.set_postfix_str(_text(fields), refresh=False)
+            if fields is not None:
+                self.bar.set_postfix_str(_text(fields), refresh=False)
             self.bar.update(done - self.bar.n)
-        elif (done - 1) % self.every == 0 or done == self.total:
+        elif fields is not None and self.due(done):
             self.line(done, fields)
 
     def line(self, done: int, fields: Union[str, Mapping[str, object]] = "") -> None:
