@@ -19,6 +19,7 @@ import models
 from models.deit import DistilledVisionTransformer
 from utils import load_student_checkpoint, saved_run_args
 from vkd.checkpoints import first_line, safe_torch_load, state_dict_in, strict_load, strip_ddp_prefix
+from vkd.data.folders import open_rgb_image
 from vkd.errors import BadInput, CheckpointError
 
 DEFAULT_STUDENT_MODEL, DEFAULT_INPUT_SIZE = "deit_ti_distilled", 224
@@ -163,6 +164,17 @@ def _program_logits(path: str) -> Logits:
     return module
 
 
+def _file_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read as a file, or None; never opens it (a FIFO would block)."""
+    if os.path.isfile(path):
+        return None
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "a folder, not a file"
+    return "not a regular file (a FIFO, a socket or a device)"
+
+
 def load_classifier(path: str, student_model: Optional[str] = None,
                     input_size: Optional[int] = None) -> Tuple[Logits, dict]:
     """``(logits_of, config)`` for a checkpoint or an exported file (told apart by the suffix);
@@ -170,8 +182,9 @@ def load_classifier(path: str, student_model: Optional[str] = None,
 
     An exported file's architecture and input size are fixed by its config: other values given are an error.
     """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"file not found: {path}")
+    problem = _file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     suffix = os.path.splitext(path)[1]
     if suffix not in FORMAT_SUFFIXES.values():
         return load_checkpoint_student(path, student_model, input_size)
@@ -197,20 +210,29 @@ def eval_transform(config: dict) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def read_image(path: str) -> Image.Image:
-    """An RGB image, or a ``BadInput`` naming the file."""
-    if not os.path.isfile(path):
-        raise BadInput(f"{path}: no such file")
+    """An 8-bit RGB image (16-bit ones scaled, ``vkd.data.folders.open_rgb_image``), or a ``BadInput`` naming
+    the file."""
+    problem = _file_problem(path)
+    if problem:
+        raise BadInput(f"{path}: {problem}")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return open_rgb_image(path)
     # PIL raises a wide, undocumented set of types on malformed files (OSError, SyntaxError, ValueError...).
     except Exception as error:
         raise BadInput(f"{path}: not a readable image ({first_line(error)})") from None
 
 
 def image_files(folder: str) -> List[str]:
-    """The image files under ``folder`` (any depth), sorted."""
-    found = []
-    for root, _, files in os.walk(folder, followlinks=True):
+    """The image files under ``folder`` (any depth, through links), sorted. A folder reached twice (a link back
+    up, two links to one folder) is read once, so a loop neither repeats images nor runs forever."""
+    found, seen = [], {os.path.realpath(folder)}
+    for root, subfolders, files in os.walk(folder, followlinks=True):
+        first_visits = []
+        for name in sorted(subfolders):
+            real = os.path.realpath(os.path.join(root, name))
+            if real not in seen:
+                seen.add(real)
+                first_visits.append(name)
+        subfolders[:] = first_visits  # os.walk descends only into these
         found.extend(os.path.join(root, name) for name in files if has_file_allowed_extension(name, IMG_EXTENSIONS))
     return sorted(found)
