@@ -5,12 +5,13 @@
 ``--checkpoint`` takes a training checkpoint (ours or the released layout; ``--student-model`` and
 ``--input-size`` as export.py takes them) or a file written by export.py (``.onnx`` through onnxruntime,
 ``.pt2`` through torch.export, ``.safetensors``), whose config ``FILE.json`` (``student.onnx.json``) gives
-the rest. Images are preprocessed as evaluation does. An image that cannot be read gets one line on stderr
-and the others are still predicted; the exit code is 0 if any image was predicted, else 2.
+the rest. Images are read and predicted ``--batch-size`` at a time, preprocessed as evaluation does. An image
+that cannot be read gets one line on stderr and the others are still predicted; the exit code is 0 if any
+image was predicted, else 2.
 """
 import os
 import sys
-from typing import Iterator, List, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -38,20 +39,30 @@ def expand_folders(paths: Sequence[str], warn) -> List[str]:
     return files
 
 
+def readable_batches(paths: Iterable[str], transform: Callable, batch_size: int,
+                     warn) -> Iterator[List[Tuple[str, torch.Tensor]]]:
+    """``(path, preprocessed image)`` lists of ``batch_size`` (the last may be shorter), read only as they are
+    consumed, so memory holds one batch however many images there are; ``warn`` gets one line for each image
+    that cannot be read."""
+    batch = []
+    for path in paths:
+        try:
+            batch.append((path, transform(read_image(path))))
+        except BadInput as error:
+            warn(str(error))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def predict(logits_of: Logits, config: dict, paths: Sequence[str], topk: int, batch_size: int,
             warn) -> Iterator[Tuple[str, List[Tuple[str, float]]]]:
     """``(path, [(class name, probability)] * topk)`` for each readable image, in order; ``warn`` gets one
     line for each image that cannot be read."""
-    transform = eval_transform(config)
     names = config["class_names"]
-    readable = []
-    for path in paths:
-        try:
-            readable.append((path, transform(read_image(path))))
-        except BadInput as error:
-            warn(str(error))
-    for start in range(0, len(readable), batch_size):
-        batch = readable[start:start + batch_size]
+    for batch in readable_batches(paths, eval_transform(config), batch_size, warn):
         with torch.no_grad():
             probabilities = logits_of(torch.stack([image for _, image in batch])).float().softmax(dim=-1)
         top = probabilities.topk(min(topk, probabilities.shape[-1]), dim=-1)

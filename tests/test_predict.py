@@ -13,7 +13,7 @@ from PIL import Image
 import datasets
 import export
 import predict
-from models.inference import class_names_for
+from models.inference import class_names_for, load_classifier, read_image
 from vkd.checkpoints import safe_torch_load
 
 IMAGES = 3
@@ -143,3 +143,23 @@ def test_a_trained_checkpoint_names_its_classes(run_main, data_flags, tmp_path, 
     predictions = parse(stdout)
     assert len(predictions) == 2
     assert all(sorted(name for _, name in classes) == sorted(CLASSES) for classes in predictions.values())
+
+
+def test_images_are_read_one_batch_at_a_time(tiny_student_files, image_folder, monkeypatch):
+    folder, _ = image_folder
+    paths = [str(folder / name) for name in ("0.png", "truncated.png", "1.png", "2.png", "0.png")]
+    read = []
+
+    def counting_read_image(path):
+        read.append(path)
+        return read_image(path)
+
+    monkeypatch.setattr(predict, "read_image", counting_read_image)
+    logits_of, config = load_classifier(tiny_student_files.ours)
+    warnings = []
+    images_read_at_each_result = [(path, len(read)) for path, _ in predict.predict(
+        logits_of, config, paths, topk=1, batch_size=2, warn=warnings.append)]
+    # The first batch (two readable images, the unreadable one between them skipped) is predicted before the
+    # rest is read.
+    assert images_read_at_each_result == [(paths[0], 3), (paths[2], 3), (paths[3], 5), (paths[4], 5)]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{paths[1]}: not a readable image")
