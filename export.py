@@ -124,7 +124,7 @@ def export_student(checkpoint: str, out: str, export_format: str, student_model:
     write_config(out, config)
     log(f"Wrote {out} ({written}) and {config_path(out)}")
 
-    logits_of, _ = load_classifier(out)
+    logits_of, _ = load_classifier(out, trust_program=True)  # the file just written: no stranger's
     differences = {name: max_logit_difference(student, logits_of, images) for name, images in batches}
     log("Check against the PyTorch student, max |logits difference|: "
         + ", ".join(f"{difference:.2e} on {name}" for name, difference in differences.items())

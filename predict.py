@@ -4,10 +4,10 @@
 
 ``--checkpoint`` takes a training checkpoint (ours or the released layout; ``--student-model`` and
 ``--input-size`` as export.py takes them) or a file written by export.py (``.onnx`` through onnxruntime,
-``.pt2`` through torch.export, ``.safetensors``), whose config ``FILE.json`` (``student.onnx.json``) gives
-the rest. Images are read and predicted ``--batch-size`` at a time, preprocessed as evaluation does. An image
-that cannot be read gets one line on stderr and the others are still predicted; the exit code is 0 if any
-image was predicted, else 2.
+``.safetensors``, and ``.pt2`` through torch.export only with ``--trust-pt2``: loading one can run code),
+whose config ``FILE.json`` (``student.onnx.json``) gives the rest. Images are read and predicted
+``--batch-size`` at a time, preprocessed as evaluation does. An image that cannot be read gets one line on
+stderr and the others are still predicted; the exit code is 0 if any image was predicted, else 2.
 """
 import os
 import sys
@@ -74,7 +74,11 @@ def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description="Top classes of images by a trained student (checkpoint or export)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="a training checkpoint, or a .onnx, .pt2 or .safetensors file from export.py")
+                        help="a training checkpoint, or a .onnx, .safetensors or (with --trust-pt2) .pt2 file "
+                             "from export.py")
+    parser.add_argument("--trust-pt2", action="store_true",
+                        help="also load .pt2 (torch.export) files: loading one can run any code it holds, so pass "
+                             "it only for files you made (ONNX and safetensors files need no such trust)")
     parser.add_argument("--student-model", default=None, choices=models.STUDENT_MODELS, metavar="MODEL",
                         help="a checkpoint's architecture (default: its training run's, else deit_ti_distilled)")
     parser.add_argument("--input-size", default=None, type=int,
@@ -96,7 +100,7 @@ def main(argv=None) -> None:
     for flag, value in (("--topk", args.topk), ("--batch-size", args.batch_size)):
         if value < 1:
             raise BadInput(f"{flag} must be at least 1, got {value}")
-    logits_of, config = load_classifier(args.checkpoint, args.student_model, args.input_size)
+    logits_of, config = load_classifier(args.checkpoint, args.student_model, args.input_size, args.trust_pt2)
     paths = expand_folders(args.images, _warn)
     predicted = 0
     for path, classes in predict(logits_of, config, paths, args.topk, args.batch_size, _warn):

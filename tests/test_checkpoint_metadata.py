@@ -1,6 +1,6 @@
-"""Checkpoints from elsewhere, read by predict.py and export.py: a file of the other DeiT family, raw pickles.
-Each is one line naming the problem (and the flag that fixes it), never a warning of several lines or a hint
-about the wrong thing."""
+"""Checkpoints from elsewhere, read by predict.py and export.py: crafted training metadata, a file of the
+other DeiT family, raw pickles. Each is one line naming the problem (and the flag that fixes it), never a
+traceback, a warning of several lines or a hint about the wrong thing."""
 import pickle
 import re
 import warnings
@@ -22,6 +22,25 @@ def image(tmp_path):
     path = tmp_path / "image.png"
     Image.fromarray(np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)).save(path)
     return path
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("input_size", "abc", r"its training run's input_size is 'abc', not a positive integer: pass --input-size"),
+    ("eval_crop_ratio", None, r"its training run's eval_crop_ratio is None, not a number in \(0, 1\]"),
+    ("class_names", 3, r"the checkpoint's class_names is 3, not a list of names"),
+])
+def test_crafted_training_metadata_is_one_line(key, value, expected, tiny_student_files, image, tmp_path,
+                                               run_entry_point):
+    content = torch.load(tiny_student_files.ours, weights_only=True)
+    if key == "class_names":
+        content["class_names"] = value
+    else:
+        content["args"] = dict(content["args"], **{key: value})
+    checkpoint = tmp_path / "crafted.pth.tar"
+    torch.save(content, checkpoint)
+    code, stdout, stderr = run_entry_point(predict, ["--checkpoint", checkpoint, image])
+    assert code == 2 and stdout == ""
+    assert re.fullmatch(f"error: .*{expected}\n", stderr), stderr
 
 
 @pytest.mark.parametrize("saved, read_as", [("deit_ti", "deit_ti_distilled"), ("deit_ti_distilled", "deit_ti")])
