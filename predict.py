@@ -94,7 +94,8 @@ def _warn(message: str) -> None:
     print(f"warning: skipped {message}", file=sys.stderr, flush=True)
 
 
-@entry_point
+@entry_point(after_full_disk="then run again (predict.py writes no file of its own)",
+             after_interrupt="predict.py writes no file")
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     for flag, value in (("--topk", args.topk), ("--batch-size", args.batch_size)):

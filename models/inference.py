@@ -136,12 +136,9 @@ def config_path(exported_path: str) -> str:
     return exported_path + ".json"
 
 
-def write_config(exported_path: str, config: dict) -> str:
-    path = config_path(exported_path)
-    with open(path, "w") as handle:
-        json.dump(config, handle, indent=1)
-        handle.write("\n")
-    return path
+def config_text(config: dict) -> str:
+    """The text of ``FILE.json``, as export.py writes it."""
+    return json.dumps(config, indent=1) + "\n"
 
 
 def _config_problem(config: dict) -> Optional[str]:
@@ -201,10 +198,10 @@ def _check_input_size(path: str, config: dict, height_and_width: Sequence[object
                        f"{'x'.join(map(str, height_and_width))} images: write the config again with export.py")
 
 
-def save_safetensors(student: nn.Module, path: str) -> None:
-    from safetensors.torch import save_file
-    save_file({key: value.contiguous() for key, value in student.state_dict().items()}, path,
-              metadata={"format": "pt"})
+def safetensors_bytes(student: nn.Module) -> bytes:
+    """The student's weights in the safetensors format (export.py writes them)."""
+    from safetensors.torch import save
+    return save({key: value.contiguous() for key, value in student.state_dict().items()}, metadata={"format": "pt"})
 
 
 def load_exported_student(path: str) -> Tuple[nn.Module, dict]:
