@@ -4,13 +4,14 @@
 
 ``--checkpoint`` takes a training checkpoint (ours or the released layout; ``--student-model`` and
 ``--input-size`` as export.py takes them) or a file written by export.py (``.onnx`` through onnxruntime,
-``.pt2`` through torch.export, ``.safetensors``), whose config ``FILE.json`` (``student.onnx.json``) gives
-the rest. Images are preprocessed as evaluation does. An image that cannot be read gets one line on stderr
-and the others are still predicted; the exit code is 0 if any image was predicted, else 2.
+``.safetensors``, and ``.pt2`` through torch.export only with ``--trust-pt2``: loading one can run code),
+whose config ``FILE.json`` (``student.onnx.json``) gives the rest. Images are read and predicted
+``--batch-size`` at a time, preprocessed as evaluation does. An image that cannot be read gets one line on
+stderr and the others are still predicted; the exit code is 0 if any image was predicted, else 2.
 """
 import os
 import sys
-from typing import Iterator, List, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -38,20 +39,30 @@ def expand_folders(paths: Sequence[str], warn) -> List[str]:
     return files
 
 
+def readable_batches(paths: Iterable[str], transform: Callable, batch_size: int,
+                     warn) -> Iterator[List[Tuple[str, torch.Tensor]]]:
+    """``(path, preprocessed image)`` lists of ``batch_size`` (the last may be shorter), read only as they are
+    consumed, so memory holds one batch however many images there are; ``warn`` gets one line for each image
+    that cannot be read."""
+    batch = []
+    for path in paths:
+        try:
+            batch.append((path, transform(read_image(path))))
+        except BadInput as error:
+            warn(str(error))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def predict(logits_of: Logits, config: dict, paths: Sequence[str], topk: int, batch_size: int,
             warn) -> Iterator[Tuple[str, List[Tuple[str, float]]]]:
     """``(path, [(class name, probability)] * topk)`` for each readable image, in order; ``warn`` gets one
     line for each image that cannot be read."""
-    transform = eval_transform(config)
     names = config["class_names"]
-    readable = []
-    for path in paths:
-        try:
-            readable.append((path, transform(read_image(path))))
-        except BadInput as error:
-            warn(str(error))
-    for start in range(0, len(readable), batch_size):
-        batch = readable[start:start + batch_size]
+    for batch in readable_batches(paths, eval_transform(config), batch_size, warn):
         with torch.no_grad():
             probabilities = logits_of(torch.stack([image for _, image in batch])).float().softmax(dim=-1)
         top = probabilities.topk(min(topk, probabilities.shape[-1]), dim=-1)
@@ -63,7 +74,11 @@ def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description="Top classes of images by a trained student (checkpoint or export)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="a training checkpoint, or a .onnx, .pt2 or .safetensors file from export.py")
+                        help="a training checkpoint, or a .onnx, .safetensors or (with --trust-pt2) .pt2 file "
+                             "from export.py")
+    parser.add_argument("--trust-pt2", action="store_true",
+                        help="also load .pt2 (torch.export) files: loading one can run any code it holds, so pass "
+                             "it only for files you made (ONNX and safetensors files need no such trust)")
     parser.add_argument("--student-model", default=None, choices=models.STUDENT_MODELS, metavar="MODEL",
                         help="a checkpoint's architecture (default: its training run's, else deit_ti_distilled)")
     parser.add_argument("--input-size", default=None, type=int,
@@ -79,13 +94,14 @@ def _warn(message: str) -> None:
     print(f"warning: skipped {message}", file=sys.stderr, flush=True)
 
 
-@entry_point
+@entry_point(after_full_disk="then run again (predict.py writes no file of its own)",
+             after_interrupt="predict.py writes no file")
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     for flag, value in (("--topk", args.topk), ("--batch-size", args.batch_size)):
         if value < 1:
             raise BadInput(f"{flag} must be at least 1, got {value}")
-    logits_of, config = load_classifier(args.checkpoint, args.student_model, args.input_size)
+    logits_of, config = load_classifier(args.checkpoint, args.student_model, args.input_size, args.trust_pt2)
     paths = expand_folders(args.images, _warn)
     predicted = 0
     for path, classes in predict(logits_of, config, paths, args.topk, args.batch_size, _warn):

@@ -5,12 +5,14 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from models.deit import DEIT_SIZES
 from vkd.checkpoints import safe_torch_load, state_dict_in, strict_load, strip_ddp_prefix
 from vkd.distributed import Runtime, start_processes
 from vkd.errors import BadInput
 from vkd.reproducibility import configure_determinism
 
 PROJECTOR_PREFIX = "projector."
+DISTILLED_HEAD = "head_dist.weight"  # what only a distilled DeiT's weights hold
 
 
 def init_runtime(args, explicit) -> Runtime:
@@ -56,7 +58,8 @@ def saved_run_args(content: object) -> dict:
 
 
 def _shape_hint(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """What a person should change when a file differs from the model only in class count or input size."""
+    """What a person should change when a file differs from the model in class count, in DeiT family (distilled
+    or not) or in input size."""
     expected = model.state_dict()
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     for name, module in model.named_modules():
@@ -66,15 +69,27 @@ def _shape_hint(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Opt
             if found[0] != wanted[0] and found[1:] == wanted[1:]:
                 return f"file has {found[0]} classes, data set has {wanted[0]}"
     positions = state_dict.get("pos_embed")
-    if (positions is not None and "pos_embed" in expected and positions.ndim == 3
-            and positions.shape[1] != expected["pos_embed"].shape[1]
-            and positions.shape[2] == expected["pos_embed"].shape[2]):
-        # DeiT students: a grid of stride-16 patches after 1 (cls) or 2 (cls, dist) prefix tokens.
-        num_patches = getattr(model, "num_patches", None) or model.patch_embed.num_patches
-        prefix_tokens = expected["pos_embed"].shape[1] - num_patches
-        model_size = getattr(model, "img_size", None) or model.patch_embed.img_size[0]
-        stride = model_size // round(num_patches ** 0.5)
-        file_size = round((positions.shape[1] - prefix_tokens) ** 0.5) * stride
-        return (f"file was trained at input size {file_size}, the model is built for {model_size}: "
-                f"pass --input-size {file_size}")
-    return None
+    if (positions is None or "pos_embed" not in expected or positions.ndim != 3
+            or positions.shape[1:] == expected["pos_embed"].shape[1:]):
+        return None
+    # DeiT students: 1 prefix token (cls) and a 16x16 patch embedding, or, distilled, 2 (cls, dist) and a
+    # convolutional stem; then a grid of stride-16 patches.
+    file_prefix, model_prefix = (2 if DISTILLED_HEAD in weights else 1 for weights in (state_dict, expected))
+    if file_prefix != model_prefix:
+        widths = {embed_dim: size for size, (embed_dim, _) in DEIT_SIZES.items()}
+        suggestion = widths.get(positions.shape[2])
+        fix = (f": pass --student-model deit_{suggestion}{'_distilled' if file_prefix == 2 else ''}"
+               if suggestion else "")
+        return (f"the file is a {'distilled ' if file_prefix == 2 else ''}DeiT with {file_prefix} prefix "
+                f"token{'s' if file_prefix > 1 else ''}, the model has {model_prefix}{fix}")
+    if positions.shape[2] != expected["pos_embed"].shape[2]:
+        return None  # another width: the key list says it
+    num_patches = getattr(model, "num_patches", None) or model.patch_embed.num_patches
+    model_size = getattr(model, "img_size", None) or model.patch_embed.img_size[0]
+    stride = model_size // round(num_patches ** 0.5)
+    file_side = round((positions.shape[1] - file_prefix) ** 0.5)
+    if file_side ** 2 != positions.shape[1] - file_prefix:
+        return None  # not a square grid: no input size explains it
+    file_size = file_side * stride
+    return (f"file was trained at input size {file_size}, the model is built for {model_size}: "
+            f"pass --input-size {file_size}")

@@ -5,9 +5,13 @@ name with ``.json`` added (``FILE.onnx.json``...): the architecture, the input s
 preprocessing, the classes and their names, and the SHA-256 of the checkpoint it came from, so that it can be
 used without the checkpoint or this repository.
 """
+import contextlib
 import json
+import logging
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+import warnings
+from numbers import Real
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,15 +20,19 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 import datasets
 import models
-from models.deit import DistilledVisionTransformer
+from models.deit import EVAL_HEADS, DistilledVisionTransformer
 from utils import load_student_checkpoint, saved_run_args
 from vkd.checkpoints import first_line, safe_torch_load, state_dict_in, strict_load, strip_ddp_prefix
+from vkd.data.folders import open_rgb_image
 from vkd.errors import BadInput, CheckpointError
 
 DEFAULT_STUDENT_MODEL, DEFAULT_INPUT_SIZE = "deit_ti_distilled", 224
 HEAD_WEIGHT = "head.weight"
 FORMAT_SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}
 CONFIG_KEYS = ("architecture", "input_size", "num_classes", "class_names", "mean", "std", "eval_crop_ratio")
+# Formats whose loading reads numbers only: what may come from strangers. A torch.export program may not.
+SAFE_FORMATS = "an ONNX or safetensors export"
+MAX_VALUE_IN_MESSAGE = 40  # characters of a bad value quoted from a file
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
@@ -44,9 +52,11 @@ def class_names_for(stored: Optional[Sequence[str]], num_classes: int) -> List[s
     """The checkpoint's own class names; without them (released files) ImageNet's for an ImageNet-sized head,
     as timm ships them, else ``class N``."""
     if stored is not None:
+        if not isinstance(stored, (list, tuple)) or not all(isinstance(name, str) for name in stored):
+            raise CheckpointError(f"the checkpoint's class_names is {_quoted(stored)}, not a list of names")
         if len(stored) != num_classes:
             raise CheckpointError(f"the checkpoint names {len(stored)} classes but its head has {num_classes}")
-        return [str(name) for name in stored]
+        return list(stored)
     from timm.data import ImageNetInfo, infer_imagenet_subset
     subset = infer_imagenet_subset({"num_classes": num_classes})
     if subset is not None:
@@ -62,6 +72,30 @@ def _output_description(student: nn.Module) -> str:
     return "logits: the mean of the class and distillation heads' logits, as evaluation uses them"
 
 
+def _quoted(value: object) -> str:
+    """A value read from a file, for a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= MAX_VALUE_IN_MESSAGE else text[:MAX_VALUE_IN_MESSAGE] + "..."
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _crop_ratio(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and 0 < value <= 1
+
+
+def _run_arg(path: str, run_args: dict, key: str, default: object, valid: Callable[[object], bool],
+             expected: str, flag: str = "") -> object:
+    """``run_args[key]`` (else ``default``), checked: a crafted or damaged checkpoint is one line naming it."""
+    value = run_args.get(key, default)
+    if not valid(value):
+        fix = f": pass {flag}" if flag else ""
+        raise CheckpointError(f"{path}: its training run's {key} is {_quoted(value)}, not {expected}{fix}")
+    return value
+
+
 def load_checkpoint_student(path: str, student_model: Optional[str] = None,
                             input_size: Optional[int] = None) -> Tuple[nn.Module, dict]:
     """The student of a checkpoint (ours or the released layout), in eval mode without its projector, and its
@@ -74,16 +108,21 @@ def load_checkpoint_student(path: str, student_model: Optional[str] = None,
     num_classes = int(weights[HEAD_WEIGHT].shape[0])
     run_args = saved_run_args(content)
     if student_model is None:
-        student_model = run_args.get("student_model", DEFAULT_STUDENT_MODEL)
+        student_model = _run_arg(path, run_args, "student_model", DEFAULT_STUDENT_MODEL,
+                                 lambda value: value in models.STUDENT_MODELS, "a student model", "--student-model")
     if input_size is None:
-        input_size = int(run_args.get("input_size", DEFAULT_INPUT_SIZE))
-    eval_head = run_args.get("eval_head", "mean")
+        input_size = _run_arg(path, run_args, "input_size", DEFAULT_INPUT_SIZE, _positive_int,
+                              "a positive integer", "--input-size")
+    eval_head = _run_arg(path, run_args, "eval_head", "mean", lambda value: value in EVAL_HEADS,
+                         f"one of {', '.join(EVAL_HEADS)}")
+    eval_crop_ratio = _run_arg(path, run_args, "eval_crop_ratio", datasets.EVAL_CROP_RATIO, _crop_ratio,
+                               "a number in (0, 1]")
+    class_names = class_names_for(content.get("class_names"), num_classes)
     student = build_student(student_model, num_classes, input_size, eval_head)
     load_student_checkpoint(student, path, content)
     config = dict(architecture=student_model, input_size=input_size, num_classes=num_classes, eval_head=eval_head,
-                  class_names=class_names_for(content.get("class_names"), num_classes),
-                  mean=list(datasets.IMAGENET_MEAN), std=list(datasets.IMAGENET_STD),
-                  eval_crop_ratio=float(run_args.get("eval_crop_ratio", datasets.EVAL_CROP_RATIO)),
+                  class_names=class_names, mean=list(datasets.IMAGENET_MEAN), std=list(datasets.IMAGENET_STD),
+                  eval_crop_ratio=float(eval_crop_ratio),
                   output=_output_description(student), checkpoint=os.path.basename(path),
                   checkpoint_sha256=models.file_sha256(path))
     return student, config
@@ -97,12 +136,41 @@ def config_path(exported_path: str) -> str:
     return exported_path + ".json"
 
 
-def write_config(exported_path: str, config: dict) -> str:
-    path = config_path(exported_path)
-    with open(path, "w") as handle:
-        json.dump(config, handle, indent=1)
-        handle.write("\n")
-    return path
+def config_text(config: dict) -> str:
+    """The text of ``FILE.json``, as export.py writes it."""
+    return json.dumps(config, indent=1) + "\n"
+
+
+def _config_problem(config: dict) -> Optional[str]:
+    """What makes an exported file's config unusable (an edit, a damaged file), or None."""
+    if not isinstance(config, dict):
+        return f"it holds {type(config).__name__}, not a JSON object"
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    architecture, input_size, num_classes = config["architecture"], config["input_size"], config["num_classes"]
+    names = config["class_names"]
+    if architecture not in models.STUDENT_MODELS:
+        return f"architecture is {_quoted(architecture)}, not one of {', '.join(models.STUDENT_MODELS)}"
+    for key, value in (("input_size", input_size), ("num_classes", num_classes)):
+        if not _positive_int(value):
+            return f"{key} is {_quoted(value)}, not a positive integer"
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return f"class_names is {_quoted(names)}, not a list of names"
+    if len(names) != num_classes:
+        return f"class_names has {len(names)} names for {num_classes} classes"
+    for key in ("mean", "std"):
+        values = config[key]
+        if not (isinstance(values, list) and len(values) == 3
+                and all(isinstance(value, Real) and not isinstance(value, bool) for value in values)):
+            return f"{key} is {_quoted(values)}, not 3 numbers"
+    if not all(value > 0 for value in config["std"]):
+        return f"std is {_quoted(config['std'])}: every value must be positive"
+    if not _crop_ratio(config["eval_crop_ratio"]):
+        return f"eval_crop_ratio is {_quoted(config['eval_crop_ratio'])}, not a number in (0, 1]"
+    if config.get("eval_head", "mean") not in EVAL_HEADS:
+        return f"eval_head is {_quoted(config['eval_head'])}, not one of {', '.join(EVAL_HEADS)}"
+    return None
 
 
 def read_config(exported_path: str) -> dict:
@@ -115,16 +183,25 @@ def read_config(exported_path: str) -> dict:
             config = json.load(handle)
     except (OSError, ValueError) as error:
         raise BadInput(f"cannot read {path}: {first_line(error)}") from None
-    missing = [key for key in CONFIG_KEYS if not isinstance(config, dict) or key not in config]
-    if missing:
-        raise BadInput(f"{path} lacks {', '.join(missing)}: write it again with export.py")
+    problem = _config_problem(config)
+    if problem:
+        raise BadInput(f"{path}: {problem}: write it again with export.py")
     return config
 
 
-def save_safetensors(student: nn.Module, path: str) -> None:
-    from safetensors.torch import save_file
-    save_file({key: value.contiguous() for key, value in student.state_dict().items()}, path,
-              metadata={"format": "pt"})
+def _check_input_size(path: str, config: dict, height_and_width: Sequence[object]) -> None:
+    """The config's input size is the one the exported file takes (an edited config would fail later, deep
+    inside the runtime)."""
+    size = config["input_size"]
+    if list(height_and_width) != [size, size]:
+        raise BadInput(f"{config_path(path)} says input_size {size}, but {path} takes "
+                       f"{'x'.join(map(str, height_and_width))} images: write the config again with export.py")
+
+
+def safetensors_bytes(student: nn.Module) -> bytes:
+    """The student's weights in the safetensors format (export.py writes them)."""
+    from safetensors.torch import save
+    return save({key: value.contiguous() for key, value in student.state_dict().items()}, metadata={"format": "pt"})
 
 
 def load_exported_student(path: str) -> Tuple[nn.Module, dict]:
@@ -139,39 +216,77 @@ def load_exported_student(path: str) -> Tuple[nn.Module, dict]:
     # safetensors raises its own SafetensorError, or OSError, on a missing or malformed file.
     except Exception as error:
         raise CheckpointError(f"could not read safetensors file {path}: {first_line(error)}") from None
-    strict_load(student, weights, path)
+    strict_load(student, weights, path,
+                hint=lambda model, state: f"{config_path(path)} may not describe it: write it again with export.py")
     return student, config
 
 
-def _onnx_logits(path: str) -> Logits:
+def _onnx_logits(path: str, config: dict) -> Logits:
     import onnxruntime  # only ONNX files need it
     try:
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     # onnxruntime's errors on a malformed file are its own types (InvalidProtobuf, Fail...).
     except Exception as error:
         raise CheckpointError(f"could not load ONNX file {path}: {first_line(error)}") from None
-    input_name = session.get_inputs()[0].name
-    return lambda images: torch.from_numpy(session.run(None, {input_name: images.numpy()})[0])
+    images = session.get_inputs()[0]
+    _check_input_size(path, config, images.shape[2:])
+    return lambda batch: torch.from_numpy(session.run(None, {images.name: batch.numpy()})[0])
 
 
-def _program_logits(path: str) -> Logits:
+@contextlib.contextmanager
+def _torch_export_quiet() -> Iterator[None]:
+    """torch.export.load logs the whole traceback of a failed load (and warns of its pickles) before raising;
+    the caller's one line says what failed."""
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        module = torch.export.load(path).module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _program_logits(path: str, config: dict, trusted: bool) -> Logits:
+    if not trusted:
+        raise CheckpointError(f"{path}: loading a torch.export program can run code (torch unpickles parts of it), "
+                              f"so a .pt2 file is read only with --trust-pt2, for files you made; from anyone else, "
+                              f"use {SAFE_FORMATS}")
+    try:
+        with _torch_export_quiet():
+            program = torch.export.load(path)
     # A malformed archive fails in zipfile, pickle or torch's deserialiser, each with its own types.
     except Exception as error:
         raise CheckpointError(f"could not load torch.export file {path}: {first_line(error)}") from None
-    return module
+    [images] = [node for node in program.graph.nodes
+                if node.op == "placeholder" and node.name in program.graph_signature.user_inputs]
+    _check_input_size(path, config, images.meta["val"].shape[2:])
+    return program.module()
 
 
-def load_classifier(path: str, student_model: Optional[str] = None,
-                    input_size: Optional[int] = None) -> Tuple[Logits, dict]:
+def _file_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read as a file, or None; never opens it (a FIFO would block)."""
+    if os.path.isfile(path):
+        return None
+    if not os.path.exists(path):
+        return "no such file"
+    if os.path.isdir(path):
+        return "a folder, not a file"
+    return "not a regular file (a FIFO, a socket or a device)"
+
+
+def load_classifier(path: str, student_model: Optional[str] = None, input_size: Optional[int] = None,
+                    trust_program: bool = False) -> Tuple[Logits, dict]:
     """``(logits_of, config)`` for a checkpoint or an exported file (told apart by the suffix);
     ``logits_of`` maps a preprocessed batch [B, 3, S, S] to logits [B, classes].
 
     An exported file's architecture and input size are fixed by its config: other values given are an error.
+    A torch.export program (``.pt2``) is refused unless ``trust_program``: loading one can run code.
     """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"file not found: {path}")
+    problem = _file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     suffix = os.path.splitext(path)[1]
     if suffix not in FORMAT_SUFFIXES.values():
         return load_checkpoint_student(path, student_model, input_size)
@@ -181,9 +296,9 @@ def load_classifier(path: str, student_model: Optional[str] = None,
         if given is not None and given != exported:
             raise BadInput(f"{path} was exported with {flag} {exported}, not {given}")
     if suffix == FORMAT_SUFFIXES["onnx"]:
-        return _onnx_logits(path), config
+        return _onnx_logits(path, config), config
     if suffix == FORMAT_SUFFIXES["torch-export"]:
-        return _program_logits(path), config
+        return _program_logits(path, config, trust_program), config
     return load_exported_student(path)
 
 
@@ -197,20 +312,29 @@ def eval_transform(config: dict) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def read_image(path: str) -> Image.Image:
-    """An RGB image, or a ``BadInput`` naming the file."""
-    if not os.path.isfile(path):
-        raise BadInput(f"{path}: no such file")
+    """An 8-bit RGB image (16-bit ones scaled, ``vkd.data.folders.open_rgb_image``), or a ``BadInput`` naming
+    the file."""
+    problem = _file_problem(path)
+    if problem:
+        raise BadInput(f"{path}: {problem}")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return open_rgb_image(path)
     # PIL raises a wide, undocumented set of types on malformed files (OSError, SyntaxError, ValueError...).
     except Exception as error:
         raise BadInput(f"{path}: not a readable image ({first_line(error)})") from None
 
 
 def image_files(folder: str) -> List[str]:
-    """The image files under ``folder`` (any depth), sorted."""
-    found = []
-    for root, _, files in os.walk(folder, followlinks=True):
+    """The image files under ``folder`` (any depth, through links), sorted. A folder reached twice (a link back
+    up, two links to one folder) is read once, so a loop neither repeats images nor runs forever."""
+    found, seen = [], {os.path.realpath(folder)}
+    for root, subfolders, files in os.walk(folder, followlinks=True):
+        first_visits = []
+        for name in sorted(subfolders):
+            real = os.path.realpath(os.path.join(root, name))
+            if real not in seen:
+                seen.add(real)
+                first_visits.append(name)
+        subfolders[:] = first_visits  # os.walk descends only into these
         found.extend(os.path.join(root, name) for name in files if has_file_allowed_extension(name, IMG_EXTENSIONS))
     return sorted(found)

@@ -1,19 +1,25 @@
 """predict.py: the top classes of images written here, from a checkpoint of either layout and from each exported
 format, against the PyTorch student's probabilities; unreadable images and bad flags."""
 import io
+import json
+import os
+import pickle
 import re
 import shutil
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, IMAGE_SIZE
+from conftest import CLASSES, IMAGE_SIZE, REPO
 from PIL import Image
 
 import datasets
 import export
 import predict
-from models.inference import class_names_for
+from models.inference import class_names_for, config_path, load_classifier, read_image
 from vkd.checkpoints import safe_torch_load
 
 IMAGES = 3
@@ -75,7 +81,7 @@ def test_top_classes_match_pytorch(source, tiny_student_files, exported, image_f
         "checkpoint": (tiny_student_files.ours, [], CLASSES),
         "released checkpoint": (tiny_student_files.released, ["--input-size", IMAGE_SIZE], ("class 0", "class 1",
                                                                                              "class 2")),
-    }.get(source, (exported.get(source), [], CLASSES))
+    }.get(source, (exported.get(source), ["--trust-pt2"] if source == "torch-export" else [], CLASSES))
     code, stdout, stderr = run_entry_point(predict, ["--checkpoint", model, "--topk", len(CLASSES), folder] + flags)
     assert code == 0, stderr
     assert re.fullmatch(r"warning: skipped .*truncated\.png: not a readable image \(.*\)\n", stderr)
@@ -143,3 +149,104 @@ def test_a_trained_checkpoint_names_its_classes(run_main, data_flags, tmp_path, 
     predictions = parse(stdout)
     assert len(predictions) == 2
     assert all(sorted(name for _, name in classes) == sorted(CLASSES) for classes in predictions.values())
+
+
+class WritesMarker:
+    """A pickle whose loading writes a file: what a crafted export could run instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def crafted_program(source, target, marker):
+    """A copy of the .pt2 export ``source`` (and its config) whose sample inputs are replaced by a pickle that
+    writes ``marker``: torch.export.load unpickles them with weights_only=False."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as crafted:
+        for item in original.infolist():
+            content = original.read(item.filename)
+            if item.filename.endswith("data/sample_inputs/model.pt"):
+                content = pickle.dumps(WritesMarker(marker))
+            crafted.writestr(item.filename, content)
+    shutil.copy(config_path(source), config_path(str(target)))
+
+
+def test_a_pt2_file_is_refused_unless_trusted_so_a_crafted_one_runs_nothing(exported, image_folder, tmp_path,
+                                                                            run_entry_point):
+    folder, _ = image_folder
+    marker, crafted = tmp_path / "marker", tmp_path / "crafted.pt2"
+    crafted_program(exported["torch-export"], crafted, marker)
+    for model in (crafted, exported["torch-export"]):
+        code, stdout, stderr = run_entry_point(predict, ["--checkpoint", model, folder / "0.png"])
+        assert code == 2 and stdout == ""
+        assert re.fullmatch(r"error: .*\.pt2: loading a torch\.export program can run code .* only with --trust-pt2, "
+                            r"for files you made; from anyone else, use an ONNX or safetensors export\n", stderr)
+        assert not marker.exists()
+    # The crafted file does run its payload when trusted: the refusal above is what kept it from running.
+    code, _, stderr = run_entry_point(predict, ["--checkpoint", crafted, "--trust-pt2", folder / "0.png"])
+    assert code == 2 and marker.exists()
+    assert re.fullmatch(r"error: could not load torch\.export file .*crafted\.pt2: .*\n", stderr)
+
+
+def test_images_are_read_one_batch_at_a_time(tiny_student_files, image_folder, monkeypatch):
+    folder, _ = image_folder
+    paths = [str(folder / name) for name in ("0.png", "truncated.png", "1.png", "2.png", "0.png")]
+    read = []
+
+    def counting_read_image(path):
+        read.append(path)
+        return read_image(path)
+
+    monkeypatch.setattr(predict, "read_image", counting_read_image)
+    logits_of, config = load_classifier(tiny_student_files.ours)
+    warnings = []
+    images_read_at_each_result = [(path, len(read)) for path, _ in predict.predict(
+        logits_of, config, paths, topk=1, batch_size=2, warn=warnings.append)]
+    # The first batch (two readable images, the unreadable one between them skipped) is predicted before the
+    # rest is read.
+    assert images_read_at_each_result == [(paths[0], 3), (paths[2], 3), (paths[3], 5), (paths[4], 5)]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{paths[1]}: not a readable image")
+
+
+@pytest.mark.parametrize("export_format", ["onnx", "torch-export", "safetensors"])
+@pytest.mark.parametrize("edit", ["too few class names", "input size as text", "another input size"])
+def test_an_edited_config_is_one_line(edit, export_format, exported, image_folder, tmp_path, run_entry_point):
+    folder, _ = image_folder
+    model = str(tmp_path / os.path.basename(exported[export_format]))
+    shutil.copy(exported[export_format], model)
+    with open(config_path(exported[export_format])) as handle:
+        config = json.load(handle)
+    key, value, expected = {
+        "too few class names": ("class_names", list(CLASSES[:2]), r"class_names has 2 names for 3 classes: write it "
+                                                                  r"again with export\.py"),
+        "input size as text": ("input_size", "32", r"input_size is '32', not a positive integer: write it again "
+                                                         r"with export\.py"),
+        "another input size": ("input_size", 64, r"says input_size 64, but .* takes 32x32 images: write the config "
+                                                 r"again with export\.py"
+                               if export_format != "safetensors" else
+                               r"does not fit DistilledVisionTransformer: shape mismatch: pos_embed .*; .*\.json may "
+                               r"not describe it: write it again with export\.py"),
+    }[edit]
+    with open(config_path(model), "w") as handle:
+        json.dump(dict(config, **{key: value}), handle)
+    trust = ["--trust-pt2"] if export_format == "torch-export" else []
+    code, stdout, stderr = run_entry_point(predict, ["--checkpoint", model, "--topk", 3, folder / "0.png"] + trust)
+    assert code == 2 and stdout == ""
+    assert re.fullmatch(f"error: .*{expected}\n", stderr), stderr
+
+
+def test_a_truncated_pt2_is_one_line(exported, image_folder, tmp_path):
+    folder, _ = image_folder
+    truncated = tmp_path / "truncated.pt2"
+    with open(exported["torch-export"], "rb") as handle:
+        truncated.write_bytes(handle.read()[:4096])
+    shutil.copy(config_path(exported["torch-export"]), config_path(str(truncated)))
+    # A process of its own: torch logs through a handler made when it was imported, which capsys does not see.
+    result = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(truncated), "--trust-pt2",
+                             str(folder / "0.png")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert re.fullmatch(r"error: could not load torch\.export file .*truncated\.pt2: .*\n", result.stderr), \
+        result.stderr

@@ -8,6 +8,7 @@ import re
 import socket
 import time
 import uuid
+import warnings
 from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
@@ -59,7 +60,10 @@ def safe_torch_load(path: str, allowed_globals: Iterable[type] = ()) -> object:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint file is empty: {path}")
     try:
-        with torch.serialization.safe_globals(list(allowed_globals)):
+        with torch.serialization.safe_globals(list(allowed_globals)), warnings.catch_warnings():
+            # A raw pickle (pickle.dump, torch.save's legacy format) gets a two-line warning about its pickle
+            # protocol; the load succeeds or ends in one line here, which is all a person needs.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     # On malformed bytes torch.load raises a wide, undocumented set of types (UnpicklingError, RuntimeError,
     # KeyError, IndexError, struct.error, AssertionError, UnicodeDecodeError, EOFError...), all seen when

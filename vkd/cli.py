@@ -4,11 +4,14 @@ error names (2 bad input, 1 a run that could not go on), a full disk into one li
 line and 130."""
 import functools
 import sys
-from typing import Callable, NoReturn, TypeVar
+from typing import Callable, NoReturn, Optional, TypeVar
 
 from vkd.errors import OUT_OF_SPACE, VkDError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+# What a training run keeps after a full disk or Ctrl-C; entry points that keep something else say so.
+TRAINING_AFTER_FULL_DISK = "then continue with --resume auto (the last checkpoint written is kept)"
+TRAINING_AFTER_INTERRUPT = "the last checkpoint written is kept (resume with --resume auto)"
 Main = TypeVar("Main", bound=Callable)
 
 
@@ -18,8 +21,15 @@ def fail(message: str, exit_code: int = 2, label: str = "error") -> NoReturn:
     sys.exit(exit_code)
 
 
-def entry_point(main: Main) -> Main:
-    """``main`` with every ``VkDError`` (and Ctrl-C) turned into one line and its exit code."""
+def entry_point(main: Optional[Main] = None, *, after_full_disk: str = TRAINING_AFTER_FULL_DISK,
+                after_interrupt: str = TRAINING_AFTER_INTERRUPT) -> Main:
+    """``main`` with every ``VkDError`` (and Ctrl-C) turned into one line and its exit code.
+
+    ``@entry_point`` words a full disk and Ctrl-C for training; ``@entry_point(after_full_disk=...,
+    after_interrupt=...)`` for an entry point that keeps something else (an export, nothing at all).
+    """
+    if main is None:
+        return functools.partial(entry_point, after_full_disk=after_full_disk, after_interrupt=after_interrupt)
 
     @functools.wraps(main)
     def guarded(*args, **kwargs):
@@ -31,10 +41,8 @@ def entry_point(main: Main) -> Main:
             if error.errno not in OUT_OF_SPACE:
                 raise
             # Any write (a log line, a JSON record, tensorboard); checkpoints are replaced atomically.
-            fail(f"no space left to write {error.filename or 'a file'}: free some space, then continue with "
-                 "--resume auto (the last checkpoint written is kept)", 1)
+            fail(f"no space left to write {error.filename or 'a file'}: free some space, {after_full_disk}", 1)
         except KeyboardInterrupt:
-            fail("interrupted; the last checkpoint written is kept (resume with --resume auto)", EXIT_INTERRUPTED,
-                 "stopped")
+            fail(f"interrupted; {after_interrupt}", EXIT_INTERRUPTED, "stopped")
 
     return guarded

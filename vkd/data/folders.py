@@ -3,17 +3,24 @@
 Class indices always follow the sorted class folders of ``train/`` (torchvision's rule), for the
 validation split too, so a val folder lacking a class cannot shift the labels. An unreadable image
 is skipped (returned as ``(None, target)``, for ``loaders.collate_skipping_unreadable``) or, when
-strict, raised as ``UnreadableImageError`` naming the file.
+strict, raised as ``UnreadableImageError`` naming the file. Every image is read by ``open_rgb_image``,
+which predict.py and export.py's check use too.
 """
 import os
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from vkd.errors import DatasetError
+
+# PIL's modes of 16-bit grey images (PNG, TIFF; "I" is the 32-bit mode older PIL versions and convert("I") give
+# them). PIL's convert("RGB") clips their 0..65535 levels to 0..255, which turns a photograph black and white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+SIXTEEN_TO_EIGHT_BITS = 65535 / 255  # 257: 65535 -> 255, 257 * n -> n
 
 
 class UnreadableImageError(DatasetError):
@@ -27,6 +34,26 @@ class UnreadableImageError(DatasetError):
     def __init__(self, message: str):
         last_line = message.strip().splitlines()[-1]
         super().__init__(last_line.split(f"{type(self).__name__}: ", 1)[-1])
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, 16-bit grey scaled to 8 bits (rounded) rather than clipped."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        levels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / SIXTEEN_TO_EIGHT_BITS
+        image = Image.fromarray(np.round(levels).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def open_rgb_image(path: str) -> Image.Image:
+    """The image file at ``path``, decoded, as 8-bit RGB (``to_rgb``).
+
+    PIL decodes an image of more pixels than its decompression-bomb limit (89 M) with a two-line warning and
+    refuses one of more than twice as many; the first is read here without the warning, the second fails.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return to_rgb(image)
 
 
 def check_data_folder(data_path: Optional[str], data_set: str) -> None:
@@ -111,7 +138,7 @@ class ImageFolderSkippingUnreadable(ImageFolder):
         self.strict = strict
         # allow_empty: a val split may lack some of train's classes; empty class folders that do
         # exist were already rejected by _check_split with a clearer message.
-        super().__init__(root, transform=transform, allow_empty=True)
+        super().__init__(root, transform=transform, loader=open_rgb_image, allow_empty=True)
 
     def find_classes(self, directory: str):
         return self.fixed_classes, {name: index for index, name in enumerate(self.fixed_classes)}
