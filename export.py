@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import models
 from models.inference import (
     FORMAT_SUFFIXES,
     Logits,
@@ -241,8 +240,8 @@ def build_parser() -> OneLineErrorParser:
                                             "its JSON config, checked against PyTorch")
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
                         help="student checkpoint: ours (latest.pth.tar ...) or the released layout")
-    parser.add_argument("--student-model", default=None, choices=models.STUDENT_MODELS, metavar="MODEL",
-                        help="the student's architecture (default: the checkpoint's training run's, else "
+    parser.add_argument("--student-model", default=None, metavar="MODEL",
+                        help="the student's timm architecture (default: the checkpoint's training run's, else "
                              "deit_ti_distilled)")
     parser.add_argument("--input-size", default=None, type=int,
                         help="input size in pixels (default: the checkpoint's training run's, else 224)")

@@ -15,7 +15,6 @@ from typing import Callable, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
-import models
 from models.inference import Logits, eval_transform, image_files, load_classifier, read_image
 from vkd.cli import entry_point
 from vkd.config import OneLineErrorParser
@@ -79,7 +78,7 @@ def build_parser() -> OneLineErrorParser:
     parser.add_argument("--trust-pt2", action="store_true",
                         help="also load .pt2 (torch.export) files: loading one can run any code it holds, so pass "
                              "it only for files you made (ONNX and safetensors files need no such trust)")
-    parser.add_argument("--student-model", default=None, choices=models.STUDENT_MODELS, metavar="MODEL",
+    parser.add_argument("--student-model", default=None, metavar="MODEL",
                         help="a checkpoint's architecture (default: its training run's, else deit_ti_distilled)")
     parser.add_argument("--input-size", default=None, type=int,
                         help="a checkpoint's input size (default: its training run's, else 224)")

@@ -120,7 +120,9 @@ def _download_pretrained(name: str, **kwargs) -> nn.Module:
                                f"FILE with local weights") from None
 
 
-def _classifier_weight_key(model: nn.Module) -> Optional[str]:
+def classifier_weight_key(model: nn.Module) -> Optional[str]:
+    """The state-dict key of ``model``'s classifier weight (``head.weight``, ``fc.weight``, ...), found through
+    timm's ``get_classifier``; None for a model without one."""
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     for module_name, module in model.named_modules():
         if module is classifier and isinstance(getattr(module, "weight", None), torch.Tensor):
@@ -150,7 +152,7 @@ def create_teacher(name: str, num_classes: Optional[int] = None, teacher_path: O
         # with the file's if the default differs.
         extra = {} if num_classes is None else {"num_classes": num_classes}
         teacher = timm.create_model(name, pretrained=False, **extra, **kwargs)
-        head_key = _classifier_weight_key(teacher)
+        head_key = classifier_weight_key(teacher)
         file_classes = int(state_dict[head_key].shape[0]) if head_key in state_dict else None
         if num_classes is not None and file_classes is not None and file_classes != num_classes:
             raise TeacherError(f"teacher file {teacher_path} has {file_classes} classes, {num_classes} expected")

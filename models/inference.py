@@ -27,7 +27,6 @@ from vkd.data.folders import open_rgb_image
 from vkd.errors import BadInput, CheckpointError
 
 DEFAULT_STUDENT_MODEL, DEFAULT_INPUT_SIZE = "deit_ti_distilled", 224
-HEAD_WEIGHT = "head.weight"
 FORMAT_SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}
 CONFIG_KEYS = ("architecture", "input_size", "num_classes", "class_names", "mean", "std", "eval_crop_ratio")
 # Formats whose loading reads numbers only: what may come from strangers. A torch.export program may not.
@@ -96,6 +95,18 @@ def _run_arg(path: str, run_args: dict, key: str, default: object, valid: Callab
     return value
 
 
+DEFAULT_CLASSES = 1000  # the class count a student is first built with, to find its classifier's key
+
+
+def _class_count(path: str, student: nn.Module, weights: dict) -> int:
+    """The class count of the checkpoint's classifier, found where ``student``'s architecture keeps it."""
+    key = models.classifier_weight_key(student)
+    if key is None or key not in weights:
+        raise CheckpointError(f"{path} has no {key or 'classifier weight'}: not a checkpoint of a "
+                              f"{type(student).__name__} student (pass --student-model with its architecture)")
+    return int(weights[key].shape[0])
+
+
 def load_checkpoint_student(path: str, student_model: Optional[str] = None,
                             input_size: Optional[int] = None) -> Tuple[nn.Module, dict]:
     """The student of a checkpoint (ours or the released layout), in eval mode without its projector, and its
@@ -103,13 +114,11 @@ def load_checkpoint_student(path: str, student_model: Optional[str] = None,
     training run's (our checkpoints keep them), else deit_ti_distilled at 224 px."""
     content = safe_torch_load(path)
     weights = strip_ddp_prefix(state_dict_in(content, path))  # also checks that the file holds a mapping
-    if HEAD_WEIGHT not in weights:
-        raise CheckpointError(f"{path} has no {HEAD_WEIGHT}: not a student checkpoint")
-    num_classes = int(weights[HEAD_WEIGHT].shape[0])
     run_args = saved_run_args(content)
     if student_model is None:
         student_model = _run_arg(path, run_args, "student_model", DEFAULT_STUDENT_MODEL,
-                                 lambda value: value in models.STUDENT_MODELS, "a student model", "--student-model")
+                                 lambda value: isinstance(value, str) and models.is_student_name(value),
+                                 "a student architecture", "--student-model")
     if input_size is None:
         input_size = _run_arg(path, run_args, "input_size", DEFAULT_INPUT_SIZE, _positive_int,
                               "a positive integer", "--input-size")
@@ -117,8 +126,11 @@ def load_checkpoint_student(path: str, student_model: Optional[str] = None,
                          f"one of {', '.join(EVAL_HEADS)}")
     eval_crop_ratio = _run_arg(path, run_args, "eval_crop_ratio", datasets.EVAL_CROP_RATIO, _crop_ratio,
                                "a number in (0, 1]")
+    student = build_student(student_model, DEFAULT_CLASSES, input_size, eval_head)
+    num_classes = _class_count(path, student, weights)
     class_names = class_names_for(content.get("class_names"), num_classes)
-    student = build_student(student_model, num_classes, input_size, eval_head)
+    if num_classes != DEFAULT_CLASSES:
+        student = build_student(student_model, num_classes, input_size, eval_head)
     load_student_checkpoint(student, path, content)
     config = dict(architecture=student_model, input_size=input_size, num_classes=num_classes, eval_head=eval_head,
                   class_names=class_names, mean=list(datasets.IMAGENET_MEAN), std=list(datasets.IMAGENET_STD),
@@ -150,8 +162,8 @@ def _config_problem(config: dict) -> Optional[str]:
         return f"it lacks {', '.join(missing)}"
     architecture, input_size, num_classes = config["architecture"], config["input_size"], config["num_classes"]
     names = config["class_names"]
-    if architecture not in models.STUDENT_MODELS:
-        return f"architecture is {_quoted(architecture)}, not one of {', '.join(models.STUDENT_MODELS)}"
+    if not isinstance(architecture, str) or not models.is_student_name(architecture):
+        return f"architecture is {_quoted(architecture)}, not a timm architecture"
     for key, value in (("input_size", input_size), ("num_classes", num_classes)):
         if not _positive_int(value):
             return f"{key} is {_quoted(value)}, not a positive integer"

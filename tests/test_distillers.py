@@ -2,6 +2,7 @@
 flags and refusals, a toy distiller added from outside the loops, and every distiller end to end on the digits."""
 import argparse
 import json
+import os
 from typing import Dict
 
 import pytest
@@ -273,7 +274,7 @@ def digits_flags(digits_root, teacher_path, student, distiller, output_dir):
             "--distiller", distiller, "--output_dir", output_dir]
 
 
-def distil_resume_evaluate(run_main, run_entry_point, digits_root, teacher_path, student, distiller,
+def distil_resume_evaluate_export_predict(run_main, run_entry_point, digits_root, teacher_path, student, distiller,
                                           tmp_path):
     run = tmp_path / distiller
     flags = digits_flags(digits_root, teacher_path, student, distiller, run)
@@ -291,11 +292,20 @@ def distil_resume_evaluate(run_main, run_entry_point, digits_root, teacher_path,
                                run / "latest.pth.tar"])
     assert code == 0, err[-3000:]
     assert f"{last['val_acc1']:.1f}%" in out  # evaluating the checkpoint gives the run's own number
+    import export
+    import predict
+    exported = tmp_path / f"{distiller}.onnx"
+    code, _, err = run_entry_point(export, ["--checkpoint", run / "latest.pth.tar", "--format", "onnx",
+                                            "--out", exported])
+    assert code == 0, err[-3000:]
+    image = os.path.join(digits_root, "val", "3", sorted(os.listdir(os.path.join(digits_root, "val", "3")))[0])
+    code, out, err = run_entry_point(predict, ["--checkpoint", exported, image, "--topk", 2])
+    assert code == 0 and out.startswith(image), err[-3000:]
 
 
-def test_a_cnn_student_distilled_with_vkd_trains_resumes_and_evaluates(
+def test_a_cnn_student_distilled_with_vkd_trains_resumes_evaluates_exports_and_predicts(
         run_main, run_entry_point, digits_root, digits_teacher, tmp_path):
-    distil_resume_evaluate(run_main, run_entry_point, digits_root, digits_teacher, "resnet18", "vkd",
+    distil_resume_evaluate_export_predict(run_main, run_entry_point, digits_root, digits_teacher, "resnet18", "vkd",
                                           tmp_path)
 
 
@@ -303,9 +313,9 @@ def test_a_cnn_student_distilled_with_vkd_trains_resumes_and_evaluates(
 @pytest.mark.parametrize("student, distiller", [("resnet18", "kd"), ("resnet18", "fitnet"), ("resnet18", "none"),
                                                 ("deit_ti_distilled", "deit-hard"),
                                                 ("deit_ti_distilled", "deit-soft")])
-def test_every_distiller_trains_resumes_and_evaluates(
+def test_every_distiller_trains_resumes_evaluates_exports_and_predicts(
         student, distiller, run_main, run_entry_point, digits_root, digits_teacher, tmp_path):
-    distil_resume_evaluate(run_main, run_entry_point, digits_root, digits_teacher, student, distiller,
+    distil_resume_evaluate_export_predict(run_main, run_entry_point, digits_root, digits_teacher, student, distiller,
                                           tmp_path)
 
 

@@ -141,7 +141,7 @@ def test_bad_input_is_one_line_and_exit_2(case, run_entry_point, tiny_student_fi
                 "missing": r"checkpoint file not found: .*absent\.pth",
                 "input size": r"does not fit DistilledVisionTransformer: .*pass --input-size 32",
                 "input size 0": r"the input size must be positive, got 0",
-                "not a student": r"has no head\.weight: not a student checkpoint",
+                "not a student": r"has no head\.weight: not a checkpoint of a DistilledVisionTransformer student",
                 "check folder": r"--check-images .*absent: not a folder"}[case]
     if case == "suffix":
         out = tmp_path / "student.pt2"
