@@ -17,6 +17,10 @@ class NestedTensor:
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking),
                             self.mask.to(device, non_blocking=non_blocking))
 
+    def pin_memory(self) -> "NestedTensor":
+        """What a DataLoader with pin_memory=True calls on a batch element it does not know."""
+        return NestedTensor(self.tensors.pin_memory(), self.mask.pin_memory())
+
 
 def nested_tensor_from_images(images: List[torch.Tensor]) -> NestedTensor:
     """Pad to the per-batch maximum height and width (no extra multiple-of-32 padding, as ViDT)."""
