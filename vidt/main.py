@@ -28,10 +28,10 @@ from vidt.models.build import NUM_CLASSES, load_student_weights  # noqa: E402
 from vidt.models.detector import is_projector_key  # noqa: E402
 from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E402
 from vidt.util.checkpoint import load_checkpoint, model_state_from  # noqa: E402
-from vidt.util.misc import all_gather_object, collate_fn, setup_for_distributed_printing  # noqa: E402
+from vidt.util.misc import collate_fn, setup_for_distributed_printing  # noqa: E402
 from vkd.checkpoints import first_line, save_atomically  # noqa: E402
 from vkd.cli import entry_point  # noqa: E402
-from vkd.distributed import Runtime, is_communication_failure, start_processes  # noqa: E402
+from vkd.distributed import Runtime, every_rank, is_communication_failure, start_processes  # noqa: E402
 from vkd.errors import BadInput, RunFailed  # noqa: E402
 from vkd.preemption import Preempted, StopRequest, preempted_line  # noqa: E402
 from vkd.progress import append_json_line, tensorboard_writer  # noqa: E402
@@ -282,7 +282,7 @@ def save_preempted(args, runtime: Runtime, epoch: int, partial: dict, model_with
                    lr_scheduler) -> None:
     """checkpoint.pth in the middle of ``epoch``: the state after its last finished step, with every rank's
     running sums and random generators (``partial`` of each), so that --resume auto continues at that step."""
-    partials = all_gather_object(partial)
+    partials = every_rank(partial)
     if runtime.is_main:
         content = checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch - 1)
         content["mid_epoch"] = {"epoch": epoch, "step": partial["step"], "ranks": partials}

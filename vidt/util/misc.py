@@ -55,15 +55,6 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def all_gather_object(obj) -> list:
-    """Every process's ``obj``, in rank order (just ``[obj]`` without a process group)."""
-    if not is_dist_avail_and_initialized():
-        return [obj]
-    gathered = [None] * get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def reduce_dict(values: dict, average: bool = True) -> dict:
     """All-reduce a dict of scalar tensors (same keys on every process) for logging."""
     world_size = get_world_size()
