@@ -9,7 +9,7 @@ from models.deit import DEIT_SIZES
 from vkd.checkpoints import safe_torch_load, state_dict_in, strict_load, strip_ddp_prefix
 from vkd.distributed import Runtime, start_processes
 from vkd.errors import BadInput
-from vkd.reproducibility import configure_determinism
+from vkd.reproducibility import configure_cuda_kernels, configure_determinism
 
 PROJECTOR_PREFIX = "projector."
 DISTILLED_HEAD = "head_dist.weight"  # what only a distilled DeiT's weights hold
@@ -22,6 +22,7 @@ def init_runtime(args, explicit) -> Runtime:
     Fills in the device-dependent defaults: ``--amp`` (fp16 on cuda, none on cpu) and ``--pin-mem``.
     """
     configure_determinism(args.deterministic, args.threads)
+    configure_cuda_kernels(fixed_shapes=True, deterministic=args.deterministic)
     runtime = start_processes(args.device, args.local_rank, args.dist_url, args.dist_timeout,
                               world_size_flag=args.world_size if "world_size" in explicit else None)
     device = runtime.device
@@ -31,6 +32,9 @@ def init_runtime(args, explicit) -> Runtime:
         args.pin_mem = False  # pinning only helps host-to-GPU copies (and warns without a GPU)
     if args.amp == "fp16" and device.type != "cuda":
         raise BadInput("--amp fp16 needs a CUDA device; use --amp bf16 or --amp none on the CPU")
+    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise BadInput(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bf16 kernels (they need compute "
+                       f"capability 8.0 or newer); use --amp fp16")
     return runtime
 
 

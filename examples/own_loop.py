@@ -8,7 +8,8 @@ import vkd
 def distil(student, teacher, loader, epochs=1, lr=1e-3, alpha=1.0, gamma=1.0):
     """Train ``student`` on ``loader`` (images, labels) with VkD's feature and logit terms; returns the losses."""
     teacher.eval().requires_grad_(False)
-    projector = vkd.OrthogonalProjector(student.num_features, teacher.num_features)
+    device = next(student.parameters()).device  # the teacher is expected on it too
+    projector = vkd.OrthogonalProjector(student.num_features, teacher.num_features).to(device)
     optimizer = torch.optim.AdamW([
         {"params": student.parameters(), "weight_decay": 0.05},
         {"params": projector.parameters(), "weight_decay": 0.0},  # decay would break the orthogonal map
@@ -16,6 +17,7 @@ def distil(student, teacher, loader, epochs=1, lr=1e-3, alpha=1.0, gamma=1.0):
     losses = []
     for _ in range(epochs):
         for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
             with torch.no_grad():
                 teacher_features, teacher_logits = vkd.features_and_logits(teacher, images)
             features, logits = vkd.features_and_logits(student, images)

@@ -7,7 +7,7 @@ steps, then one generator step, then the generator's EMA.
 - Each D step takes one real batch and a fresh fake batch drawn without gradient; DiffAugment is
   applied to the concatenated [fake, real] batch in the D steps and to the fake batch in the G step.
 - Hinge loss; LeCam (Tseng et al., CVPR 2021) and the VkD term are added to the D loss.
-- Several processes: gradients are averaged with all_reduce before each optimizer step. DDP's
+- Several processes: gradients are averaged with one all_reduce before each optimizer step. DDP's
   reducer cannot be used, as toggle-grads changes which parameters need gradients between steps.
 """
 from dataclasses import dataclass, field
@@ -67,12 +67,18 @@ def set_requires_grad(parameters: List[nn.Parameter], flag: bool) -> None:
 
 
 def average_gradients(parameters: List[nn.Parameter], world_size: int) -> None:
+    """One all-reduce of all the gradients, flattened (one per parameter would pay each collective's latency
+    hundreds of times a step)."""
     if world_size == 1:
         return
-    for parameter in parameters:
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad)
-            parameter.grad.div_(world_size)
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads])):
+        grad.copy_(averaged.view_as(grad))
 
 
 @dataclass

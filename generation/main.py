@@ -35,15 +35,15 @@ from generation.vkd import NORMALISATIONS, PAIRINGS, GanVkDLoss
 from vkd.checkpoints import all_finite, file_sha256, safe_torch_load, save_atomically
 from vkd.cli import entry_point
 from vkd.config import OneLineErrorParser, parse_with_config
-from vkd.distributed import Runtime, start_processes
+from vkd.distributed import Runtime, every_rank, start_processes
 from vkd.ema import ModelEMA, after_start
 from vkd.errors import BadInput, CheckpointError, RunFailed
 from vkd.norms import WHITENINGS, build_normalisation
 from vkd.orthogonal_maps import ORTHOGONAL_MAPS
-from vkd.preemption import Preempted, StopRequest, preempted_line
+from vkd.preemption import Preempted, StopRequest, preempted_line, rng_states, set_rng_states
 from vkd.progress import Progress, RunningMeans, append_json_line, tensorboard_writer
 from vkd.projector import OrthogonalProjector
-from vkd.reproducibility import seed_everything
+from vkd.reproducibility import configure_cuda_kernels, seed_everything
 from vkd.runs import ARGS_FILE, LOG, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json
 
 LATEST, BEST, RESULTS = "latest.pth", "best.pth", "results.json"
@@ -188,6 +188,7 @@ def same_file(first: str, second: str) -> bool:
 # ============================================================================ building
 
 def init_runtime(args) -> Runtime:
+    configure_cuda_kernels(fixed_shapes=True)  # every batch is batch-size x 3 x 32 x 32
     return start_processes(args.device, args.local_rank, args.dist_url)
 
 
@@ -285,23 +286,34 @@ def save_sample_grid(generator_ema: nn.Module, path: str, seed: int, batch_size:
 # ============================================================================ checkpoints
 
 def checkpoint_content(args, step: GanStep, generator_ema: nn.Module, real_batches, iteration: int,
-                       best: Dict[str, float], training_images: int) -> dict:
+                       best: Dict[str, float], training_images: int, ranks: List[dict]) -> dict:
+    """``ranks``: what each rank holds of its own (``rank_state``), in rank order."""
     return {
         "G": step.generator.state_dict(), "D": step.discriminator.state_dict(), "G_ema": generator_ema.state_dict(),
         "g_optimizer": step.g_optimizer.state_dict(), "d_optimizer": step.d_optimizer.state_dict(),
-        "real_batches": real_batches.state_dict(), "lecam": step.lecam.state_dict() if step.lecam else None,
-        "iteration": iteration, "best": dict(best), "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if step.device.type == "cuda" else None,
+        "real_batches": real_batches.state_dict(),
+        "lecam": [rank["lecam"] for rank in ranks] if step.lecam else None,
+        "iteration": iteration, "best": dict(best), "rng": [rank["rng"] for rank in ranks],
         "args": dict(vars(args)), "processes": step.world_size, "training_images": training_images,
     }
 
 
-def save_latest(args, step: GanStep, generator_ema: nn.Module, real_batches, iteration: int,
+def save_latest(args, runtime: Runtime, step: GanStep, generator_ema: nn.Module, real_batches, iteration: int,
                 best: Dict[str, float], training_images: int) -> None:
+    """Every rank calls it (what each holds of its own is gathered); the main process writes."""
+    # The weights are the same on every rank, so every rank stops here or none does.
     if not all_finite(step.generator.state_dict()) or not all_finite(step.discriminator.state_dict()):
         raise RunFailed(f"the weights became non-finite by iteration {iteration}; {LATEST} was left as it was")
-    save_atomically(checkpoint_content(args, step, generator_ema, real_batches, iteration, best, training_images),
-                    os.path.join(args.output_dir, LATEST))
+    ranks = every_rank(rank_state(step))
+    if runtime.is_main:
+        save_atomically(checkpoint_content(args, step, generator_ema, real_batches, iteration, best, training_images,
+                                           ranks), os.path.join(args.output_dir, LATEST))
+
+
+def rank_state(step: GanStep) -> dict:
+    """What differs between ranks: the random generators (each rank draws its own z, labels and augmentations)
+    and LeCam's averages (of each rank's own logits)."""
+    return {"rng": rng_states(), "lecam": step.lecam.state_dict() if step.lecam else None}
 
 
 def option_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
@@ -340,7 +352,7 @@ def check_same_run(args, checkpoint: dict, path: str, processes: int) -> Optiona
 
 
 def restore(checkpoint: dict, path: str, step: GanStep, generator_ema: nn.Module, real_batches,
-            training_images: int) -> Tuple[int, Dict[str, float]]:
+            training_images: int, rank: int) -> Tuple[int, Dict[str, float]]:
     if checkpoint.get("training_images", training_images) != training_images:
         raise CheckpointError(f"{path} was trained on {checkpoint['training_images']} images, the data here gives "
                               f"{training_images}: is --data-path the run's data?")
@@ -352,13 +364,24 @@ def restore(checkpoint: dict, path: str, step: GanStep, generator_ema: nn.Module
         step.d_optimizer.load_state_dict(checkpoint["d_optimizer"])
         real_batches.load_state_dict(checkpoint["real_batches"])
         if step.lecam is not None and checkpoint.get("lecam"):
-            step.lecam.load_state_dict(checkpoint["lecam"])
-        torch.set_rng_state(checkpoint["rng"])
-        if checkpoint.get("cuda_rng") is not None and step.device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"])
+            saved = checkpoint["lecam"]  # one dict, rank 0's, in checkpoints written before each rank's was
+            step.lecam.load_state_dict(saved[rank] if isinstance(saved, list) else saved)
+        restore_rng(checkpoint, rank)
     except (KeyError, RuntimeError, ValueError) as error:
         raise CheckpointError(f"{path} does not fit this run: {str(error).splitlines()[0]}") from None
     return int(checkpoint["iteration"]), dict(checkpoint.get("best", {}))
+
+
+def restore_rng(checkpoint: dict, rank: int) -> None:
+    """This rank's random generators. A checkpoint written before every rank's were saved holds rank 0's alone:
+    the other ranks then keep those of their own seed, so that no two ranks draw the same numbers."""
+    saved = checkpoint["rng"]
+    if isinstance(saved, list):
+        set_rng_states(saved[rank])
+    elif rank == 0:
+        torch.set_rng_state(saved)
+        if checkpoint.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], torch.cuda.current_device())
 
 
 # ============================================================================ runs
@@ -404,7 +427,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
 
     iteration, best = 0, {}
     if resume_path:
-        iteration, best = restore(checkpoint, resume_path, step, generator_ema, real_batches, len(kept))
+        iteration, best = restore(checkpoint, resume_path, step, generator_ema, real_batches, len(kept), runtime.rank)
         del checkpoint  # loading copied its tensors: do not hold a second copy of the run through training
         runtime.log(f"Resumed from {resume_path} at iteration {iteration}")
     if extended_from:
@@ -452,8 +475,8 @@ def train_iterations(args, runtime: Runtime, step: GanStep, generator_ema: nn.Mo
                 append_json_line(os.path.join(args.output_dir, LOG), dict(iteration=iteration, **means))
                 for name, value in means.items():
                     writer.add_scalar(f"train/{name}", value, iteration)
-        saves = bool(args.output_dir) and runtime.is_main
-        if saves and (iteration % args.sample_every == 0 or finished):
+        saves = bool(args.output_dir)
+        if saves and runtime.is_main and (iteration % args.sample_every == 0 or finished):
             save_sample_grid(generator_ema, os.path.join(args.output_dir, "samples", f"iter_{iteration:06d}.png"),
                              args.seed, args.batch_size, runtime.device)
         if evaluator is not None and ((args.eval_every and iteration % args.eval_every == 0) or finished):
@@ -471,10 +494,10 @@ def train_iterations(args, runtime: Runtime, step: GanStep, generator_ema: nn.Mo
                                      "fid": last_results["fid"], "args": dict(vars(args))},
                                     os.path.join(args.output_dir, BEST))
         if saves and (iteration % args.save_every == 0 or finished):
-            save_latest(args, step, generator_ema, real_batches, iteration, best, training_images)
+            save_latest(args, runtime, step, generator_ema, real_batches, iteration, best, training_images)
         if not finished and stop.requested(runtime.device):
             if saves and iteration % args.save_every:
-                save_latest(args, step, generator_ema, real_batches, iteration, best, training_images)
+                save_latest(args, runtime, step, generator_ema, real_batches, iteration, best, training_images)
             if runtime.distributed:
                 dist.barrier()  # a process that exits first could have the launcher kill rank 0 mid-save
             raise Preempted(preempted_line(f"iteration {iteration}") if args.output_dir else

@@ -185,6 +185,7 @@ def load_clip(path: Optional[str], model_name: str = CLIP_MODEL, input_size: int
     half = device.type == "cuda"
     if half:
         model.half()
-    encoder = ClipImageEncoder(model.to(device), input_size, normalise, f"CLIP {model_name}", half)
+    # .to(device) after building: the encoder's normalisation buffers are created on the CPU.
+    encoder = ClipImageEncoder(model, input_size, normalise, f"CLIP {model_name}", half).to(device)
     encoder.source = source
     return encoder

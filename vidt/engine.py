@@ -1,9 +1,11 @@
 """train_one_epoch and evaluate (DETR's engine; the criterion owns the VkD teacher)."""
+import contextlib
 import math
 import re
 from typing import Dict, Iterable, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from vidt.datasets.coco_eval import CocoEvaluator
 from vidt.util.misc import is_main_process, reduce_dict
@@ -33,6 +35,14 @@ def _log_values(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float
     scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
     unscaled = {f"{k}_unscaled": v for k, v in reduced.items() if k != "class_error"}
     return sum(scaled.values()), scaled, dict(unscaled, class_error=reduced["class_error"])
+
+
+def _gradients_kept_local(model: torch.nn.Module, local: bool):
+    """DDP's ``no_sync`` for a micro-batch that does not end an optimizer step: its gradients accumulate on this
+    process, and the backward of the step's last micro-batch all-reduces the sum once."""
+    if local and isinstance(model, DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -75,19 +85,21 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             return {"preempted_at": iteration, "partial": dict(
                 step=iteration, sums=dict(running.sums), counts=dict(running.counts), rng=rng_states())}
         samples, targets = next(iterator)
-        samples = samples.to(device)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        outputs = model(samples)
-        loss_dict = criterion(outputs, targets, samples)
-        loss = _weighted_sum(loss_dict, criterion.weight_dict)
-        total_loss, scaled, unscaled = _log_values(loss_dict, criterion.weight_dict)
-        if not math.isfinite(total_loss.item()):
-            terms = ", ".join(f"{name}={value.item():.6g}" for name, value in scaled.items())
-            raise RunFailed(f"loss is {total_loss.item()} at epoch {epoch}, iteration {iteration}: stopping "
-                            f"training; terms: {terms}")
-        (loss / n_iter_to_acc).backward()
+        samples = samples.to(device, non_blocking=True)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        ends_step = (iteration + 1) % n_iter_to_acc == 0
+        with _gradients_kept_local(model, not ends_step):
+            outputs = model(samples)
+            loss_dict = criterion(outputs, targets, samples)
+            loss = _weighted_sum(loss_dict, criterion.weight_dict)
+            total_loss, scaled, unscaled = _log_values(loss_dict, criterion.weight_dict)
+            if not math.isfinite(total_loss.item()):
+                terms = ", ".join(f"{name}={value.item():.6g}" for name, value in scaled.items())
+                raise RunFailed(f"loss is {total_loss.item()} at epoch {epoch}, iteration {iteration}: stopping "
+                                f"training; terms: {terms}")
+            (loss / n_iter_to_acc).backward()
         stepped = {}
-        if (iteration + 1) % n_iter_to_acc == 0:
+        if ends_step:
             if max_norm > 0:
                 stepped["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()

@@ -28,14 +28,14 @@ from vidt.models.build import NUM_CLASSES, load_student_weights  # noqa: E402
 from vidt.models.detector import is_projector_key  # noqa: E402
 from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E402
 from vidt.util.checkpoint import load_checkpoint, model_state_from  # noqa: E402
-from vidt.util.misc import all_gather_object, collate_fn, setup_for_distributed_printing  # noqa: E402
+from vidt.util.misc import collate_fn, setup_for_distributed_printing  # noqa: E402
 from vkd.checkpoints import first_line, save_atomically  # noqa: E402
 from vkd.cli import entry_point  # noqa: E402
-from vkd.distributed import Runtime, is_communication_failure, start_processes  # noqa: E402
+from vkd.distributed import Runtime, every_rank, is_communication_failure, start_processes  # noqa: E402
 from vkd.errors import BadInput, RunFailed  # noqa: E402
 from vkd.preemption import Preempted, StopRequest, preempted_line  # noqa: E402
 from vkd.progress import append_json_line, tensorboard_writer  # noqa: E402
-from vkd.reproducibility import epoch_seed, seed_everything  # noqa: E402
+from vkd.reproducibility import configure_cuda_kernels, epoch_seed, seed_everything  # noqa: E402
 from vkd.runs import LOG, git_state, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json  # noqa: E402
 
 LATEST = "checkpoint.pth"  # DETR's name, rewritten every epoch
@@ -57,17 +57,17 @@ def run_folder(args) -> str:
     return os.path.join("logs", name)
 
 
-def make_loaders(args, eval_only: bool):
+def make_loaders(args, eval_only: bool, pin_memory: bool = False):
     """(train loader or None, val loader, val dataset), both splits checked (``build_coco``). With
     --n_iter_to_acc k both load batch_size / k images per process, as in the original (which divides
-    --batch_size)."""
+    --batch_size). ``pin_memory``: batches in page-locked memory, for faster copies to a GPU."""
     batch_size = args.batch_size // args.n_iter_to_acc
     num_classes = NUM_CLASSES[args.dataset_file]
     dataset_val = build_coco("val", args, num_classes)
     sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
                    else SequentialSampler(dataset_val))
     loader_val = DataLoader(dataset_val, batch_size, sampler=sampler_val, drop_last=False,
-                            collate_fn=collate_fn, num_workers=args.num_workers)
+                            collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=pin_memory)
     if eval_only:
         return None, loader_val, dataset_val
     dataset_train = build_coco("train", args, num_classes)
@@ -77,7 +77,7 @@ def make_loaders(args, eval_only: bool):
         raise BadInput(f"{len(dataset_train)} training images are fewer than one batch of "
                        f"{batch_size} per process; lower --batch_size or add images")
     loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
-                              num_workers=args.num_workers)
+                              num_workers=args.num_workers, pin_memory=pin_memory)
     return loader_train, loader_val, dataset_val
 
 
@@ -119,6 +119,7 @@ def start_runtime(args) -> Runtime:
     Fills in what the loops and args.json read: args.distributed, args.rank, args.world_size, args.gpu and
     args.dist_backend (the backend used).
     """
+    configure_cuda_kernels(fixed_shapes=False)  # each batch is padded to its own largest image
     # 1, the original's default, leaves the number of processes to the launcher.
     runtime = start_processes(args.device, args.local_rank, args.dist_url, args.dist_timeout,
                               world_size_flag=None if args.world_size == 1 else args.world_size)
@@ -163,7 +164,7 @@ def run(args, argv) -> None:
     planned_epochs = None
     if continuing and isinstance(checkpoint.get("args"), dict):  # released files hold a Namespace: not compared
         planned_epochs = resumed_epochs(args, checkpoint["args"], runtime.world_size, args.resume)
-    loader_train, loader_val, dataset_val = make_loaders(args, eval_only=args.eval)
+    loader_train, loader_val, dataset_val = make_loaders(args, eval_only=args.eval, pin_memory=device.type == "cuda")
 
     # Build
     model, criterion, postprocessors = build(args)
@@ -281,7 +282,7 @@ def save_preempted(args, runtime: Runtime, epoch: int, partial: dict, model_with
                    lr_scheduler) -> None:
     """checkpoint.pth in the middle of ``epoch``: the state after its last finished step, with every rank's
     running sums and random generators (``partial`` of each), so that --resume auto continues at that step."""
-    partials = all_gather_object(partial)
+    partials = every_rank(partial)
     if runtime.is_main:
         content = checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch - 1)
         content["mid_epoch"] = {"epoch": epoch, "step": partial["step"], "ranks": partials}
@@ -320,6 +321,9 @@ def main(argv=None) -> None:
         raise RunFailed(f"rank {args.rank}: distributed communication failed, probably because another process "
                         f"died or hung (collectives give up after --dist_timeout {args.dist_timeout:g} min): "
                         f"{first_line(error)}") from error
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # nccl warns of a leak, and may hang at exit, without it
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import datetime
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, TypeVar
+from typing import Callable, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -80,19 +80,45 @@ def launcher_ranks(local_rank_flag: int = 0) -> Tuple[int, int, int]:
     return 0, 1, local_rank_flag
 
 
-def select_device(requested: Optional[str], local_rank: int) -> torch.device:
-    """``requested`` (cpu, cuda, cuda:N), or cuda when a GPU is visible; ``cuda`` means this local rank's GPU."""
+def select_device(requested: Optional[str], local_rank: int, world_size: int = 1) -> torch.device:
+    """``requested`` (cpu, cuda, cuda:N), or cuda when a GPU is visible; ``cuda`` means this local rank's GPU.
+
+    With one GPU visible (a scheduler that binds one GPU to each task, e.g. ``srun --gpus-per-task=1``) every
+    local rank uses it; with several, local rank i uses cuda:i. Several processes started on one GPU, or all
+    given one ``cuda:N`` among several GPUs, would share it: nccl would then fail at the first collective.
+    """
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     if not name.startswith("cuda"):
         return torch.device(name)
     if not torch.cuda.is_available():
         raise BadInput(f"--device {name}: no CUDA device is visible; pass --device cpu")
-    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-    if device.index >= torch.cuda.device_count():
-        raise BadInput(f"local rank {local_rank} needs cuda:{device.index} but only {torch.cuda.device_count()} "
-                       f"GPU(s) are visible")
+    visible = torch.cuda.device_count()
+    if name != "cuda" and world_size > 1 and visible > 1:
+        raise BadInput(f"--device {name} with {world_size} processes puts every process of a node on that one GPU: "
+                       f"pass --device cuda (each process takes its local rank's GPU)")
+    _refuse_processes_sharing_a_gpu(visible)
+    if name == "cuda":
+        if visible > 1 and local_rank >= visible:
+            raise BadInput(f"local rank {local_rank} needs cuda:{local_rank} but only {visible} GPU(s) are visible: "
+                           f"start at most {visible} processes per node")
+        device = torch.device("cuda", local_rank if visible > 1 else 0)
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise BadInput(f"--device {name}: expected cpu, cuda or cuda:N") from None
+        if device.index is None or device.index >= visible:
+            raise BadInput(f"--device {name}: only {visible} GPU(s) are visible (cuda:0 to cuda:{visible - 1})")
     torch.cuda.set_device(device)
     return device
+
+
+def _refuse_processes_sharing_a_gpu(visible: int) -> None:
+    """torchrun and torch.distributed.launch say how many processes they started on this node."""
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    if local_world_size > visible:
+        raise BadInput(f"{local_world_size} processes were started on this node but only {visible} GPU(s) are "
+                       f"visible: pass --nproc_per_node={visible} (or --device cpu)")
 
 
 def join_process_group(device: torch.device, init_method: str, world_size: int, rank: int,
@@ -111,10 +137,19 @@ def start_processes(device: Optional[str], local_rank_flag: int = 0, init_method
     rank, world_size, local_rank = launcher_ranks(local_rank_flag)
     if world_size_flag is not None and world_size_flag != world_size:
         raise BadInput(f"--world_size {world_size_flag} but the launcher started {world_size} process(es)")
-    runtime = Runtime(rank, world_size, select_device(device, local_rank))
+    runtime = Runtime(rank, world_size, select_device(device, local_rank, world_size))
     if runtime.distributed:
         join_process_group(runtime.device, init_method, world_size, rank, timeout_minutes)
     return runtime
+
+
+def every_rank(value: Result) -> List[Result]:
+    """Every process's ``value`` (anything picklable), in rank order, on every process; ``[value]`` alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def main_process_decides(check: Callable[[], Result], is_main: bool) -> Result:

@@ -59,13 +59,15 @@ class StopRequest:
 
 def rng_states() -> Dict[str, object]:
     """Every random generator of this process, as tensors and plain values (a ``weights_only`` checkpoint
-    holds them), to continue a run mid-epoch exactly where it stopped."""
+    holds them), to continue a run mid-epoch exactly where it stopped. On a GPU: the generator of this process's
+    own device (the current one, which ``vkd.distributed`` sets), not every visible device's, so that a resumed
+    run restores it whichever GPUs it sees."""
     name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     states = {"torch": torch.get_rng_state(),
               "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian],
               "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return states
 
 
@@ -74,8 +76,20 @@ def set_rng_states(states: Dict[str, object]) -> None:
     name, keys, position, has_gauss, cached_gaussian = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     random.setstate((3, tuple(states["python"]), states["python_gauss"]))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda_state = _own_cuda_state(states.get("cuda"))
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, torch.cuda.current_device())
+
+
+def _own_cuda_state(saved) -> Optional[torch.Tensor]:
+    """This device's generator state in ``saved``: one state, or the list of every visible device's that
+    checkpoints written before held (``get_rng_state_all``), of which this device's entry if it has one."""
+    if saved is None or not torch.cuda.is_available():
+        return None
+    if isinstance(saved, torch.Tensor):
+        return saved
+    device = torch.cuda.current_device()
+    return saved[device] if device < len(saved) else None
 
 
 def preempted_line(where: str) -> str:

@@ -49,4 +49,17 @@ def configure_determinism(deterministic: bool, threads: Optional[int]) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read at CUDA's first use
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+
+
+def configure_cuda_kernels(fixed_shapes: bool, deterministic: bool = False) -> None:
+    """The kernel choices torch leaves implicit, made on purpose (they only matter on a GPU).
+
+    cuDNN autotunes convolutions when every batch has one shape (classification, generation: the tuning is per
+    shape, so not for detection's padded batches), but not with deterministic kernels: it picks among kernels
+    whose results differ in the last bits. float32 matmuls stay in full fp32, not TF32: under AMP the networks'
+    matmuls run in fp16 or bf16 anyway, and what runs in fp32 (the orthogonal map, whitening, the losses) does
+    so for its precision. Convolutions keep torch's default (TF32 allowed): they are the frozen teacher's and
+    the students' stems, which AMP runs in half precision too.
+    """
+    torch.backends.cudnn.benchmark = fixed_shapes and not deterministic
+    torch.set_float32_matmul_precision("highest")

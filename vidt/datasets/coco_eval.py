@@ -8,7 +8,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from vidt.util.misc import all_gather_object, is_main_process
+from vidt.util.misc import is_main_process
+from vkd.distributed import every_rank
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -34,7 +35,7 @@ class CocoEvaluator:
         """Prints pycocotools' 12-line summary and returns the COCOeval (``.stats``, ``.eval``) on rank 0;
         None elsewhere."""
         merged: Dict[int, List[dict]] = {}
-        for part in all_gather_object(self.detections):
+        for part in every_rank(self.detections):
             merged.update(part)
         if not is_main_process():
             return None

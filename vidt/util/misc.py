@@ -17,6 +17,10 @@ class NestedTensor:
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking),
                             self.mask.to(device, non_blocking=non_blocking))
 
+    def pin_memory(self) -> "NestedTensor":
+        """What a DataLoader with pin_memory=True calls on a batch element it does not know."""
+        return NestedTensor(self.tensors.pin_memory(), self.mask.pin_memory())
+
 
 def nested_tensor_from_images(images: List[torch.Tensor]) -> NestedTensor:
     """Pad to the per-batch maximum height and width (no extra multiple-of-32 padding, as ViDT)."""
@@ -49,15 +53,6 @@ def get_rank() -> int:
 
 def is_main_process() -> bool:
     return get_rank() == 0
-
-
-def all_gather_object(obj) -> list:
-    """Every process's ``obj``, in rank order (just ``[obj]`` without a process group)."""
-    if not is_dist_avail_and_initialized():
-        return [obj]
-    gathered = [None] * get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def reduce_dict(values: dict, average: bool = True) -> dict:
