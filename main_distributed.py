@@ -27,7 +27,7 @@ from optim import build_lr_scheduler, build_optimizer, effective_lr
 from utils import init_runtime, load_student_checkpoint, saved_run_args
 from vkd.checkpoints import first_line, require_room_for_checkpoints, safe_torch_load, save_atomically
 from vkd.cli import entry_point, fail
-from vkd.distributed import Runtime, is_communication_failure, main_process_decides
+from vkd.distributed import Runtime, every_rank, is_communication_failure, main_process_decides
 from vkd.ema import ModelEMA, linear_momentum
 from vkd.preemption import Preempted, StopRequest, preempted_line
 from vkd.reproducibility import epoch_seed, seed_everything
@@ -164,7 +164,7 @@ def train_epochs(args, runtime: Runtime, trainer: Trainer, trained: nn.Module, c
             world_size=runtime.world_size, tb_writer=tb_writer, stop=stop, resumed=resumed, seed=args.seed,
             rank=runtime.rank)
         if "preempted_at" in train_stats:
-            partials = gathered(train_stats["partial"], runtime)
+            partials = every_rank(train_stats["partial"])
             if args.output_dir and runtime.is_main:
                 trainer.save_preempted(epoch, partials)
             raise Preempted(preempted_line(f"epoch {epoch} step {train_stats['preempted_at']}"))
@@ -204,15 +204,6 @@ def teacher_cache_counts(criterion, runtime: Runtime) -> dict:
     runtime.log(f"Teacher cache {cache.folder}: {hits} hits, {misses} misses "
                 f"({100 * hits / max(hits + misses, 1):.1f}% hit rate), {written / 2 ** 20:.1f} MiB written")
     return {"teacher_cache_hits": hits, "teacher_cache_misses": misses, "teacher_cache_bytes_written": written}
-
-
-def gathered(value, runtime: Runtime) -> list:
-    """Every rank's ``value``, in rank order (the same list on every rank)."""
-    if not runtime.distributed:
-        return [value]
-    values = [None] * runtime.world_size
-    dist.all_gather_object(values, value)
-    return values
 
 
 def finish_training(args, runtime: Runtime, trainer: Trainer, val_loader) -> None:

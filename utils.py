@@ -35,6 +35,11 @@ def init_runtime(args, explicit) -> Runtime:
     if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise BadInput(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bf16 kernels (they need compute "
                        f"capability 8.0 or newer); use --amp fp16")
+    if args.teacher_cache and device.type == "cuda":
+        # The key is a SHA-256 of each input batch on the host: about 0.84 s for 512 images at 224 px on one
+        # core, several times a GPU teacher's forward (benchmarks/gpu_check.py measures both).
+        raise BadInput("--teacher-cache hashes every input batch on the host, which costs more than a GPU teacher's "
+                       "forward: drop it on a GPU (it serves CPU runs)")
     return runtime
 
 

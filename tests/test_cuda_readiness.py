@@ -19,7 +19,8 @@ from generation import main as gan_main
 from generation import teachers
 from vkd import distributed, preemption
 from vkd.errors import BadInput
-from vkd.norms import full_fp32, whiten, whiten_cholesky
+from vkd.norms import whiten, whiten_cholesky
+from vkd.precision import full_fp32
 from vkd.projector import OrthogonalProjector
 
 AUTOCAST_DTYPES = [torch.float16, torch.bfloat16]
@@ -286,6 +287,33 @@ def test_bf16_on_a_gpu_without_bf16_is_refused_at_start_up(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
     with pytest.raises(BadInput, match="--amp bf16: Tesla V100-SXM2-32GB has no bf16 kernels .*; use --amp fp16"):
         utils.init_runtime(args, explicit)
+
+
+def test_the_teacher_cache_is_refused_on_a_gpu(monkeypatch):
+    import utils
+    from config import parse_arguments
+    args, explicit = parse_arguments(["--teacher-cache", "somewhere", "--amp", "fp16"])
+    monkeypatch.setattr(utils, "start_processes", lambda *a, **k: distributed.Runtime(0, 1, torch.device("cuda", 0)))
+    with pytest.raises(BadInput, match="--teacher-cache hashes every input batch on the host"):
+        utils.init_runtime(args, explicit)
+
+
+def test_the_orthogonal_map_computes_in_full_fp32_whatever_the_callers_precision(monkeypatch):
+    from vkd import orthogonal_maps
+    seen = []
+    householder = orthogonal_maps.MAPS["householder"]
+    monkeypatch.setitem(orthogonal_maps.MAPS, "householder",
+                        lambda x: seen.append(torch.get_float32_matmul_precision()) or householder(x))
+    projector = OrthogonalProjector(8, 16)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # what enabling TF32 sets
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            projector(torch.randn(2, 8))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen and set(seen) == {"highest"}
 
 
 # ----------------------------------------------------------------------------- detection

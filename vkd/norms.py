@@ -1,11 +1,12 @@
 """Teacher feature normalisations: LayerNorm (classification), batch standardisation (detection), and
 whitening, by ZCA or by htdt's Cholesky factor (generation). Each maps a [B, D] batch to [B, D]."""
-import contextlib
 import functools
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from vkd.precision import full_fp32
 
 __all__ = ["layernorm", "batch_standardise", "whiten", "whiten_cholesky", "NORMALISATIONS", "WHITENINGS",
            "get_normalisation", "build_normalisation"]
@@ -22,19 +23,6 @@ def layernorm(x: torch.Tensor) -> torch.Tensor:
 def batch_standardise(x: torch.Tensor) -> torch.Tensor:
     """Standardise each feature across the rows of a 2-D batch (unbiased std, no epsilon): detection."""
     return (x - x.mean(0)) / x.std(0)
-
-
-@contextlib.contextmanager
-def full_fp32(device_type: str) -> Iterator[None]:
-    """fp32 arithmetic on ``device_type`` whatever the caller chose: autocast off, and float32 matmuls at full
-    precision (``torch.set_float32_matmul_precision("high")`` or ``allow_tf32`` would run them in TF32)."""
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.autocast(device_type, enabled=False):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(precision)
 
 
 def whiten(x: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:

@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrizations, parametrize
 
+from vkd.precision import full_fp32
+
 IMPLEMENTATIONS = ("fast", "torch")
 ORTHOGONAL_MAPS = ("householder", "matrix_exp", "cayley", "qr")
 
@@ -102,9 +104,9 @@ class FastOrthogonal(nn.Module):
     def q(self, original: torch.Tensor) -> torch.Tensor:
         """Q(original) [n, k] (n >= k) before the base is applied."""
         # The map runs in the parameter's precision whatever the autocast state, as torch's does
-        # (householder_product is not autocast): its matmuls and solve would lose orthogonality in
-        # fp16/bf16. Applying base (a matmul) follows autocast, as in torch.
-        with torch.autocast(original.device.type, enabled=False):
+        # (householder_product is not autocast), and without TF32 if a user enabled it: its matmuls and solve
+        # would lose orthogonality in fp16/bf16/TF32. Applying base (a matmul) follows autocast, as in torch.
+        with full_fp32(original.device.type):
             return MAPS[self.orthogonal_map](_tall(original))
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
