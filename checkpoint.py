@@ -125,10 +125,11 @@ class Trainer:
         save_atomically(content, os.path.join(self.args.output_dir, LATEST))
 
     def restore(self, path: str) -> None:
-        """Weights, EMA, optimizer, scaler, schedule and counters; training continues at the next epoch."""
-        load_student_checkpoint(self.model, path)
+        """Weights, EMA, optimizer, scaler, schedule and counters; training continues at the next epoch. The file
+        is read once, and a resume of another run is refused before anything is loaded."""
         checkpoint = safe_torch_load(path)
         self._refuse_a_different_run(checkpoint, path)
+        load_student_checkpoint(self.model, path, checkpoint)
         try:
             if checkpoint.get("optimizer"):
                 self.optimizer.load_state_dict(checkpoint["optimizer"])

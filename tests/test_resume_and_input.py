@@ -140,3 +140,19 @@ def test_yaml_values_of_the_right_type_are_taken(tmp_path):
     config.write_text("student-ema: true\nlr: 5e-4\nopt-betas: [0.9, 0.95]\nepochs: 3\n")
     args, _ = parse_arguments(["--config", str(config)])
     assert (args.student_ema, args.lr, args.opt_betas, args.epochs) == (True, 5e-4, [0.9, 0.95], 3)
+
+
+def test_a_resume_reads_its_checkpoint_once_and_refuses_another_run_before_loading_weights(monkeypatch, run_main,
+                                                                                           run_flags, tmp_path):
+    import checkpoint
+    code, _, err = run_main(run_flags + ["--output_dir", tmp_path, "--epochs", 1])
+    assert code == 0, err
+    reads, loads = [], []
+    real_load, real_student_load = checkpoint.safe_torch_load, checkpoint.load_student_checkpoint
+    monkeypatch.setattr(checkpoint, "safe_torch_load", lambda path, *a: reads.append(path) or real_load(path, *a))
+    monkeypatch.setattr(checkpoint, "load_student_checkpoint",
+                        lambda *a, **k: loads.append(a[1]) or real_student_load(*a, **k))
+    code, _, err = run_main(run_flags + ["--output_dir", tmp_path, "--epochs", 2, "--resume", "auto", "--lr", "2e-3"])
+    assert code == 2 and "--lr 0.002 but" in err and loads == [] and len(reads) == 1, err
+    code, _, err = run_main(run_flags + ["--output_dir", tmp_path, "--epochs", 2, "--resume", "auto"])
+    assert code == 0 and len(reads) == 2 and len(loads) == 1, err
