@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vkd.distributed import is_distributed, reduce_over_ranks
 from vkd.errors import RunFailed
 from vkd.preemption import StopRequest, rng_states, set_rng_states
 from vkd.progress import Progress
@@ -26,16 +27,6 @@ TOP_K = 5
 
 class NonFiniteLossError(RunFailed):
     """A non-finite loss once ``--skip-nonfinite`` is used up; the message holds every loss term's value."""
-
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    if _is_distributed():
-        dist.all_reduce(values)
-    return values
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -54,10 +45,10 @@ def _binary_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
 def _any_rank_empty(batch: int, device: torch.device) -> bool:
     """Whether some rank's batch lost every image (all unreadable). The step is then skipped on all
     ranks together: a DDP step that one rank leaves out would hang the others."""
-    if not _is_distributed():
+    if not is_distributed():
         return batch == 0
     empty = torch.tensor([1.0 if batch == 0 else 0.0], device=device)
-    return _sum_over_ranks(empty).item() > 0
+    return reduce_over_ranks(empty).item() > 0
 
 
 def _step_decisions(loss: torch.Tensor, stop: Optional[StopRequest]) -> Tuple[bool, bool]:
@@ -65,8 +56,7 @@ def _step_decisions(loss: torch.Tensor, stop: Optional[StopRequest]) -> Tuple[bo
     Every rank must take the same decisions, or DDP's next gradient all-reduce would hang."""
     stop_here = stop is not None and stop.received is not None
     flags = torch.stack([(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(stop_here)).float()])
-    if _is_distributed():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    reduce_over_ranks(flags, op=dist.ReduceOp.MAX)
     nonfinite, stop_anywhere = flags.tolist()
     return nonfinite == 0, stop_anywhere > 0
 
@@ -162,7 +152,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader, optimiz
                 seconds=time.time() - start, rng=rng_states())}
     progress.close()
 
-    totals = _sum_over_ranks(torch.cat([sums, torch.tensor([seen, unreadable], dtype=torch.float64, device=device)]))
+    totals = reduce_over_ranks(torch.cat([sums, torch.tensor([seen, unreadable], dtype=torch.float64, device=device)]))
     images = totals[-2].item()
     stats = {name: (totals[i].item() / images if images else math.nan) for i, name in enumerate(terms_logged)}
     stats.update(lr=optimizer.param_groups[0]["lr"], images=int(images), unreadable_images=int(totals[-1].item()),
@@ -228,7 +218,7 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, amp_dtype: Opt
                                 "acc5": f"{100 * totals[1].item() / count:.3f}"})
     progress.close()
     if sharded:
-        _sum_over_ranks(totals)
+        reduce_over_ranks(totals)
     top1, top5, loss_sum, count, unreadable = totals.tolist()
     if count == 0:
         raise ValueError("the validation set holds no readable image")

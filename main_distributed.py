@@ -27,7 +27,7 @@ from optim import build_lr_scheduler, build_optimizer, effective_lr
 from utils import init_runtime, load_student_checkpoint, saved_run_args
 from vkd.checkpoints import first_line, require_room_for_checkpoints, safe_torch_load, save_atomically
 from vkd.cli import entry_point, fail
-from vkd.distributed import Runtime, every_rank, is_communication_failure, main_process_decides
+from vkd.distributed import Runtime, every_rank, is_communication_failure, main_process_decides, reduce_over_ranks
 from vkd.ema import ModelEMA, linear_momentum
 from vkd.preemption import Preempted, StopRequest, preempted_line
 from vkd.reproducibility import epoch_seed, seed_everything
@@ -197,9 +197,7 @@ def teacher_cache_counts(criterion, runtime: Runtime) -> dict:
     cache = getattr(criterion, "teacher_cache", None)
     if cache is None:
         return {}
-    counts = torch.tensor(cache.take_counts(), dtype=torch.float64, device=runtime.device)
-    if runtime.distributed:
-        dist.all_reduce(counts)
+    counts = reduce_over_ranks(torch.tensor(cache.take_counts(), dtype=torch.float64, device=runtime.device))
     hits, misses, written = (int(value) for value in counts.tolist())
     runtime.log(f"Teacher cache {cache.folder}: {hits} hits, {misses} misses "
                 f"({100 * hits / max(hits + misses, 1):.1f}% hit rate), {written / 2 ** 20:.1f} MiB written")

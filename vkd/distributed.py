@@ -143,9 +143,21 @@ def start_processes(device: Optional[str], local_rank_flag: int = 0, init_method
     return runtime
 
 
+def is_distributed() -> bool:
+    """Whether this process is in a process group (several processes train together)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def reduce_over_ranks(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """``values`` combined over every process, in place (SUM by default; MAX for flags); itself alone."""
+    if is_distributed():
+        dist.all_reduce(values, op=op)
+    return values
+
+
 def every_rank(value: Result) -> List[Result]:
     """Every process's ``value`` (anything picklable), in rank order, on every process; ``[value]`` alone."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return [value]
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
@@ -161,7 +173,7 @@ def main_process_decides(check: Callable[[], Result], is_main: bool) -> Result:
             outcome = (True, check())
         except BadInput as error:
             outcome = (False, str(error))
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         shared = [outcome]
         dist.broadcast_object_list(shared, src=0)
         outcome = shared[0]

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vkd.distributed import is_distributed, reduce_over_ranks
 from vkd.errors import VkDError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -50,11 +51,10 @@ class StopRequest:
 
     def requested(self, device: Optional[torch.device] = None) -> bool:
         local = self.received is not None
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_distributed():
             return local
         flag = torch.tensor([1.0 if local else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(reduce_over_ranks(flag, op=dist.ReduceOp.MAX).item())
 
 
 def rng_states() -> Dict[str, object]:
