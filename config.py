@@ -17,6 +17,7 @@ import distillers
 import models
 from vkd.config import OneLineErrorParser, parse_with_config
 from vkd.errors import BadInput
+from vkd.teachers import unknown_model_line
 
 SCHEDULES = ("cosine", "tanh", "step", "poly", "constant")
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}
@@ -311,10 +312,10 @@ def check_arguments(args, explicit: Set[str]) -> None:
         raise BadInput(f"--no-train-mode runs the student in eval mode, which gives neither a distillation head's "
                        f"logits nor features: --distiller {args.distiller} needs them here")
     if not args.train_teacher and not models.is_student_name(args.student_model):
-        raise BadInput(models.unknown_model_line("student", args.student_model)
+        raise BadInput(unknown_model_line("student", args.student_model)
                        + "; or one of this repository's: " + ", ".join(models.STUDENT_MODELS))
     if (args.train_teacher or (distilling and not args.eval)) and args.teacher.split(".")[0] not in timm.list_models():
-        raise BadInput(models.unknown_model_line("teacher", args.teacher))
+        raise BadInput(unknown_model_line("teacher", args.teacher))
     if args.compile is not None:
         import torch._dynamo  # slow to import: only when asked for
         if args.compile not in torch._dynamo.list_backends(exclude_tags=()):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from distillers.teacher_cache import TeacherCache, TeacherOutputs
+from vkd.frozen import TeacherOwner, freeze
 from vkd.losses import features_and_logits
 
 INFINITY = float("inf")
@@ -63,7 +64,7 @@ class Flag:
                            metavar=self.metavar, help=self.help, **self.extra)
 
 
-class Distiller(nn.Module):
+class Distiller(TeacherOwner):
     """A distillation method as the criterion of the training loop (DeiT's ``DistillationLoss`` shape): it owns
     the frozen teacher, so the loop is the same with and without distillation.
 
@@ -92,10 +93,7 @@ class Distiller(nn.Module):
         super().__init__()
         if self.needs_teacher(args) and teacher is None:
             raise ValueError(f"the {self.name} distiller needs a teacher")
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.eval()
-            teacher.requires_grad_(False)
+        self.teacher = teacher if teacher is None else freeze(teacher)
         self.base_criterion = base_criterion
         self.teacher_cache = teacher_cache
         self.compile_backend, self.log = compile_backend, log
@@ -147,13 +145,6 @@ class Distiller(nn.Module):
     @property
     def terms_logged(self) -> Tuple[str, ...]:
         return ("loss",) + self.loss_terms
-
-    def train(self, mode: bool = True):
-        # The teacher stays in eval mode whatever the criterion's mode (BN statistics frozen).
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
 
     def teacher_outputs(self, images: torch.Tensor) -> TeacherOutputs:
         """The frozen teacher's (pooled features, logits) of ``images``, from the cache when it has them."""

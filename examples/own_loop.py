@@ -7,9 +7,9 @@ import vkd
 
 def distil(student, teacher, loader, epochs=1, lr=1e-3, alpha=1.0, gamma=1.0):
     """Train ``student`` on ``loader`` (images, labels) with VkD's feature and logit terms; returns the losses."""
-    teacher.eval().requires_grad_(False)
+    vkd.freeze(teacher)
     device = next(student.parameters()).device  # the teacher is expected on it too
-    projector = vkd.OrthogonalProjector(student.num_features, teacher.num_features).to(device)
+    projector = vkd.OrthogonalProjector(vkd.feature_width(student), vkd.feature_width(teacher)).to(device)
     optimizer = torch.optim.AdamW([
         {"params": student.parameters(), "weight_decay": 0.05},
         {"params": projector.parameters(), "weight_decay": 0.0},  # decay would break the orthogonal map

@@ -15,6 +15,7 @@ from experiments.stats import mean_and_std
 from utils import load_student_checkpoint
 from vkd.config import config_settings
 from vkd.losses import feature_width
+from vkd.teachers import create_teacher
 
 
 def _row_number(path: str) -> int:
@@ -72,7 +73,7 @@ def trained_student(row: dict, output_dir: str, num_classes: int) -> torch.nn.Mo
     projector = None if args.train_teacher else distiller_class(args.distiller).projector(args)
     teacher_dim = None
     if projector:
-        teacher_dim = feature_width(models.create_teacher(args.teacher, num_classes=num_classes,
+        teacher_dim = feature_width(create_teacher(args.teacher, num_classes=num_classes,
                                                           teacher_path=args.teacher_path))
     student = models.create_student(args.student_model, num_classes=num_classes, img_size=args.input_size,
                                     teacher_dim=teacher_dim, projector=projector or "orthogonal",

@@ -19,11 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import models
+from vkd import frozen
 from vkd.checkpoints import first_line, load_state_dict_file
 from vkd.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vkd.downloads import hub_offline_unless_reachable
 from vkd.errors import CheckpointError
+from vkd.teachers import create_teacher
 
 CLIP_MODEL = "ViT-B-32-quickgelu"  # OpenAI's ViT-B/32 uses QuickGELU
 CLIP_PRETRAINED = "openai"  # open_clip's tag of OpenAI's weights, the paper's teacher
@@ -54,8 +55,7 @@ class FrozenImageNetwork(nn.Module):
     source: str
 
     def freeze(self) -> None:
-        self.eval()
-        self.requires_grad_(False)
+        frozen.freeze(self)
 
     def train(self, mode: bool = True):
         return super().train(False)
@@ -93,7 +93,7 @@ def load_timm_network(name: str, path: Optional[str], input_size: int, flag: str
     if name not in timm.list_models():
         raise CheckpointError(f"unknown timm model '{name}'")
     num_classes = _classifier_outputs(name, load_state_dict_file(path, preferred_keys=("model", "state_dict")))
-    model = models.create_teacher(name, num_classes=num_classes, teacher_path=path)
+    model = create_teacher(name, num_classes=num_classes, teacher_path=path)
     network = TimmNetwork(model, input_size, name)
     network.source = os.path.abspath(path)
     return network

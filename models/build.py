@@ -11,6 +11,7 @@ from distillers.teacher_cache import TeacherCache
 from vkd.data.mixup import mixup_active
 from vkd.errors import BadInput
 from vkd.losses import feature_width
+from vkd.teachers import create_teacher
 
 
 def _model_or_bad_input(build_model: Callable[[], nn.Module]) -> nn.Module:
@@ -51,7 +52,7 @@ def build_teacher_to_train(args, nb_classes: int) -> nn.Module:
 
 def build_teacher(args, nb_classes: int, method, log: Callable[[str], None] = print) -> nn.Module:
     """The frozen distillation teacher; its logits must cover the data set's classes when ``method`` reads them."""
-    teacher = _model_or_bad_input(lambda: models.create_teacher(args.teacher, teacher_path=args.teacher_path,
+    teacher = _model_or_bad_input(lambda: create_teacher(args.teacher, teacher_path=args.teacher_path,
                                                                 channels_last=args.teacher_channels_last))
     checksum = f" (sha256 {teacher.weights['sha256']})" if "sha256" in teacher.weights else ""
     log(f"Teacher {args.teacher}: weights {teacher.weights['source']}{checksum}")

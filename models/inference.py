@@ -22,7 +22,15 @@ import datasets
 import models
 from models.deit import EVAL_HEADS, DistilledVisionTransformer
 from utils import load_student_checkpoint, saved_run_args
-from vkd.checkpoints import first_line, safe_torch_load, state_dict_in, strict_load, strip_ddp_prefix
+from vkd.checkpoints import (
+    classifier_weight_key,
+    file_sha256,
+    first_line,
+    safe_torch_load,
+    state_dict_in,
+    strict_load,
+    strip_ddp_prefix,
+)
 from vkd.data.folders import open_rgb_image
 from vkd.errors import BadInput, CheckpointError
 
@@ -100,7 +108,7 @@ DEFAULT_CLASSES = 1000  # the class count a student is first built with, to find
 
 def _class_count(path: str, student: nn.Module, weights: dict) -> int:
     """The class count of the checkpoint's classifier, found where ``student``'s architecture keeps it."""
-    key = models.classifier_weight_key(student)
+    key = classifier_weight_key(student)
     if key is None or key not in weights:
         raise CheckpointError(f"{path} has no {key or 'classifier weight'}: not a checkpoint of a "
                               f"{type(student).__name__} student (pass --student-model with its architecture)")
@@ -136,7 +144,7 @@ def load_checkpoint_student(path: str, student_model: Optional[str] = None,
                   class_names=class_names, mean=list(datasets.IMAGENET_MEAN), std=list(datasets.IMAGENET_STD),
                   eval_crop_ratio=float(eval_crop_ratio),
                   output=_output_description(student), checkpoint=os.path.basename(path),
-                  checkpoint_sha256=models.file_sha256(path))
+                  checkpoint_sha256=file_sha256(path))
     return student, config
 
 

@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrizations
 
-import models
 from distillers import method_args
 from distillers.vkd import VkD
 from models import create_student
@@ -16,6 +15,7 @@ from vkd.errors import CheckpointError
 from vkd.losses import feature_distillation_loss, logit_distillation_loss
 from vkd.norms import batch_standardise, layernorm, whiten
 from vkd.projector import OrthogonalLinear, OrthogonalProjector
+from vkd.teachers import create_teacher
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "reference")
 
@@ -229,7 +229,7 @@ def test_channels_last_teacher_computes_the_same_features(tmp_path):
     import timm
     torch.manual_seed(0)
     torch.save({"model": timm.create_model("resnet10t", num_classes=3).state_dict()}, tmp_path / "teacher.pth")
-    plain, fast = (models.create_teacher("resnet10t", num_classes=3, teacher_path=str(tmp_path / "teacher.pth"),
+    plain, fast = (create_teacher("resnet10t", num_classes=3, teacher_path=str(tmp_path / "teacher.pth"),
                                          channels_last=channels_last) for channels_last in (False, True))
     assert fast.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not plain.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -14,6 +14,7 @@ from config import check_arguments, parse_arguments
 from distillers import distiller_class
 from optim import build_optimizer
 from utils import load_student_checkpoint
+from vkd import teachers
 from vkd.checkpoints import add_ddp_prefix
 from vkd.errors import CheckpointError
 
@@ -115,9 +116,9 @@ def test_every_shipped_classification_config_is_accepted(path):
 # ----------------------------------------------------------------------------- the teacher
 
 def test_regnety_160_means_deits_teacher():
-    assert models.pretrained_name("regnety_160") == "regnety_160.deit_in1k"
-    assert models.pretrained_name("regnety_160.sw_in12k_ft_in1k") == "regnety_160.sw_in12k_ft_in1k"
-    assert models.pretrained_name("resnet18") == "resnet18"
+    assert teachers.pretrained_name("regnety_160") == "regnety_160.deit_in1k"
+    assert teachers.pretrained_name("regnety_160.sw_in12k_ft_in1k") == "regnety_160.sw_in12k_ft_in1k"
+    assert teachers.pretrained_name("resnet18") == "resnet18"
 
 
 def test_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):
@@ -125,8 +126,8 @@ def test_unreachable_hub_fails_within_seconds(monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "ENDPOINT", "https://127.0.0.1:9")  # the discard port: nothing listens
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     started = time.monotonic()
-    with pytest.raises(models.TeacherError, match=r"regnety_160\.deit_in1k.*--teacher-path"):
-        models.create_teacher("regnety_160")
+    with pytest.raises(teachers.TeacherError, match=r"regnety_160\.deit_in1k.*--teacher-path"):
+        teachers.create_teacher("regnety_160")
     assert time.monotonic() - started < 15
     assert hub.HF_HUB_OFFLINE is False  # restored
 

@@ -20,8 +20,8 @@ import torch
 from conftest import CLASSES, IMAGE_SIZE, write_image_folder
 
 import export
-import models
 from models.inference import load_exported_student
+from vkd.checkpoints import file_sha256
 
 CHECK_LINE = re.compile(r"^Check against the PyTorch student, max \|logits difference\|: ([\d.e+-]+) on 3 random "
                         r"inputs, ([\d.e+-]+) on (\d+) (.+) \(limit ([\d.e+-]+): 1e-04 x max\(1, largest \|logit\| "
@@ -50,7 +50,7 @@ def export_both_layouts(run_entry_point, files, export_format, suffix, tmp_path)
         assert (int(count), source) == (export.MAX_CHECK_IMAGES, "scikit-learn digits images")
         config = json.loads((tmp_path / f"{layout}{suffix}.json").read_text())
         assert (config["architecture"], config["input_size"], config["num_classes"]) == ("deit_ti_distilled", 32, 3)
-        assert config["checkpoint_sha256"] == models.file_sha256(checkpoint)
+        assert config["checkpoint_sha256"] == file_sha256(checkpoint)
         assert config["format"] == export_format
         exported[layout] = str(out), config
     # Released files name no classes, and 3 is no ImageNet head.
@@ -203,14 +203,14 @@ def test_the_checkpoint_is_never_the_out(run_entry_point, tiny_student_files, tm
     shutil.copy(tiny_student_files.ours, checkpoint)
     os.symlink(checkpoint, tmp_path / "link.pt2")
     os.link(checkpoint, tmp_path / "hard.pt2")
-    before = models.file_sha256(str(checkpoint))
+    before = file_sha256(str(checkpoint))
     for out, overwrite in itertools.product(("student.pt2", "link.pt2", "hard.pt2"), ([], ["--overwrite"])):
         code, stdout, stderr = run_entry_point(export, export_argv(checkpoint, tmp_path / out, *overwrite,
                                                                    export_format="torch-export"))
         assert code == 2 and stdout == ""
         assert re.fullmatch(rf"error: --out .*{out} would replace the checkpoint .*student\.pt2 itself: choose "
                             rf"another --out\n", stderr)
-    assert models.file_sha256(str(checkpoint)) == before
+    assert file_sha256(str(checkpoint)) == before
 
 
 def test_a_failed_check_keeps_the_previous_export(run_entry_point, tiny_student_files, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import torch
 import datasets
 import models
 from vkd.checkpoints import add_ddp_prefix, safe_torch_load
+from vkd.teachers import create_teacher
 
 VAL_IMAGES = 7
 SUMMARY_LINE = re.compile(r"^ \* Acc@1 ([\d.]+) Acc@5 ([\d.]+)$", re.M)
@@ -125,7 +126,7 @@ def test_train_teacher_writes_the_file_teacher_path_reads(run_main, data_flags, 
     assert code == 0, stderr
     assert len(read_log(tmp_path)) == 1
     saved = safe_torch_load(str(tmp_path / "teacher.pth"))["model"]
-    teacher = models.create_teacher("resnet10t", num_classes=3, teacher_path=str(tmp_path / "teacher.pth"))
+    teacher = create_teacher("resnet10t", num_classes=3, teacher_path=str(tmp_path / "teacher.pth"))
     assert all(torch.equal(teacher.state_dict()[name], value) for name, value in saved.items())
     assert "--teacher-path" in stdout
 

@@ -12,6 +12,7 @@ The method, for use in any training loop (shapes: B the batch, D_s / D_t the stu
 Give the projector no weight decay: it is what keeps torch's Householder map an isometry.
 Importing ``vkd`` loads torch only; the repository's command lines, data sets and logging are elsewhere.
 """
+from vkd.frozen import freeze
 from vkd.losses import (
     FEATURE_LOSSES,
     feature_distillation_loss,
@@ -23,7 +24,7 @@ from vkd.norms import NORMALISATIONS, batch_standardise, build_normalisation, la
 from vkd.projector import OrthogonalLinear, OrthogonalProjector
 
 __all__ = [
-    "OrthogonalProjector", "OrthogonalLinear",
+    "OrthogonalProjector", "OrthogonalLinear", "freeze",
     "features_and_logits", "feature_width", "feature_distillation_loss", "logit_distillation_loss", "FEATURE_LOSSES",
     "layernorm", "batch_standardise", "whiten", "whiten_cholesky", "build_normalisation", "NORMALISATIONS",
 ]

@@ -254,3 +254,13 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def classifier_weight_key(model: nn.Module) -> Optional[str]:
+    """The state-dict key of ``model``'s classifier weight (``head.weight``, ``fc.weight``, ...), found through
+    timm's ``get_classifier``; None for a model without one."""
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for module_name, module in model.named_modules():
+        if module is classifier and isinstance(getattr(module, "weight", None), torch.Tensor):
+            return f"{module_name}.weight"
+    return None

@@ -11,6 +11,7 @@ from vidt.models.swin_ram import build_swin_ram
 from vidt.util.checkpoint import load_checkpoint, model_state_from
 from vkd.checkpoints import strict_load
 from vkd.errors import BadInput
+from vkd.frozen import freeze
 
 NUM_CLASSES = {"coco": 91}  # COCO category ids run to 90; labels are the raw ids
 TEACHER_BACKBONES = {"vidt_nano": "swin_nano", "vidt_tiny": "swin_tiny", "vidt_small": "swin_small",
@@ -43,8 +44,7 @@ def build_teacher(args) -> Detector:
         print(f"| {source}: its {len(projector_keys)} projector keys (a VkD student) are not used by a teacher")
     strict_load(teacher, state, source)
     print(f"number of params for teacher: {sum(p.numel() for p in teacher.parameters())}")
-    teacher.requires_grad_(False)
-    return teacher.eval()
+    return freeze(teacher)
 
 
 def load_student_weights(model: Detector, state: Dict, source: str) -> bool:

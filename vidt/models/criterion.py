@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from vidt.util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from vidt.util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialized
+from vkd.frozen import TeacherOwner, freeze
 from vkd.norms import batch_standardise
 
 FOCAL_GAMMA = 2.0
@@ -50,7 +51,7 @@ def distillation_loss(student_tokens: Dict, teacher_tokens: Dict) -> torch.Tenso
                for s, t in zip(student, teacher))
 
 
-class SetCriterion(nn.Module):
+class SetCriterion(TeacherOwner):
     """Focal class loss, L1 and GIoU box losses on matched pairs, for the final and every aux output.
 
     Parameters:
@@ -66,16 +67,7 @@ class SetCriterion(nn.Module):
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.focal_alpha = focal_alpha
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # the teacher never leaves eval mode (no dropout, fixed drop-path)
-        return self
+        self.teacher = teacher if teacher is None else freeze(teacher)
 
     def loss_labels(self, outputs, targets, indices, num_boxes, log=True) -> Dict[str, torch.Tensor]:
         logits = outputs["pred_logits"]
