@@ -44,16 +44,18 @@ def run_evaluation(args, runtime: Runtime, checkpoint_path: str, subject: str, e
     """Evaluate a checkpoint (released layout or ours) on the validation set; no teacher is built. Without
     --eval-head, a distilled student is evaluated on the head its training run evaluated on."""
     content = safe_torch_load(checkpoint_path)
+    eval_head = args.eval_head
     if "eval_head" not in explicit and not args.train_teacher:
-        args.eval_head = saved_run_args(content).get("eval_head", args.eval_head)
-    data = datasets.data_args_from(args)
-    dataset_val, nb_classes = datasets.build_dataset(False, data)
-    model = build_teacher_to_train(args, nb_classes) if args.train_teacher else build_student(args, nb_classes)
+        eval_head = saved_run_args(content).get("eval_head", args.eval_head)
+    data = datasets.data_args_from(args, pin_memory=runtime.pin_memory)
+    dataset_val, num_classes = datasets.build_dataset(False, data)
+    model = (build_teacher_to_train(args, num_classes) if args.train_teacher
+             else build_student(args, num_classes, eval_head=eval_head))
     load_student_checkpoint(model, checkpoint_path, content)
     model.to(runtime.device)
     loader = datasets.build_val_loader(data, dataset_val, args.dist_eval and runtime.distributed, runtime.rank,
                                        runtime.world_size)
-    results = evaluate(model, loader, runtime.device, AMP_DTYPES[args.amp], args.print_freq, runtime.is_main,
+    results = evaluate(model, loader, runtime.device, AMP_DTYPES[runtime.amp], args.print_freq, runtime.is_main,
                        sharded=args.dist_eval)
     warn_unreadable(runtime, results["unreadable_images"], "validation images")
     runtime.log(f"Accuracy of {subject} on the {results['images']} test images: {results['acc1']:.1f}%")
@@ -61,7 +63,8 @@ def run_evaluation(args, runtime: Runtime, checkpoint_path: str, subject: str, e
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(os.path.join(args.output_dir, "eval_results.json"),
                    dict(results, checkpoint=os.path.abspath(checkpoint_path), model=model.__class__.__name__,
-                        args=vars(args), processes=runtime.world_size, **git_state()))
+                        eval_head=None if args.train_teacher else eval_head, amp=runtime.amp, args=vars(args),
+                        processes=runtime.world_size, **git_state()))
 
 
 def run_training(args, runtime: Runtime, argv) -> None:
@@ -70,15 +73,15 @@ def run_training(args, runtime: Runtime, argv) -> None:
     if moved_to:
         runtime.log(f"The previous run in {args.output_dir} was moved to {moved_to}")
     seed_everything(args.seed + runtime.rank)
-    data = datasets.data_args_from(args)
-    dataset_train, nb_classes = datasets.build_dataset(True, data)
+    data = datasets.data_args_from(args, pin_memory=runtime.pin_memory)
+    dataset_train, num_classes = datasets.build_dataset(True, data)
     dataset_val, _ = datasets.build_dataset(False, data)
     train_loader, val_loader = datasets.build_loaders(data, dataset_train, dataset_val, runtime.distributed,
                                                       runtime.rank, runtime.world_size, sharded_val=args.dist_eval)
     steps_per_epoch = len(train_loader)
-    mixup_fn = datasets.build_mixup(data, nb_classes)
+    mixup_fn = datasets.build_mixup(data, num_classes)
 
-    model, criterion, _ = build(args, nb_classes, log=runtime.log)
+    model, criterion, _ = build(args, num_classes, amp=runtime.amp, log=runtime.log)
     model.to(runtime.device)
     criterion.to(runtime.device)
     runtime.log(f"number of params: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
@@ -100,7 +103,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
     if args.student_ema:
         ema_device = torch.device("cpu") if args.student_ema_force_cpu else runtime.device
         ema = ModelEMA(model, linear_momentum(args.student_ema_decay, steps_per_epoch * total_epochs), ema_device)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.amp == "fp16")
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp == "fp16")
     trainer = Trainer(args, runtime.world_size, model, optimizer, scaler, lr_scheduler, ema,
                       start_epoch=args.start_epoch, class_names=list(dataset_train.classes))
     if args.student_ckpt:
@@ -158,7 +161,7 @@ def train_epochs(args, runtime: Runtime, trainer: Trainer, trained: nn.Module, c
         trainer.resumed_mid_epoch = None
         train_stats = train_one_epoch(
             trained, criterion, train_loader, optimizer, runtime.device, epoch, lr_scheduler=trainer.lr_scheduler,
-            scaler=trainer.scaler, amp_dtype=AMP_DTYPES[args.amp], mixup_fn=mixup_fn, clip_grad=args.clip_grad,
+            scaler=trainer.scaler, amp_dtype=AMP_DTYPES[runtime.amp], mixup_fn=mixup_fn, clip_grad=args.clip_grad,
             ema=ema, skips_allowed=args.skip_nonfinite - trainer.nonfinite_skipped, bce_targets=args.bce_loss,
             set_training_mode=args.train_mode, print_freq=args.print_freq, is_main=runtime.is_main,
             world_size=runtime.world_size, tb_writer=tb_writer, stop=stop, resumed=resumed, seed=args.seed,
@@ -173,7 +176,7 @@ def train_epochs(args, runtime: Runtime, trainer: Trainer, trained: nn.Module, c
         warn_unreadable(runtime, train_stats["unreadable_images"], f"training images in epoch {epoch}")
         val_stats = {}
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == total_epochs:
-            val_stats = evaluate(model, val_loader, runtime.device, AMP_DTYPES[args.amp], args.print_freq,
+            val_stats = evaluate(model, val_loader, runtime.device, AMP_DTYPES[runtime.amp], args.print_freq,
                                  runtime.is_main, sharded=args.dist_eval)
             warn_unreadable(runtime, val_stats["unreadable_images"], "validation images")
             runtime.log(f"Accuracy of the network on the {val_stats['images']} test images: {val_stats['acc1']:.1f}%")
@@ -210,7 +213,7 @@ def finish_training(args, runtime: Runtime, trainer: Trainer, val_loader) -> Non
 
     if ema is not None:
         ema.model.to(runtime.device)
-        ema_stats = evaluate(ema.model, val_loader, runtime.device, AMP_DTYPES[args.amp], args.print_freq,
+        ema_stats = evaluate(ema.model, val_loader, runtime.device, AMP_DTYPES[runtime.amp], args.print_freq,
                              runtime.is_main, sharded=args.dist_eval)
         runtime.log(f"Accuracy of the [ema] network on the {ema_stats['images']} test images: {ema_stats['acc1']:.1f}%")
         if args.output_dir and runtime.is_main:

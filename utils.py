@@ -1,5 +1,6 @@
 """Classification's process set-up and the loading of student checkpoints, released or ours, with hints for
 a file that differs only in class count or input size. The machinery they use is in ``vkd``."""
+import dataclasses
 from typing import Dict, Mapping, Optional
 
 import torch
@@ -19,20 +20,20 @@ def init_runtime(args, explicit) -> Runtime:
     """Classification's set-up: the rank, world size and device of this process (joining the process group
     when there are several), the thread count and determinism flags.
 
-    Fills in the device-dependent defaults: ``--amp`` (fp16 on cuda, none on cpu) and ``--pin-mem``.
+    The runtime holds what depends on the device: the mixed precision (``--amp``, by default fp16 on cuda and
+    none on cpu) and whether loaders pin memory (``--pin-mem``, on a GPU only).
     """
     configure_determinism(args.deterministic, args.threads)
     configure_cuda_kernels(fixed_shapes=True, deterministic=args.deterministic)
     runtime = start_processes(args.device, args.local_rank, args.dist_url, args.dist_timeout,
                               world_size_flag=args.world_size if "world_size" in explicit else None)
     device = runtime.device
-    if args.amp is None:
-        args.amp = "fp16" if device.type == "cuda" else "none"
-    if device.type != "cuda":
-        args.pin_mem = False  # pinning only helps host-to-GPU copies (and warns without a GPU)
-    if args.amp == "fp16" and device.type != "cuda":
+    amp = args.amp or ("fp16" if device.type == "cuda" else "none")
+    # Pinning only helps host-to-GPU copies (and warns without a GPU).
+    runtime = dataclasses.replace(runtime, amp=amp, pin_memory=args.pin_mem and device.type == "cuda")
+    if amp == "fp16" and device.type != "cuda":
         raise BadInput("--amp fp16 needs a CUDA device; use --amp bf16 or --amp none on the CPU")
-    if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise BadInput(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bf16 kernels (they need compute "
                        f"capability 8.0 or newer); use --amp fp16")
     if args.teacher_cache and device.type == "cuda":

@@ -43,8 +43,8 @@ def similarity_preservation(row: dict, run: dict) -> float:
     settings = row["settings"]
     data_args = datasets.default_data_args(data_set=settings["data_set"], data_path=settings["data_path"],
                                            input_size=settings["input_size"])
-    dataset, nb_classes = datasets.build_dataset(False, data_args)
-    student = trained_student(row, run["output_dir"], nb_classes)
+    dataset, num_classes = datasets.build_dataset(False, data_args)
+    student = trained_student(row, run["output_dir"], num_classes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=128, collate_fn=datasets.collate_skipping_unreadable)
     pooled, projected = [], []
     for samples, _, _ in loader:

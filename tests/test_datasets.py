@@ -56,9 +56,9 @@ def folder_args(root, **overrides):
 
 def test_folder_dataset_counts_labels_and_shapes(tmp_path):
     args = folder_args(make_image_folder(tmp_path))
-    train, nb_classes = build_dataset(True, args)
+    train, num_classes = build_dataset(True, args)
     val, _ = build_dataset(False, args)
-    assert nb_classes == 3
+    assert num_classes == 3
     assert (len(train), len(val)) == (12, 6)
     assert train.classes == list(CLASSES)
     assert sorted(set(train.targets)) == [0, 1, 2]
@@ -69,8 +69,8 @@ def test_folder_dataset_counts_labels_and_shapes(tmp_path):
 def test_imnet_layout_warns_about_class_count(tmp_path):
     args = folder_args(make_image_folder(tmp_path), data_set="IMNET")
     with pytest.warns(UserWarning, match="expects 1000 classes but .* has 3 class folders"):
-        dataset, nb_classes = build_dataset(True, args)
-    assert nb_classes == 3 and len(dataset) == 12
+        dataset, num_classes = build_dataset(True, args)
+    assert num_classes == 3 and len(dataset) == 12
 
 
 def test_val_labels_follow_train_classes_even_when_val_lacks_one(tmp_path):
@@ -78,9 +78,9 @@ def test_val_labels_follow_train_classes_even_when_val_lacks_one(tmp_path):
     for name in os.listdir(os.path.join(root, "val", "cat")):
         os.remove(os.path.join(root, "val", "cat", name))
     os.rmdir(os.path.join(root, "val", "cat"))
-    val, nb_classes = build_dataset(False, folder_args(root))
+    val, num_classes = build_dataset(False, folder_args(root))
     # torchvision alone would renumber dog/emu as 0/1 here, shifting every val label.
-    assert nb_classes == 3 and sorted(set(val.targets)) == [1, 2]
+    assert num_classes == 3 and sorted(set(val.targets)) == [1, 2]
 
 
 def test_val_class_absent_from_train_is_an_error(tmp_path):
@@ -93,8 +93,8 @@ def test_val_class_absent_from_train_is_an_error(tmp_path):
 def test_evaluation_needs_only_the_val_split(tmp_path):
     root = make_image_folder(tmp_path)
     os.rename(os.path.join(root, "train"), os.path.join(root, "elsewhere"))
-    val, nb_classes = build_dataset(False, folder_args(root))
-    assert (len(val), nb_classes) == (6, 3)
+    val, num_classes = build_dataset(False, folder_args(root))
+    assert (len(val), num_classes) == (6, 3)
 
 
 def test_digits_export_counts_split_and_exact_pixels(digits_root):
@@ -127,9 +127,9 @@ def test_digits_export_is_reused_and_leaves_no_temporary_folder(digits_root):
 
 def test_digits_build_dataset(digits_root):
     args = default_data_args(data_set="DIGITS", data_path=digits_root, input_size=32)
-    train, nb_classes = build_dataset(True, args)
+    train, num_classes = build_dataset(True, args)
     val, _ = build_dataset(False, args)
-    assert (len(train), len(val), nb_classes) == (1437, 360, 10)
+    assert (len(train), len(val), num_classes) == (1437, 360, 10)
     assert train[0][0].shape == (3, 32, 32)
 
 
@@ -315,13 +315,13 @@ def test_training_set_smaller_than_one_batch_is_an_error(tmp_path):
 
 
 def test_mixup_settings_and_off_switch():
-    mixup = build_mixup(default_data_args(), nb_classes=10)
+    mixup = build_mixup(default_data_args(), num_classes=10)
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob) == (0.8, 1.0, 1.0, 0.5)
     assert mixup.mode == "batch" and mixup.label_smoothing == 0.1
     _, soft_targets = mixup(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
     assert soft_targets.shape == (4, 10) and torch.allclose(soft_targets.sum(1), torch.ones(4))
-    assert build_mixup(default_data_args(mixup=0.0, cutmix=0.0), nb_classes=10) is None
-    assert build_mixup(default_data_args(mixup=0.0, cutmix=0.0, cutmix_minmax=(0.2, 0.8)), nb_classes=10) is not None
+    assert build_mixup(default_data_args(mixup=0.0, cutmix=0.0), num_classes=10) is None
+    assert build_mixup(default_data_args(mixup=0.0, cutmix=0.0, cutmix_minmax=(0.2, 0.8)), num_classes=10) is not None
 
 
 # ----------------------------------------------------------------------------- unreadable images
@@ -463,9 +463,9 @@ def fmnist_args(root, **overrides):
 @pytest.mark.parametrize("compress", [True, False])
 def test_fmnist_reads_debian_folder_gzipped_or_not(tmp_path, compress):
     root = make_fmnist(tmp_path, compress=compress)
-    train, nb_classes = build_dataset(True, fmnist_args(root))
+    train, num_classes = build_dataset(True, fmnist_args(root))
     test, _ = build_dataset(False, fmnist_args(root, eval_crop_ratio=1.0))
-    assert (nb_classes, len(train), len(test)) == (10, 30, 10)
+    assert (num_classes, len(train), len(test)) == (10, 30, 10)
     assert train.classes[9] == "Ankle boot" and train.targets[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert train.data.shape == (30, 28, 28) and train.data[13, 5, 5] == 10 * 3 + 1
     sample, target = test[7]  # eval: whole image (ratio 1), bicubic 28 -> 32, gray copied to 3 channels

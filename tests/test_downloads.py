@@ -239,8 +239,8 @@ def test_generation_download_asks_torchvision_for_cifar10_once(tmp_path, capsys,
 def test_classification_download_asks_torchvision_for_cifar100(tmp_path, probes, fake_cifar_download):
     args = datasets.default_data_args(data_set="CIFAR", data_path=str(tmp_path / "cifar100"), download=True,
                                       input_size=32)
-    dataset, nb_classes = datasets.build_dataset(True, args)
-    assert (len(dataset), nb_classes) == (4, 100)
+    dataset, num_classes = datasets.build_dataset(True, args)
+    assert (len(dataset), num_classes) == (4, 100)
     assert [(call["url"], call["md5"]) for call in fake_cifar_download] == [
         ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85")]
     assert os.listdir(tmp_path / "cifar100") == ["cifar-100-python"]

@@ -155,7 +155,7 @@ def test_evaluating_a_checkpoint_uses_the_head_its_run_evaluated_on(run_main, da
         assert code == 0, stderr
         with open(output_dir / "eval_results.json") as handle:
             results = json.load(handle)
-        assert results["args"]["eval_head"] == expected
+        assert results["eval_head"] == expected
         losses[expected] = results["loss"]
     assert losses["cls"] == pytest.approx(trained["val_loss"]) and losses["mean"] != pytest.approx(losses["cls"])
 

@@ -29,9 +29,12 @@ Result = TypeVar("Result")
 
 @dataclass
 class Runtime:
+    """What this process is and computes with, decided at start-up (the arguments record what was asked)."""
     rank: int
     world_size: int
     device: torch.device
+    amp: str = "none"  # the mixed precision in use: none, fp16 or bf16
+    pin_memory: bool = False  # loaders pin host memory (only worth it for a GPU)
 
     @property
     def distributed(self) -> bool:
