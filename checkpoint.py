@@ -5,7 +5,6 @@ Checkpoints keep the original's layout (``student`` with DDP's ``module.`` prefi
 ``lr_scheduler``, ``epoch``, ...) and are written atomically; a resume continues at the next epoch.
 """
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -14,15 +13,16 @@ import torch
 import torch.nn as nn
 
 import distillers
-from utils import load_student_checkpoint
+from models.loading import load_student_checkpoint
 from vkd.checkpoints import add_ddp_prefix, all_finite, safe_torch_load, save_atomically, tensor_bytes
 from vkd.ema import ModelEMA
 from vkd.errors import CheckpointError, RunFailed
+from vkd.progress import append_json_line
 from vkd.runs import LOG, refuse_a_different_run
 
 LATEST, BEST, TEACHER_FILE = "latest.pth.tar", "best.pth.tar", "teacher.pth"
 # What defines the optimisation a checkpoint belongs to: a resume that changed one of these would print one
-# run and train another, so it is refused (``--epochs`` alone is honoured: ``Trainer.restore``). The distillers'
+# run and train another, so it is refused (``--epochs`` alone is honoured: ``TrainingState.restore``). The distillers'
 # own flags are added at the time of the check (``run_defining_flags``): a method registered later counts too.
 CORE_RUN_DEFINING_FLAGS = (
     "--batch-size", "--lr", "--min-lr", "--warmup-lr", "--warmup-epochs", "--cooldown-epochs", "--weight-decay",
@@ -37,8 +37,8 @@ def run_defining_flags():
 
 
 @dataclass
-class Trainer:
-    """Everything a checkpoint holds and a resume restores."""
+class TrainingState:
+    """The resumable state of a training run: everything a checkpoint holds and a resume restores."""
     args: argparse.Namespace
     world_size: int
     model: nn.Module  # not DDP-wrapped
@@ -89,8 +89,7 @@ class Trainer:
         if not all_finite(self.model.state_dict()):
             raise RunFailed(f"the weights became non-finite during epoch {epoch}; {LATEST} was left as it was")
         output_dir = self.args.output_dir
-        with open(os.path.join(output_dir, LOG), "a") as handle:
-            handle.write(json.dumps(log_record) + "\n")
+        append_json_line(os.path.join(output_dir, LOG), log_record)
         content = self.checkpoint(epoch, loss)
         if improved:
             save_atomically(content, os.path.join(output_dir, BEST))

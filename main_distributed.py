@@ -17,19 +17,21 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import datasets
-from checkpoint import LATEST, TEACHER_FILE, Trainer
+from checkpoint import LATEST, TEACHER_FILE, TrainingState
 from config import AMP_DTYPES, check_arguments, parse_arguments
 from engine import evaluate, train_one_epoch
 from models import has_distillation_head
 from models.build import build, build_student, build_teacher_to_train
+from models.loading import load_student_checkpoint, saved_run_args
 from models.students import TrainingView
 from optim import build_lr_scheduler, build_optimizer, effective_lr
-from utils import init_runtime, load_student_checkpoint, saved_run_args
+from runtime import init_runtime
 from vkd.checkpoints import first_line, require_room_for_checkpoints, safe_torch_load, save_atomically
 from vkd.cli import entry_point, fail
 from vkd.distributed import Runtime, every_rank, is_communication_failure, main_process_decides, reduce_over_ranks
 from vkd.ema import ModelEMA, linear_momentum
 from vkd.preemption import Preempted, StopRequest, preempted_line
+from vkd.progress import tensorboard_writer
 from vkd.reproducibility import epoch_seed, seed_everything
 from vkd.runs import LOG, git_state, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json
 
@@ -104,7 +106,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
         ema_device = torch.device("cpu") if args.student_ema_force_cpu else runtime.device
         ema = ModelEMA(model, linear_momentum(args.student_ema_decay, steps_per_epoch * total_epochs), ema_device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp == "fp16")
-    trainer = Trainer(args, runtime.world_size, model, optimizer, scaler, lr_scheduler, ema,
+    state = TrainingState(args, runtime.world_size, model, optimizer, scaler, lr_scheduler, ema,
                       start_epoch=args.start_epoch, class_names=list(dataset_train.classes))
     if args.student_ckpt:
         # The original's fine-tuning start: weights only. A checkpoint found by --resume overrides them.
@@ -112,66 +114,65 @@ def run_training(args, runtime: Runtime, argv) -> None:
         runtime.log(f"Student initialised from {args.student_ckpt}")
     resume_path = resolve_resume(args, LATEST)
     if resume_path:
-        trainer.restore(resume_path)
-        runtime.log(f"Resumed from {resume_path}: continuing at epoch {trainer.start_epoch}")
-        if trainer.epochs_changed:
-            runtime.log(f"--epochs {args.epochs}: the run was planned for {trainer.epochs_changed['from']} epochs; "
-                        f"from epoch {trainer.start_epoch} on, the LR follows the {args.sched} schedule of a "
+        state.restore(resume_path)
+        runtime.log(f"Resumed from {resume_path}: continuing at epoch {state.start_epoch}")
+        if state.epochs_changed:
+            runtime.log(f"--epochs {args.epochs}: the run was planned for {state.epochs_changed['from']} epochs; "
+                        f"from epoch {state.start_epoch} on, the LR follows the {args.sched} schedule of a "
                         f"{args.epochs}-epoch run")
     elif args.resume == "auto":
         runtime.log(f"No {LATEST} in {args.output_dir}: starting from scratch")
-    if trainer.start_epoch >= total_epochs:
+    if state.start_epoch >= total_epochs:
         runtime.log(f"Nothing to train: the run has finished its {total_epochs} epochs")
         return
 
     if args.output_dir:
         if runtime.is_main:
             os.makedirs(args.output_dir, exist_ok=True)
-        main_process_decides(lambda: require_room_for_checkpoints(args.output_dir, trainer.checkpoint_bytes()),
+        main_process_decides(lambda: require_room_for_checkpoints(args.output_dir, state.checkpoint_bytes()),
                              runtime.is_main)
     tb_writer = None
     if args.output_dir and runtime.is_main:
         teacher = getattr(criterion, "teacher", None)
-        record_invocation(args, argv, runtime.world_size, trainer.start_epoch, lr_effective=lr,
+        record_invocation(args, argv, runtime.world_size, state.start_epoch, lr_effective=lr,
                           global_batch=args.batch_size * runtime.world_size,
                           teacher_weights=getattr(teacher, "weights", None),
-                          changes={"epochs": trainer.epochs_changed} if trainer.epochs_changed else None)
-        trim_log(os.path.join(args.output_dir, LOG), trainer.start_epoch)
-        from torch.utils.tensorboard import SummaryWriter  # slow import, only where it is used
-        tb_writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
+                          changes={"epochs": state.epochs_changed} if state.epochs_changed else None)
+        trim_log(os.path.join(args.output_dir, LOG), state.start_epoch)
+        tb_writer = tensorboard_writer(args.output_dir)
     runtime.log(f"Start training for {total_epochs} epochs ({steps_per_epoch} iterations each, lr {lr:.3g})")
     try:
         with StopRequest() as stop:
-            train_epochs(args, runtime, trainer, trained, criterion, train_loader, val_loader, mixup_fn,
+            train_epochs(args, runtime, state, trained, criterion, train_loader, val_loader, mixup_fn,
                          total_epochs, tb_writer, stop)
-        finish_training(args, runtime, trainer, val_loader)
+        finish_training(args, runtime, state, val_loader)
     finally:
         if tb_writer is not None:
             tb_writer.close()
 
 
-def train_epochs(args, runtime: Runtime, trainer: Trainer, trained: nn.Module, criterion, train_loader, val_loader,
+def train_epochs(args, runtime: Runtime, state: TrainingState, trained: nn.Module, criterion, train_loader, val_loader,
                  mixup_fn, total_epochs: int, tb_writer, stop: StopRequest) -> None:
-    """The epochs from ``trainer.start_epoch``; a stop request ends them at a step boundary (``Preempted``)."""
-    model, optimizer, ema = trainer.model, trainer.optimizer, trainer.ema
-    for epoch in range(trainer.start_epoch, total_epochs):
+    """The epochs from ``state.start_epoch``; a stop request ends them at a step boundary (``Preempted``)."""
+    model, optimizer, ema = state.model, state.optimizer, state.ema
+    for epoch in range(state.start_epoch, total_epochs):
         train_loader.sampler.set_epoch(epoch)
         seed_everything(epoch_seed(args.seed, runtime.rank, epoch))
-        resumed = trainer.resumed_mid_epoch[runtime.rank] if trainer.resumed_mid_epoch else None
-        trainer.resumed_mid_epoch = None
+        resumed = state.resumed_mid_epoch[runtime.rank] if state.resumed_mid_epoch else None
+        state.resumed_mid_epoch = None
         train_stats = train_one_epoch(
-            trained, criterion, train_loader, optimizer, runtime.device, epoch, lr_scheduler=trainer.lr_scheduler,
-            scaler=trainer.scaler, amp_dtype=AMP_DTYPES[runtime.amp], mixup_fn=mixup_fn, clip_grad=args.clip_grad,
-            ema=ema, skips_allowed=args.skip_nonfinite - trainer.nonfinite_skipped, bce_targets=args.bce_loss,
+            trained, criterion, train_loader, optimizer, runtime.device, epoch, lr_scheduler=state.lr_scheduler,
+            scaler=state.scaler, amp_dtype=AMP_DTYPES[runtime.amp], mixup_fn=mixup_fn, clip_grad=args.clip_grad,
+            ema=ema, skips_allowed=args.skip_nonfinite - state.nonfinite_skipped, bce_targets=args.bce_loss,
             set_training_mode=args.train_mode, print_freq=args.print_freq, is_main=runtime.is_main,
             world_size=runtime.world_size, tb_writer=tb_writer, stop=stop, resumed=resumed, seed=args.seed,
             rank=runtime.rank)
         if "preempted_at" in train_stats:
             partials = every_rank(train_stats["partial"])
             if args.output_dir and runtime.is_main:
-                trainer.save_preempted(epoch, partials)
+                state.save_preempted(epoch, partials)
             raise Preempted(preempted_line(f"epoch {epoch} step {train_stats['preempted_at']}"))
-        trainer.nonfinite_skipped += train_stats["nonfinite_skipped"]
+        state.nonfinite_skipped += train_stats["nonfinite_skipped"]
         train_stats.update(teacher_cache_counts(criterion, runtime))
         warn_unreadable(runtime, train_stats["unreadable_images"], f"training images in epoch {epoch}")
         val_stats = {}
@@ -180,14 +181,14 @@ def train_epochs(args, runtime: Runtime, trainer: Trainer, trained: nn.Module, c
                                  runtime.is_main, sharded=args.dist_eval)
             warn_unreadable(runtime, val_stats["unreadable_images"], "validation images")
             runtime.log(f"Accuracy of the network on the {val_stats['images']} test images: {val_stats['acc1']:.1f}%")
-        improved = bool(val_stats) and val_stats["acc1"] > trainer.best_acc1
+        improved = bool(val_stats) and val_stats["acc1"] > state.best_acc1
         if val_stats:
-            trainer.best_acc1 = max(trainer.best_acc1, val_stats["acc1"])
-            runtime.log(f"Max accuracy: {trainer.best_acc1:.2f}%")
+            state.best_acc1 = max(state.best_acc1, val_stats["acc1"])
+            runtime.log(f"Max accuracy: {state.best_acc1:.2f}%")
         if args.output_dir and runtime.is_main:
             record = dict(epoch=epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                          **{f"val_{k}": v for k, v in val_stats.items()}, best_acc1=trainer.best_acc1)
-            trainer.save(epoch, train_stats["loss"], improved, record)
+                          **{f"val_{k}": v for k, v in val_stats.items()}, best_acc1=state.best_acc1)
+            state.save(epoch, train_stats["loss"], improved, record)
             for name in ("acc1", "acc5", "loss") if val_stats else ():
                 tb_writer.add_scalar(f"val/{name}", val_stats[name], epoch)
             tb_writer.flush()
@@ -207,9 +208,9 @@ def teacher_cache_counts(criterion, runtime: Runtime) -> dict:
     return {"teacher_cache_hits": hits, "teacher_cache_misses": misses, "teacher_cache_bytes_written": written}
 
 
-def finish_training(args, runtime: Runtime, trainer: Trainer, val_loader) -> None:
+def finish_training(args, runtime: Runtime, state: TrainingState, val_loader) -> None:
     """After the last epoch: the EMA's accuracy and a trained teacher's file."""
-    model, ema = trainer.model, trainer.ema
+    model, ema = state.model, state.ema
 
     if ema is not None:
         ema.model.to(runtime.device)

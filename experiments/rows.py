@@ -12,7 +12,7 @@ from config import parse_arguments
 from distillers import distiller_class
 from experiments.runner import Job, epoch_log
 from experiments.stats import mean_and_std
-from utils import load_student_checkpoint
+from models.loading import load_student_checkpoint
 from vkd.config import config_settings
 from vkd.losses import feature_width
 from vkd.teachers import create_teacher

@@ -21,7 +21,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 import datasets
 import models
 from models.deit import EVAL_HEADS, DistilledVisionTransformer
-from utils import load_student_checkpoint, saved_run_args
+from models.loading import load_student_checkpoint, saved_run_args
 from vkd.checkpoints import (
     classifier_weight_key,
     file_sha256,

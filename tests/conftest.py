@@ -165,12 +165,12 @@ def run_entry_point(capsys):
 @pytest.fixture(scope="session")
 def tiny_student_files(tmp_path_factory):
     """A random 3-class deit_ti_distilled at 32 px with its projector, saved twice with the same weights: as
-    training saves it (``Trainer.checkpoint``: 'student' with 'module.' keys, 'args', 'class_names') and in the
+    training saves it (``TrainingState.checkpoint``: 'student' with 'module.' keys, 'args', 'class_names') and in the
     released layout (``{'student': {'module.' + key: value}}``). ``.student`` is the model in eval mode."""
     from types import SimpleNamespace
 
     import models
-    from checkpoint import Trainer
+    from checkpoint import TrainingState
     from config import parse_arguments
     from vkd.checkpoints import add_ddp_prefix
 
@@ -182,7 +182,7 @@ def tiny_student_files(tmp_path_factory):
             head.weight.normal_(0.0, 1.0)
     args, _ = parse_arguments(["--input-size", str(IMAGE_SIZE), "--epochs", "1"])
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    trainer = Trainer(args, 1, student, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+    trainer = TrainingState(args, 1, student, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                       torch.optim.lr_scheduler.ConstantLR(optimizer), None, class_names=list(CLASSES))
     folder = tmp_path_factory.mktemp("students")
     ours, released = str(folder / "latest.pth.tar"), str(folder / "released.pth.tar")

@@ -7,8 +7,8 @@ import re
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROOT_MODULES = ("checkpoint", "config", "datasets", "engine", "losses", "main_distributed", "models", "optim",
-                "samplers", "utils", "export", "predict")
+ROOT_MODULES = ("checkpoint", "config", "datasets", "distillers", "engine", "main_distributed", "models", "optim",
+                "runtime", "export", "predict", "run_with_submitit")
 TREES = ("vidt", "generation", "experiments", "benchmarks", "examples")
 ENTRY_POINT_MODULES = ("main_distributed", "vidt.main", "generation.main", "export", "predict")
 

@@ -9,8 +9,8 @@ from torch.nn.utils import parametrizations
 from distillers import method_args
 from distillers.vkd import VkD
 from models import create_student
+from models.loading import load_student_checkpoint
 from models.students import student_outputs
-from utils import load_student_checkpoint
 from vkd.errors import CheckpointError
 from vkd.losses import feature_distillation_loss, logit_distillation_loss
 from vkd.norms import batch_standardise, layernorm, whiten

@@ -279,23 +279,23 @@ def test_the_own_loop_example_puts_the_projector_on_the_students_device():
 # ----------------------------------------------------------------------------- classification's start-up
 
 def test_bf16_on_a_gpu_without_bf16_is_refused_at_start_up(monkeypatch):
-    import utils
+    import runtime
     from config import parse_arguments
     args, explicit = parse_arguments(["--amp", "bf16"])
-    monkeypatch.setattr(utils, "start_processes", lambda *a, **k: distributed.Runtime(0, 1, torch.device("cuda", 0)))
+    monkeypatch.setattr(runtime, "start_processes", lambda *a, **k: distributed.Runtime(0, 1, torch.device("cuda", 0)))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
     with pytest.raises(BadInput, match="--amp bf16: Tesla V100-SXM2-32GB has no bf16 kernels .*; use --amp fp16"):
-        utils.init_runtime(args, explicit)
+        runtime.init_runtime(args, explicit)
 
 
 def test_the_teacher_cache_is_refused_on_a_gpu(monkeypatch):
-    import utils
+    import runtime
     from config import parse_arguments
     args, explicit = parse_arguments(["--teacher-cache", "somewhere", "--amp", "fp16"])
-    monkeypatch.setattr(utils, "start_processes", lambda *a, **k: distributed.Runtime(0, 1, torch.device("cuda", 0)))
+    monkeypatch.setattr(runtime, "start_processes", lambda *a, **k: distributed.Runtime(0, 1, torch.device("cuda", 0)))
     with pytest.raises(BadInput, match="--teacher-cache hashes every input batch on the host"):
-        utils.init_runtime(args, explicit)
+        runtime.init_runtime(args, explicit)
 
 
 def test_the_orthogonal_map_computes_in_full_fp32_whatever_the_callers_precision(monkeypatch):

@@ -22,8 +22,8 @@ from datasets import (
     default_data_args,
     export_digits,
 )
-from samplers import DistributedEvalSampler, RASampler, SeededRandomSampler
 from vkd.data import digits as data_digits
+from vkd.data.samplers import DistributedEvalSampler, RASampler, SeededRandomSampler
 
 CLASSES = ("cat", "dog", "emu")
 

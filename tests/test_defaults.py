@@ -12,8 +12,8 @@ import torch
 import models
 from config import check_arguments, parse_arguments
 from distillers import distiller_class
+from models.loading import load_student_checkpoint
 from optim import build_optimizer
-from utils import load_student_checkpoint
 from vkd import teachers
 from vkd.checkpoints import add_ddp_prefix
 from vkd.errors import CheckpointError

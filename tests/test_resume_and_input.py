@@ -53,7 +53,7 @@ def test_a_resume_on_another_number_of_processes_is_refused(run_main, run_flags,
     output_dir = tmp_path / "run"
     assert run_main(run_flags + ["--epochs", "1", "--output_dir", output_dir])[0] == 0
     args, _ = parse_arguments([str(item) for item in run_flags + ["--output_dir", output_dir]])
-    trainer = checkpoint.Trainer(args, 2, None, None, None, None, None)
+    trainer = checkpoint.TrainingState(args, 2, None, None, None, None, None)
     saved = vkd.checkpoints.safe_torch_load(str(output_dir / "latest.pth.tar"))
     with pytest.raises(BadInput, match=r"trained on 1 process\(es\), this resume has 2"):
         trainer._refuse_a_different_run(saved, "latest.pth.tar")

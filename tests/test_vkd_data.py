@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import datasets
-import samplers
 from config import build_parser
 from vkd import errors
 from vkd.data import cifar, digits, fmnist, folders, loaders, subsets
@@ -35,7 +34,7 @@ def test_the_core_and_the_models_do_not_load_the_data_sets():
 def test_one_error_class_and_one_sampler_home():
     assert datasets.DatasetError is errors.DatasetError and issubclass(errors.DatasetError, ValueError)
     assert issubclass(folders.UnreadableImageError, errors.DatasetError) and errors.DatasetError.exit_code == 2
-    assert samplers.RASampler is data_samplers.RASampler is loaders.RASampler
+    assert data_samplers.RASampler is loaders.RASampler
     assert datasets.mixup_active is mixup_active
 
 
