@@ -146,23 +146,36 @@ def config_file_defaults(parser: argparse.ArgumentParser, path: str, chain: Tupl
     return defaults
 
 
+def _parse_with_defaults(parser: argparse.ArgumentParser, argv, defaults: Dict[str, object]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``defaults`` (by destination) in place of the parser's own, which are put
+    back after: each flag's own default (the two flags of a switch pair, --x / --no-x, have different ones, and
+    argparse takes the first) and those of ``set_defaults``."""
+    flag_defaults = [(action, action.default) for action in parser._actions]
+    parser_defaults = dict(parser._defaults)
+    parser.set_defaults(**defaults)
+    try:
+        return parser.parse_args(argv)
+    finally:
+        for action, default in flag_defaults:
+            action.default = default
+        parser._defaults.clear()  # shared with the argument groups: restored in place
+        parser._defaults.update(parser_defaults)
+
+
 def explicit_destinations(parser: argparse.ArgumentParser, argv) -> Set[str]:
     """Destinations given on the command line (not defaults): parse again with a marker as every default."""
     not_given = object()  # not a string, so argparse never type-converts it
-    defaults = {action.dest: action.default for action in parser._actions}
-    parser.set_defaults(**dict.fromkeys(defaults, not_given))
-    try:
-        given = {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not not_given}
-    finally:
-        parser.set_defaults(**defaults)
-    return given
+    destinations = {action.dest for action in parser._actions} | set(parser._defaults)
+    parsed = _parse_with_defaults(parser, argv, dict.fromkeys(destinations, not_given))
+    return {dest for dest, value in vars(parsed).items() if value is not not_given}
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv) -> Tuple[argparse.Namespace, Set[str], Set[str]]:
     """(arguments, destinations given on the command line, destinations the ``--config`` file sets itself).
 
     The keys a file takes from its ``base`` are not in the third set: a base is the shared recipe of a family
-    of configs (the rows of an ablation), where a key may matter to some members only."""
+    of configs (the rows of an ablation), where a key may matter to some members only. ``parser`` is left as
+    it was."""
     argv = list(argv)
     explicit = explicit_destinations(parser, argv)
     args = parser.parse_args(argv)
@@ -170,6 +183,5 @@ def parse_with_config(parser: argparse.ArgumentParser, argv) -> Tuple[argparse.N
     if getattr(args, "config", None):
         file_defaults = config_file_defaults(parser, args.config)
         from_file = {str(key).lstrip("-").replace("-", "_") for key in _read_yaml(args.config)} - {"base"}
-        parser.set_defaults(**file_defaults)
-        args = parser.parse_args(argv)
+        args = _parse_with_defaults(parser, argv, file_defaults)
     return args, explicit, from_file
