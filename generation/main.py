@@ -364,7 +364,7 @@ def restore(checkpoint: dict, path: str, step: GanStep, generator_ema: nn.Module
 # ============================================================================ runs
 
 def run_training(args, runtime: Runtime, argv) -> None:
-    moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume), overwrite=args.overwrite,
+    moved_to = prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite,
                                   is_main=runtime.is_main)
     if moved_to:
         runtime.log(f"The previous run in {args.output_dir} was moved to {moved_to}")

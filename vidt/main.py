@@ -146,8 +146,9 @@ def run(args, argv) -> None:
     device = runtime.device
     seed_everything(args.seed + runtime.rank)
     args.output_dir = run_folder(args)
-    moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume) or args.eval, overwrite=args.overwrite,
-                                  is_main=runtime.is_main)
+    # An evaluation writes no checkpoint, only its results (the paper's commands evaluate in the default run folder).
+    moved_to = prepare_output_dir(args.output_dir, resume="auto" if args.eval else args.resume,
+                                  overwrite=args.overwrite, is_main=runtime.is_main)
     if moved_to:
         print(f"| the previous run in {args.output_dir} was moved to {moved_to}")
     if args.resume == "auto":

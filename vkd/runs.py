@@ -55,27 +55,40 @@ def _run_files_in(output_dir: str, run_files: Sequence[str]):
                    for found in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
 
 
-def prepare_output_dir(output_dir: str, continuing: bool, overwrite: bool, is_main: bool,
+def prepare_output_dir(output_dir: str, resume: Optional[str], overwrite: bool, is_main: bool,
                        run_files: Sequence[str] = RUN_FILES) -> Optional[str]:
     """Make sure a new run cannot destroy an old one in ``output_dir``; call it on every process.
 
-    A folder that holds a run (any of ``run_files``, glob patterns) is refused unless the run is being
-    continued (``--resume``) or ``overwrite`` is set, which moves the old folder aside and returns its new
-    path. Only the main process looks at the folder, and every process waits for its decision: a slower
-    rank must not see the ``args.json`` that the main process writes right after, and take it for an old run.
+    ``resume``: the run's --resume, '' or None for a new run, 'auto' to continue the run in ``output_dir``, or
+    the path of the checkpoint it continues. A folder that holds a run (any of ``run_files``, glob patterns)
+    is refused unless that run is the one continued (``resume`` is 'auto' or a file of ``output_dir``), or
+    ``overwrite`` is set, which moves the old folder aside and returns its new path: a resume goes on in the
+    folder of the run it resumes, or into an empty one. Only the main process looks at the folder, and every
+    process waits for its decision: a slower rank must not see the ``args.json`` that the main process writes
+    right after, and take it for an old run.
     """
-    return main_process_decides(lambda: _moved_aside(output_dir, continuing, overwrite, run_files), is_main)
+    return main_process_decides(lambda: _moved_aside(output_dir, resume, overwrite, run_files), is_main)
 
 
-def _moved_aside(output_dir: str, continuing: bool, overwrite: bool, run_files: Sequence[str]) -> Optional[str]:
+def _continues_the_run_in(output_dir: str, resume: Optional[str]) -> bool:
+    if resume == "auto":
+        return True
+    return bool(resume) and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(output_dir)
+
+
+def _moved_aside(output_dir: str, resume: Optional[str], overwrite: bool, run_files: Sequence[str]) -> Optional[str]:
     if not output_dir:
         return None
     existing = _run_files_in(output_dir, run_files) if os.path.isdir(output_dir) else []
-    if not existing or continuing:
+    if not existing or _continues_the_run_in(output_dir, resume):
         return None
     if not overwrite:
-        raise BadInput(f"output folder {output_dir} already holds a run ({', '.join(existing[:4])}): continue it "
-                       f"with --resume auto, choose another output folder, or pass --overwrite to move the old run aside")
+        held = f"output folder {output_dir} already holds a run ({', '.join(existing[:4])})"
+        if resume:
+            raise BadInput(f"{held}, not the run of {resume}: a resume goes on in the folder of the run it resumes "
+                           f"or into an empty one; choose one, or pass --overwrite to move the old run aside")
+        raise BadInput(f"{held}: continue it with --resume auto, choose another output folder, or pass --overwrite "
+                       f"to move the old run aside")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = f"{os.path.normpath(output_dir)}.previous-{stamp}"
     os.replace(output_dir, aside)
