@@ -86,7 +86,8 @@ def _moved_aside(output_dir: str, resume: Optional[str], overwrite: bool, run_fi
         held = f"output folder {output_dir} already holds a run ({', '.join(existing[:4])})"
         if resume:
             raise BadInput(f"{held}, not the run of {resume}: a resume goes on in the folder of the run it resumes "
-                           f"or into an empty one; choose one, or pass --overwrite to move the old run aside")
+                           f"or into an empty one (--resume auto continues the run in {output_dir}; --overwrite "
+                           f"moves it aside)")
         raise BadInput(f"{held}: continue it with --resume auto, choose another output folder, or pass --overwrite "
                        f"to move the old run aside")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
