@@ -1,5 +1,7 @@
 """Run folders at their edges: a resume goes on in the folder of the run it resumes or into an empty one, never
 over another run; every unreadable args.json is kept."""
+import argparse
+import json
 import os
 
 import pytest
@@ -55,3 +57,15 @@ def test_generation_refuses_resuming_into_a_folder_holding_another_run(run_entry
     code, _, err = run_entry_point(generation.main, ["--resume", resumed, "--output-dir", other,
                                                      "--fid-extractor", "none", "--device", "cpu"])
     assert_refused_writing_nothing(code, err, other, resumed, before)
+
+
+def test_each_unreadable_args_json_is_kept_and_named(tmp_path):
+    args = argparse.Namespace(output_dir=str(tmp_path), lr=1e-3)
+    path = tmp_path / runs.ARGS_FILE
+    for number, kept in enumerate(("args.json.unreadable", "args.json.unreadable.1", "args.json.unreadable.2")):
+        path.write_text(f"{{torn {number}")
+        with pytest.warns(UserWarning, match=rf"{path} could not be read: kept as {tmp_path / kept}"):
+            runs.record_invocation(args, ["--lr", "1e-3"], world_size=1)
+        assert json.loads(path.read_text())["args"]["lr"] == 1e-3
+    assert [(tmp_path / kept).read_text() for kept in ("args.json.unreadable", "args.json.unreadable.1",
+                                                       "args.json.unreadable.2")] == ["{torn 0", "{torn 1", "{torn 2"]

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import warnings
 from typing import Dict, Optional, Sequence
 
 from vkd.distributed import main_process_decides
@@ -113,7 +114,9 @@ def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: i
             with open(path) as handle:
                 content = json.load(handle)
         except (OSError, ValueError):
-            os.replace(path, f"{path}.unreadable")  # kept for a person to read, never silently dropped
+            kept = _free_name(f"{path}.unreadable")  # kept for a person to read, never silently dropped
+            os.replace(path, kept)
+            warnings.warn(f"{path} could not be read: kept as {kept}, and a new {ARGS_FILE} starts here")
     if not isinstance(content, dict):
         content = dict(args=vars(args), **git_state(), command=list(argv), processes=world_size, **first_record,
                        invocations=[])
@@ -121,6 +124,15 @@ def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: i
     temporary = f"{path}.tmp"
     write_json(temporary, content)
     os.replace(temporary, path)
+
+
+def _free_name(path: str) -> str:
+    """``path``, or the first of ``path.1``, ``path.2``... that does not exist yet."""
+    candidate, number = path, 0
+    while os.path.lexists(candidate):
+        number += 1
+        candidate = f"{path}.{number}"
+    return candidate
 
 
 def _logged_counter(line: str, key: str) -> Optional[int]:
