@@ -31,14 +31,23 @@ def _hash_tensor(digest, tensor: torch.Tensor) -> None:
     digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+def _content_sha256(outputs: TeacherOutputs) -> str:
+    """What an entry stores beside its tensors: a bit flipped on the disk makes the entry a miss, not a hit."""
+    digest = hashlib.sha256()
+    for tensor in outputs:
+        _hash_tensor(digest, tensor)
+    return digest.hexdigest()
+
+
 class TeacherCache:
     """The frozen teacher's (pooled features, logits) of each input batch, stored in ``folder`` under
     ``<key[:2]>/<key>.pt``, key = sha256 of the teacher's identity (its state dict's bytes and ``identity``:
     architecture, input size, memory layout, AMP), of what computes it (torch's version, the thread count, the
     device's model: the last bits of a forward depend on them) and of the batch's bytes. Rows of an ablation that feed the
     teacher the same batches run it once. Entries hold exactly the tensors the teacher returned, so a hit gives
-    the numbers of computing. Processes may share the folder; an unreadable or malformed entry is recomputed
-    and rewritten. ``hits``, ``misses`` and ``bytes_written`` count since ``take_counts``.
+    the numbers of computing, and the SHA-256 of those tensors. Processes may share the folder; an unreadable or
+    malformed entry, or one whose tensors no longer match their checksum, is recomputed and rewritten.
+    ``hits``, ``misses`` and ``bytes_written`` count since ``take_counts``.
     """
 
     def __init__(self, folder: str, teacher: nn.Module, identity: Mapping[str, object]):
@@ -79,7 +88,8 @@ class TeacherCache:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # clone: a view (a ViT's class token) would save its whole storage. A concurrent writer of this
         # entry writes the same bytes under its own temporary name; the last rename wins.
-        save_atomically({"features": features.cpu().clone(), "logits": logits.cpu().clone()}, path)
+        stored = features.cpu().clone(), logits.cpu().clone()
+        save_atomically({"features": stored[0], "logits": stored[1], "sha256": _content_sha256(stored)}, path)
         self.bytes_written += os.path.getsize(path)
         return features, logits
 
@@ -96,4 +106,4 @@ class TeacherCache:
         outputs = entry["features"], entry["logits"]
         valid = all(output.shape[:1] == (batch,) and (output.dtype, output.shape[1:]) == expected
                     for output, expected in zip(outputs, self.per_image))
-        return outputs if valid else None
+        return outputs if valid and entry.get("sha256") == _content_sha256(outputs) else None

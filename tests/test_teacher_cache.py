@@ -153,3 +153,22 @@ def test_two_processes_writing_the_same_entries_leave_them_valid(tmp_path):
         entry = safe_torch_load(cache.path(samples))
         assert torch.equal(entry["features"], expected[0]) and torch.equal(entry["logits"], expected[1])
     assert len(entries(tmp_path)) == 8 and not glob.glob(os.path.join(str(tmp_path), "*", ".*"))
+
+
+def test_an_entry_with_a_flipped_byte_in_its_tensors_is_recomputed_and_rewritten(tmp_path):
+    teacher, [samples] = tiny_teacher(), batches(1)
+    expected = look_up(TeacherCache(str(tmp_path), teacher, IDENTITY), teacher, samples)
+    [path] = entries(tmp_path)
+    content = bytearray(open(path, "rb").read())
+    logits = expected[1].contiguous().numpy().tobytes()
+    assert content.count(logits) == 1  # torch stores tensors uncompressed
+    content[content.index(logits) + len(logits) // 2] ^= 0x01
+    with open(path, "wb") as handle:
+        handle.write(content)
+    assert not torch.equal(torch.load(path, weights_only=True)["logits"], expected[1])
+    cache = TeacherCache(str(tmp_path), teacher, IDENTITY)
+    for _ in range(2):
+        outputs = look_up(cache, teacher, samples)
+        assert all(torch.equal(actual, wanted) for actual, wanted in zip(outputs, expected))
+    assert cache.take_counts()[:2] == (1, 1)
+    assert torch.equal(safe_torch_load(path)["logits"], expected[1])
