@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import warnings
 from typing import Dict, Optional, Sequence
 
@@ -49,6 +50,19 @@ def write_json(path: str, content: dict) -> None:
     with open(path, "w") as handle:
         json.dump(content, handle, indent=1)
         handle.write("\n")
+
+
+def require_writable_folder(folder: str, what: str) -> None:
+    """Creates ``folder`` if needed and writes a file in it, so that a file in the way, a read-only file system
+    or missing permissions are one line naming ``what`` before any work, not a traceback after it."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise BadInput(f"{what} {folder} is a file, not a folder: choose another folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise BadInput(f"{what} {folder} cannot be written ({error.strerror or error}): choose another folder") from None
 
 
 def _run_files_in(output_dir: str, run_files: Sequence[str]):
