@@ -9,10 +9,9 @@ after a preemption or a time limit until it has finished.
 
 The entry point's flags are checked here before the job is submitted. Each task runs the entry point from the
 repository (its folder on PYTHONPATH, whatever the folder it was submitted from) with ``--resume auto`` in a
-child process. When submitit's signal arrives
-(``--signal-delay-s`` before the time limit, or at a preemption), the task passes it on as SIGUSR1: the run
-stops at its next step boundary and saves a mid-epoch checkpoint (exit code 124), then submitit requeues the
-job, which continues from that step.
+child process. When submitit's signal arrives (``--signal-delay-s`` before the time limit, or at a
+preemption), the task passes it on as SIGUSR1: the run stops at its next step boundary and saves a mid-epoch
+checkpoint (exit code 124), then submitit requeues the job, which continues from that step.
 """
 import argparse
 import contextlib

@@ -63,7 +63,7 @@ class TeacherCache:
         self.folder, self.teacher_digest, self.teacher = folder, digest.digest(), teacher
         self.per_image: Optional[tuple] = None  # (dtype, shape) of one image's features and logits
         self.hits = self.misses = self.bytes_written = 0
-        self.storing = True  # False once an entry could not be written (a full disk): the run goes on without
+        self.storing = True  # False after an entry could not be written (a full disk): no more are tried
 
     def take_counts(self) -> Tuple[int, int, int]:
         counts = (self.hits, self.misses, self.bytes_written)
