@@ -70,7 +70,7 @@ def run_evaluation(args, runtime: Runtime, checkpoint_path: str, subject: str, e
 
 
 def run_training(args, runtime: Runtime, argv) -> None:
-    moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume), overwrite=args.overwrite,
+    moved_to = prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite,
                                   is_main=runtime.is_main)
     if moved_to:
         runtime.log(f"The previous run in {args.output_dir} was moved to {moved_to}")

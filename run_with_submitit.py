@@ -5,15 +5,18 @@ after a preemption or a time limit until it has finished.
         -- --config configs/deit_ti_vkd.yaml --data-path /imagenet --output_dir runs/deit_ti_vkd
     python run_with_submitit.py --tree detection --gpus-per-node 8 -- --method vidt --backbone_name swin_nano \\
         --coco_path /coco --output_dir runs/vidt_nano ...
-    python run_with_submitit.py --local --gpus-per-node 1 -- ...     (the same with the local executor)
+    python run_with_submitit.py --local --gpus-per-node 1 -- ...     (the same on this machine, without Slurm)
 
-Each task runs the entry point with ``--resume auto`` in a child process. When submitit's signal arrives
-(``--signal-delay-s`` before the time limit, or at a preemption), the task passes it on as SIGUSR1: the run
-stops at its next step boundary and saves a mid-epoch checkpoint (exit code 124), then submitit requeues the
-job, which continues from that step.
+The entry point's flags are checked here before the job is submitted. Each task runs the entry point from the
+repository (its folder on PYTHONPATH, whatever the folder it was submitted from) with ``--resume auto`` in a
+child process. When submitit's signal arrives (``--signal-delay-s`` before the time limit, or at a
+preemption), the task passes it on as SIGUSR1: the run stops at its next step boundary and saves a mid-epoch
+checkpoint (exit code 124), then submitit requeues the job, which continues from that step.
 """
 import argparse
+import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +24,8 @@ from typing import List
 
 import submitit
 
+from config import check_arguments, parse_arguments
+from vidt.arguments import check_supported, get_args_parser
 from vkd.cli import entry_point
 from vkd.config import OneLineErrorParser
 from vkd.errors import BadInput, RunFailed
@@ -67,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--signal-delay-s", default=120, type=int,
                         help="seconds before the time limit that the run is told to stop (default: 120)")
     parser.add_argument("--partition", default=None)
-    parser.add_argument("--local", action="store_true", help="run with submitit's local executor instead of Slurm")
+    parser.add_argument("--local", action="store_true",
+                        help="run on this machine with submitit's local executor; without it, Slurm is required")
     return parser
 
 
@@ -78,12 +84,30 @@ def entry_point_command(tree: str, flags: List[str]) -> List[str]:
     return ENTRY_POINTS[tree] + flags + resume
 
 
+def check_entry_point_flags(tree: str, flags: List[str]) -> None:
+    """The flags parsed and checked as the job's entry point will, from the repository as the job runs: a typo
+    is one line now, not an error in the job's log after its wait in the queue."""
+    try:
+        with contextlib.chdir(REPO):
+            if tree == "classification":
+                check_arguments(*parse_arguments(flags))
+            else:
+                check_supported(get_args_parser().parse_args(flags))
+    except BadInput as error:
+        raise BadInput(f"the {tree} flags after '--': {error}") from None
+
+
 def make_executor(args) -> submitit.Executor:
-    executor = submitit.AutoExecutor(folder=args.job_dir, cluster="local" if args.local else None,
+    if not args.local and submitit.SlurmExecutor.affinity() <= 0:
+        raise BadInput("Slurm is not available here (no srun on PATH): submit from a Slurm login node, or pass "
+                       "--local to run the job on this machine")
+    executor = submitit.AutoExecutor(folder=args.job_dir, cluster="local" if args.local else "slurm",
                                      slurm_max_num_timeout=30)
+    # The job's process unpickles Trainer, which imports this repository: from any folder it was submitted from.
+    setup = [f"export PYTHONPATH={shlex.quote(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}", f"cd {shlex.quote(REPO)}"]
     parameters = dict(nodes=args.nodes, tasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node,
                       cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min, name="vkd",
-                      slurm_signal_delay_s=args.signal_delay_s)
+                      slurm_signal_delay_s=args.signal_delay_s, slurm_setup=setup, local_setup=setup)
     if args.mem_gb is not None:
         parameters["mem_gb"] = args.mem_gb
     if args.partition:
@@ -97,7 +121,9 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     ours, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = build_parser().parse_args(ours)
-    job = make_executor(args).submit(Trainer(entry_point_command(args.tree, flags)))
+    command = entry_point_command(args.tree, flags)
+    check_entry_point_flags(args.tree, command[len(ENTRY_POINTS[args.tree]):])
+    job = make_executor(args).submit(Trainer(command))
     print(f"submitted job {job.job_id}: logs in {job.paths.folder}", flush=True)
 
 

@@ -4,15 +4,16 @@ import functools
 import hashlib
 import json
 import os
+import warnings
 from typing import Callable, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from vkd.checkpoints import safe_torch_load, save_atomically
-from vkd.errors import CheckpointError
+from vkd.errors import CheckpointError, RunFailed
 from vkd.losses import features_and_logits
-from vkd.runs import cpu_model
+from vkd.runs import cpu_model, require_writable_folder
 
 TeacherOutputs = Tuple[torch.Tensor, torch.Tensor]
 
@@ -31,14 +32,25 @@ def _hash_tensor(digest, tensor: torch.Tensor) -> None:
     digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+def _content_sha256(outputs: TeacherOutputs) -> str:
+    """What an entry stores beside its tensors: a bit flipped on the disk makes the entry a miss, not a hit."""
+    digest = hashlib.sha256()
+    for tensor in outputs:
+        _hash_tensor(digest, tensor)
+    return digest.hexdigest()
+
+
 class TeacherCache:
     """The frozen teacher's (pooled features, logits) of each input batch, stored in ``folder`` under
     ``<key[:2]>/<key>.pt``, key = sha256 of the teacher's identity (its state dict's bytes and ``identity``:
     architecture, input size, memory layout, AMP), of what computes it (torch's version, the thread count, the
     device's model: the last bits of a forward depend on them) and of the batch's bytes. Rows of an ablation that feed the
     teacher the same batches run it once. Entries hold exactly the tensors the teacher returned, so a hit gives
-    the numbers of computing. Processes may share the folder; an unreadable or malformed entry is recomputed
-    and rewritten. ``hits``, ``misses`` and ``bytes_written`` count since ``take_counts``.
+    the numbers of computing, and the SHA-256 of those tensors. Processes may share the folder; an unreadable or
+    malformed entry, or one whose tensors no longer match their checksum, is recomputed and rewritten. A folder
+    that cannot be written is refused on construction; an entry that cannot be written (a full disk) is not
+    stored, with one warning, and the run goes on without storing more.
+    ``hits``, ``misses`` and ``bytes_written`` count since ``take_counts``.
     """
 
     def __init__(self, folder: str, teacher: nn.Module, identity: Mapping[str, object]):
@@ -47,9 +59,11 @@ class TeacherCache:
         for name, tensor in teacher.state_dict().items():
             digest.update(name.encode())
             _hash_tensor(digest, tensor)
+        require_writable_folder(folder, "--teacher-cache")
         self.folder, self.teacher_digest, self.teacher = folder, digest.digest(), teacher
         self.per_image: Optional[tuple] = None  # (dtype, shape) of one image's features and logits
         self.hits = self.misses = self.bytes_written = 0
+        self.storing = True  # False after an entry could not be written (a full disk): no more are tried
 
     def take_counts(self) -> Tuple[int, int, int]:
         counts = (self.hits, self.misses, self.bytes_written)
@@ -76,12 +90,25 @@ class TeacherCache:
             return tuple(tensor.to(samples.device) for tensor in entry)
         self.misses += 1
         features, logits = teacher(samples)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if self.storing:
+            self._store((features, logits), path)
+        return features, logits
+
+    def _store(self, outputs: TeacherOutputs, path: str) -> None:
         # clone: a view (a ViT's class token) would save its whole storage. A concurrent writer of this
         # entry writes the same bytes under its own temporary name; the last rename wins.
-        save_atomically({"features": features.cpu().clone(), "logits": logits.cpu().clone()}, path)
+        stored = tuple(output.cpu().clone() for output in outputs)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_atomically({"features": stored[0], "logits": stored[1], "sha256": _content_sha256(stored)}, path)
+        except (OSError, RunFailed) as error:  # RunFailed: no space left
+            # The cache only saves time: losing the run (and its partial epoch) to it would cost more.
+            self.storing = False
+            reason = error.strerror if isinstance(error, OSError) else "no space left"
+            warnings.warn(f"teacher cache {self.folder}: an entry could not be written ({reason}); this run goes on "
+                          f"without storing entries (drop --teacher-cache, or free space, for the next runs)")
+            return
         self.bytes_written += os.path.getsize(path)
-        return features, logits
 
     def _load(self, path: str, batch: int) -> Optional[TeacherOutputs]:
         if not os.path.exists(path):
@@ -96,4 +123,4 @@ class TeacherCache:
         outputs = entry["features"], entry["logits"]
         valid = all(output.shape[:1] == (batch,) and (output.dtype, output.shape[1:]) == expected
                     for output, expected in zip(outputs, self.per_image))
-        return outputs if valid else None
+        return outputs if valid and entry.get("sha256") == _content_sha256(outputs) else None

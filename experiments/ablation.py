@@ -16,7 +16,17 @@ import torch
 import datasets
 from experiments import paper
 from experiments.rows import finished_runs, row_configs, row_job, summarise, trained_student
-from experiments.runner import ROOT, Job, epoch_log, force_requested, hardware_description, run_jobs, write_report
+from experiments.runner import (
+    ROOT,
+    Job,
+    driver_parser,
+    epoch_log,
+    force_requested,
+    hardware_description,
+    require_writable_results,
+    run_jobs,
+    write_report,
+)
 from vkd.cli import entry_point
 
 CONFIGS = os.path.join("configs", "ablation")
@@ -107,8 +117,10 @@ def results_page(report: dict) -> str:
 
 
 @entry_point
-def main() -> None:
+def main(argv=None) -> None:
+    driver_parser(__doc__).parse_args(argv)
     os.chdir(ROOT)
+    require_writable_results(RESULTS)
     force = force_requested()
     started = time.time()
     datasets.export_digits(datasets.DEFAULT_DIGITS_ROOT)

@@ -24,7 +24,16 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import datasets
-from experiments.runner import ROOT, Job, epoch_log, force_requested, run_jobs, write_report
+from experiments.runner import (
+    ROOT,
+    Job,
+    driver_parser,
+    epoch_log,
+    force_requested,
+    require_writable_results,
+    run_jobs,
+    write_report,
+)
 from experiments.stats import (
     SIGNIFICANCE,
     correct_count,
@@ -274,8 +283,10 @@ def results_page(summary: dict) -> str:
 
 
 @entry_point
-def main() -> None:
+def main(argv=None) -> None:
+    driver_parser(__doc__).parse_args(argv)
     os.chdir(ROOT)
+    require_writable_results(RESULTS)
     force = force_requested()
     started = time.time()
     datasets.export_digits(datasets.DEFAULT_DIGITS_ROOT, force=force)

@@ -15,7 +15,6 @@ Finished runs are reused and interrupted ones resumed (``--resume auto``); ``FOR
 ``--seeds 0 1 2 --rows baseline whiten layernorm none --write-results`` makes the small-scale results page,
 ``results/generation/`` (``summary.json`` and ``README.md``, the page written from the JSON).
 """
-import argparse
 import json
 import os
 import shlex
@@ -28,9 +27,19 @@ import torch
 
 import datasets
 from experiments import paper
-from experiments.runner import ROOT, Job, epoch_log, force_requested, run_jobs, write_report
+from experiments.runner import (
+    ROOT,
+    Job,
+    driver_parser,
+    epoch_log,
+    force_requested,
+    require_writable_results,
+    run_jobs,
+    write_report,
+)
 from experiments.stats import mean_and_std
 from vkd.cli import entry_point
+from vkd.errors import BadInput
 
 DATA = os.path.join("data", "digits")
 OUT = os.path.join("runs", "demo_gen")
@@ -178,7 +187,7 @@ def results_page(summary: dict) -> str:
 
 @entry_point
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser("offline GAN demo: DiffAugment only vs VkD")
+    parser = driver_parser(__doc__)
     parser.add_argument("--rows", nargs="+", default=["baseline", "whiten"], choices=tuple(ROWS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--jobs", type=int, default=min(2, len(os.sched_getaffinity(0))),
@@ -187,7 +196,11 @@ def main(argv=None) -> None:
                         help=f"also write {RESULTS}/ (summary.json and README.md) from this run")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise BadInput(f"--jobs must be at least 1, got {args.jobs}")
     os.chdir(ROOT)
+    if args.write_results:
+        require_writable_results(RESULTS)
     force = force_requested()
     threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)
     started = time.time()

@@ -10,7 +10,6 @@ interrupted one continues where it stopped (``--resume auto``); each finished ru
 table, paired per-seed comparisons, and a conclusion that follows from those numbers. ``--report-only``
 writes them from the runs finished so far, without training.
 """
-import argparse
 import json
 import math
 import os
@@ -22,7 +21,17 @@ import torch
 
 import datasets
 from experiments.rows import finished_runs, row_configs, row_job, summarise, trained_student
-from experiments.runner import ROOT, Job, epoch_log, force_requested, hardware_description, run_jobs, write_report
+from experiments.runner import (
+    ROOT,
+    Job,
+    driver_parser,
+    epoch_log,
+    force_requested,
+    hardware_description,
+    require_writable_results,
+    run_jobs,
+    write_report,
+)
 from experiments.stats import binomial_standard_error, paired_comparison
 from vkd.cli import entry_point
 from vkd.errors import BadInput
@@ -327,10 +336,11 @@ def results_page(report: dict) -> str:
 
 @entry_point
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = driver_parser(__doc__)
     parser.add_argument("--report-only", action="store_true", help="write the results from the finished runs only")
     args = parser.parse_args(argv)
     os.chdir(ROOT)
+    require_writable_results(RESULTS)
     torch.set_num_threads(THREADS)  # the projector measurements here, like the runs
     force = force_requested() and not args.report_only
     rows = row_configs(CONFIGS)

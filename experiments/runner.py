@@ -7,6 +7,7 @@ and is reused while its command and settings stay the same; FORCE=1 in the envir
 that was interrupted starts again from scratch, or, if it is resumable, continues with ``--resume auto``;
 the seconds of a resumable job that the runner stopped count towards its wall time.
 """
+import argparse
 import hashlib
 import json
 import os
@@ -20,9 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-from vkd.config import config_settings
+from vkd.config import OneLineErrorParser, config_settings
 from vkd.errors import BadInput, RunFailed
-from vkd.runs import cpu_model, write_json
+from vkd.runs import cpu_model, require_writable_folder, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DONE_MARKER = "job_done.json"
@@ -33,6 +34,16 @@ ENTRY_POINTS = {"classification": (["main_distributed.py"], "--output_dir"),
 LOG_TAIL_LINES = 5
 POLL_SECONDS = 0.2
 RESUME = ["--resume", "auto"]  # what a resumable job's command ends with
+
+
+def driver_parser(doc: str) -> argparse.ArgumentParser:
+    """A driver's command line: ``--help`` prints ``doc`` (its module's docstring), a bad flag is one line."""
+    return OneLineErrorParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def require_writable_results(folder: str) -> None:
+    """Before the runs: a results folder that cannot be written is one line now, not a traceback at the end."""
+    require_writable_folder(folder, "results folder")
 
 
 def force_requested() -> bool:

@@ -34,7 +34,7 @@ from generation.teachers import CLIP_INPUT_SIZE, CLIP_MODEL, FrozenImageNetwork,
 from generation.vkd import NORMALISATIONS, PAIRINGS, GanVkDLoss
 from vkd.checkpoints import all_finite, file_sha256, safe_torch_load, save_atomically
 from vkd.cli import entry_point
-from vkd.config import OneLineErrorParser, parse_with_config
+from vkd.config import OneLineErrorParser, config_origins, flag_name, parse_with_config
 from vkd.distributed import Runtime, every_rank, start_processes
 from vkd.ema import ModelEMA, after_start
 from vkd.errors import BadInput, CheckpointError, RunFailed
@@ -145,14 +145,16 @@ def parse_arguments(argv) -> argparse.Namespace:
     return parse_with_config(build_parser(), argv)[0]
 
 
-def check_arguments(args) -> None:
-    """Impossible values: one line and exit code 2, before any work."""
+def check_arguments(args, origins: Optional[Dict[str, str]] = None) -> None:
+    """Impossible values: one line and exit code 2, before any work. ``origins``: the config file that set
+    each value (``vkd.config.config_origins``), named instead of the flag."""
+    origins = origins or {}
     for name in ("iterations", "batch_size", "num_d_steps", "print_freq", "save_every", "sample_every", "g_ch",
                  "d_ch", "dim_z", "eval_samples", "is_splits", "eval_repeats"):
         if getattr(args, name) < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            raise BadInput(f"{flag_name(name, origins)} must be at least 1, got {getattr(args, name)}")
     if args.eval_every < 0:
-        raise BadInput(f"--eval-every must be >= 0, got {args.eval_every}")
+        raise BadInput(f"{flag_name('eval_every', origins)} must be >= 0, got {args.eval_every}")
     try:
         diffaug.parse_policy(args.diffaug)
         if args.teacher != "none":
@@ -387,7 +389,7 @@ def restore_rng(checkpoint: dict, rank: int) -> None:
 # ============================================================================ runs
 
 def run_training(args, runtime: Runtime, argv) -> None:
-    moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume), overwrite=args.overwrite,
+    moved_to = prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite,
                                   is_main=runtime.is_main)
     if moved_to:
         runtime.log(f"The previous run in {args.output_dir} was moved to {moved_to}")
@@ -546,8 +548,8 @@ def run_evaluation(args, runtime: Runtime) -> None:
 @entry_point
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_arguments(argv)
-    check_arguments(args)
+    args, explicit, _ = parse_with_config(build_parser(), argv)
+    check_arguments(args, config_origins(args.config, explicit))
     runtime = init_runtime(args)
     try:
         if args.eval_checkpoint:

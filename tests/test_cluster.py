@@ -28,6 +28,39 @@ def test_the_command_resumes_automatically_and_needs_an_output_folder():
         run_with_submitit.entry_point_command("classification", ["--epochs", "3"])
 
 
+def test_without_slurm_a_job_is_refused_unless_local_is_asked(run_entry_point, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    jobs = tmp_path / "jobs"
+    code, out, err = run_entry_point(run_with_submitit, ["--job-dir", jobs, "--", "--output_dir", tmp_path / "run"])
+    assert (code, out) == (2, "") and err == ("error: Slurm is not available here (no srun on PATH): submit from a "
+                                              "Slurm login node, or pass --local to run the job on this machine\n")
+    assert not jobs.exists()
+
+
+@pytest.mark.parametrize("tree, flags, message", [
+    ("classification", ["--epohcs", "3"], "unrecognized arguments: --epohcs 3 (--help lists every flag)"),
+    ("detection", ["--coco_path", "/coco", "--batch_size", "3", "--n_iter_to_acc", "2"],
+     "--n_iter_to_acc 2 must divide --batch_size 3"),
+])
+def test_the_entry_point_s_flags_are_checked_before_submitting(tree, flags, message, run_entry_point, tmp_path):
+    jobs = tmp_path / "jobs"
+    code, out, err = run_entry_point(run_with_submitit, ["--local", "--tree", tree, "--job-dir", jobs, "--",
+                                                         "--output_dir", tmp_path / "run", *flags])
+    assert (code, out, err) == (2, "", f"error: the {tree} flags after '--': {message}\n")
+    assert not jobs.exists()
+
+
+@pytest.mark.slow
+def test_a_job_submitted_from_outside_the_repository_finds_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    args = run_with_submitit.build_parser().parse_args(["--local", "--gpus-per-node", "1", "--timeout-min", "5",
+                                                        "--job-dir", str(tmp_path / "jobs")])
+    job = run_with_submitit.make_executor(args).submit(run_with_submitit.Trainer(["main_distributed.py", "--help"]))
+    assert job.result() == 0
+    assert "usage: " in job.stdout()
+
+
 def child_processes(pid: int):
     with open(f"/proc/{pid}/task/{pid}/children") as handle:
         return [int(child) for child in handle.read().split()]

@@ -174,7 +174,7 @@ def test_main_writes_the_report_from_its_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "run_jobs", lambda jobs, force, show_output: RECORDS)
     monkeypatch.setattr(demo, "epoch_log", lambda output_dir: LOGS[os.path.basename(output_dir)])
     monkeypatch.setattr(demo.datasets, "export_digits", lambda root, force=False: root)
-    demo.main()
+    demo.main([])
     printed = capsys.readouterr().out
     with open(tmp_path / demo.RESULTS / "summary.json") as handle:
         summary = json.load(handle)

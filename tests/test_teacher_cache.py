@@ -1,9 +1,11 @@
 """--teacher-cache: the teacher's outputs per input batch, stored once and read back bit for bit by the runs
 that feed it the same batches; the batches of a seed do not depend on the student."""
+import errno
 import glob
 import json
 import multiprocessing
 import os
+import tempfile
 
 import pytest
 import timm
@@ -12,6 +14,7 @@ from conftest import CLASSES, IMAGE_SIZE, TEACHER
 
 from distillers.teacher_cache import TeacherCache
 from vkd.checkpoints import safe_torch_load
+from vkd.errors import BadInput
 from vkd.losses import features_and_logits
 
 STEPS = 4  # 18 training images in batches of 4, the last partial one dropped
@@ -153,3 +156,65 @@ def test_two_processes_writing_the_same_entries_leave_them_valid(tmp_path):
         entry = safe_torch_load(cache.path(samples))
         assert torch.equal(entry["features"], expected[0]) and torch.equal(entry["logits"], expected[1])
     assert len(entries(tmp_path)) == 8 and not glob.glob(os.path.join(str(tmp_path), "*", ".*"))
+
+
+def test_an_entry_with_a_flipped_byte_in_its_tensors_is_recomputed_and_rewritten(tmp_path):
+    teacher, [samples] = tiny_teacher(), batches(1)
+    expected = look_up(TeacherCache(str(tmp_path), teacher, IDENTITY), teacher, samples)
+    [path] = entries(tmp_path)
+    content = bytearray(open(path, "rb").read())
+    logits = expected[1].contiguous().numpy().tobytes()
+    assert content.count(logits) == 1  # torch stores tensors uncompressed
+    content[content.index(logits) + len(logits) // 2] ^= 0x01
+    with open(path, "wb") as handle:
+        handle.write(content)
+    assert not torch.equal(torch.load(path, weights_only=True)["logits"], expected[1])
+    cache = TeacherCache(str(tmp_path), teacher, IDENTITY)
+    for _ in range(2):
+        outputs = look_up(cache, teacher, samples)
+        assert all(torch.equal(actual, wanted) for actual, wanted in zip(outputs, expected))
+    assert cache.take_counts()[:2] == (1, 1)
+    assert torch.equal(safe_torch_load(path)["logits"], expected[1])
+
+
+def test_a_cache_that_is_a_file_is_one_line_before_args_json_and_a_retry_is_not_refused(run_main, train_flags,
+                                                                                        tmp_path):
+    in_the_way, output_dir = tmp_path / "cache", tmp_path / "run"
+    in_the_way.write_text("not a folder")
+    code, _, err = run_main(train_flags + ["--epochs", 1, "--teacher-cache", in_the_way, "--output_dir", output_dir])
+    assert code == 2 and err == f"error: --teacher-cache {in_the_way} is a file, not a folder: choose another folder\n"
+    assert not (output_dir / "args.json").exists()
+    code, _, err = run_main(train_flags + ["--epochs", 1, "--teacher-cache", tmp_path / "good", "--output_dir",
+                                           output_dir])
+    assert code == 0, err[-2000:]
+
+
+def test_a_read_only_cache_folder_is_refused_on_construction(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(BadInput, match=rf"^--teacher-cache {tmp_path} cannot be written \(Read-only file system\)"):
+        TeacherCache(str(tmp_path), tiny_teacher(), IDENTITY)
+
+
+def test_a_full_disk_while_writing_an_entry_warns_once_and_the_run_goes_on(run_main, train_flags, tmp_path,
+                                                                          monkeypatch):
+    cache, output_dir = tmp_path / "cache", tmp_path / "run"
+    saving = torch.save
+
+    def disk_full_in_the_cache(obj, handle, *args, **kwargs):
+        if str(getattr(handle, "name", handle)).startswith(str(cache)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return saving(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_in_the_cache)
+    with pytest.warns(UserWarning) as warned:
+        code, _, err = run_main(train_flags + ["--epochs", 1, "--teacher-cache", cache, "--output_dir", output_dir])
+    assert code == 0, err[-2000:]
+    messages = [str(warning.message) for warning in warned if "teacher cache" in str(warning.message)]
+    assert messages == [f"teacher cache {cache}: an entry could not be written (no space left); this run goes on "
+                        "without storing entries (drop --teacher-cache, or free space, for the next runs)"]
+    record = json.loads((output_dir / "log.txt").read_text().splitlines()[-1])
+    assert (record["train_teacher_cache_misses"], record["train_teacher_cache_bytes_written"]) == (STEPS, 0)
+    assert entries(cache) == [] and safe_torch_load(str(output_dir / "latest.pth.tar"))["epoch"] == 0

@@ -132,7 +132,8 @@ def test_train_teacher_writes_the_file_teacher_path_reads(run_main, data_flags, 
 
 
 def test_eval_freq_evaluates_every_nth_epoch_and_the_last(run_main, train_flags, tmp_path):
-    code, stdout, stderr = run_main(train_flags + ["--epochs", 3, "--eval-freq", 2, "--output_dir", tmp_path])
+    code, stdout, stderr = run_main(train_flags + ["--epochs", 3, "--eval-freq", 2, "--student-ema", "--output_dir",
+                                                   tmp_path])
     assert code == 0, stderr
     evaluated = ["val_acc1" in record for record in read_log(tmp_path)]
     assert evaluated == [False, True, True]

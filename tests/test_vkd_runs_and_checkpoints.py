@@ -15,15 +15,15 @@ from vkd.errors import BadInput, CheckpointError
 
 def test_a_folder_holding_a_run_is_refused_continued_or_moved_aside(tmp_path):
     folder = tmp_path / "run"
-    assert runs.prepare_output_dir(str(folder), continuing=False, overwrite=False, is_main=True) is None
+    assert runs.prepare_output_dir(str(folder), resume="", overwrite=False, is_main=True) is None
     folder.mkdir()
     (folder / "notes.md").write_text("not a run file")
-    assert runs.prepare_output_dir(str(folder), continuing=False, overwrite=False, is_main=True) is None
+    assert runs.prepare_output_dir(str(folder), resume="", overwrite=False, is_main=True) is None
     (folder / "checkpoint0004.pth").write_bytes(b"weights")
     with pytest.raises(BadInput, match=r"already holds a run \(checkpoint0004.pth\)"):
-        runs.prepare_output_dir(str(folder), continuing=False, overwrite=False, is_main=True)
-    assert runs.prepare_output_dir(str(folder), continuing=True, overwrite=False, is_main=True) is None
-    aside = runs.prepare_output_dir(str(folder), continuing=False, overwrite=True, is_main=True)
+        runs.prepare_output_dir(str(folder), resume="", overwrite=False, is_main=True)
+    assert runs.prepare_output_dir(str(folder), resume="auto", overwrite=False, is_main=True) is None
+    aside = runs.prepare_output_dir(str(folder), resume="", overwrite=True, is_main=True)
     assert os.path.basename(aside).startswith("run.previous-") and not folder.exists()
     assert sorted(os.listdir(aside)) == ["checkpoint0004.pth", "notes.md"]
 

@@ -31,6 +31,7 @@ from vidt.util.checkpoint import load_checkpoint, model_state_from  # noqa: E402
 from vidt.util.misc import collate_fn, setup_for_distributed_printing  # noqa: E402
 from vkd.checkpoints import first_line, save_atomically  # noqa: E402
 from vkd.cli import entry_point  # noqa: E402
+from vkd.data.loaders import ignore_stop_signals  # noqa: E402
 from vkd.distributed import Runtime, every_rank, is_communication_failure, start_processes  # noqa: E402
 from vkd.errors import BadInput, RunFailed  # noqa: E402
 from vkd.preemption import Preempted, StopRequest, preempted_line  # noqa: E402
@@ -67,7 +68,8 @@ def make_loaders(args, eval_only: bool, pin_memory: bool = False):
     sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
                    else SequentialSampler(dataset_val))
     loader_val = DataLoader(dataset_val, batch_size, sampler=sampler_val, drop_last=False,
-                            collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=pin_memory)
+                            collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=pin_memory,
+                            worker_init_fn=ignore_stop_signals)
     if eval_only:
         return None, loader_val, dataset_val
     dataset_train = build_coco("train", args, num_classes)
@@ -77,7 +79,7 @@ def make_loaders(args, eval_only: bool, pin_memory: bool = False):
         raise BadInput(f"{len(dataset_train)} training images are fewer than one batch of "
                        f"{batch_size} per process; lower --batch_size or add images")
     loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
-                              num_workers=args.num_workers, pin_memory=pin_memory)
+                              num_workers=args.num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
     return loader_train, loader_val, dataset_val
 
 
@@ -146,8 +148,9 @@ def run(args, argv) -> None:
     device = runtime.device
     seed_everything(args.seed + runtime.rank)
     args.output_dir = run_folder(args)
-    moved_to = prepare_output_dir(args.output_dir, continuing=bool(args.resume) or args.eval, overwrite=args.overwrite,
-                                  is_main=runtime.is_main)
+    # An evaluation writes no checkpoint, only its results (the paper's commands evaluate in the default run folder).
+    moved_to = prepare_output_dir(args.output_dir, resume="auto" if args.eval else args.resume,
+                                  overwrite=args.overwrite, is_main=runtime.is_main)
     if moved_to:
         print(f"| the previous run in {args.output_dir} was moved to {moved_to}")
     if args.resume == "auto":

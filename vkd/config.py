@@ -5,6 +5,7 @@ length), be one of the flag's choices, and appear once. ``base: FILE.yaml`` (a s
 supplies defaults that the file overrides, so a family of configs states its shared recipe once."""
 import argparse
 import os
+import reprlib
 from typing import Dict, Optional, Set, Tuple
 
 import yaml
@@ -21,25 +22,54 @@ class OneLineErrorParser(argparse.ArgumentParser):
         raise BadInput(f"{message} (--help lists every flag)")
 
 
+_SHOWN = reprlib.Repr()  # a value in an error message: its beginning, however large the file made it
+_SHOWN.maxstring = _SHOWN.maxother = 60
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = 10
+
+
+def _shown(value) -> str:
+    return _SHOWN.repr(value)
+
+
+def _shown_name(name) -> str:
+    """A key or an anchor, without quotes."""
+    return _SHOWN.repr(str(name))[1:-1]
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice is an error instead of silently the last value."""
+    """YAML's safe loader, except that a key given twice is an error instead of silently the last value, and
+    aliases and merge keys are refused: a few lines of aliases expand to billions of values (a config shares
+    values between files with ``base:``)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            alias = self.peek_event()
+            raise BadInput(f"YAML aliases are not supported in a config (*{_shown_name(alias.anchor)}, "
+                           f"line {alias.start_mark.line + 1}): write the value out")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise BadInput(f"YAML merge keys ('<<', line {key_node.start_mark.line + 1}) are not supported in a "
+                               "config: 'base: FILE.yaml' supplies defaults from another file")
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise BadInput(f"key '{key}' appears twice (line {key_node.start_mark.line + 1})")
+                raise BadInput(f"key {_shown(key)} appears twice (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: str) -> dict:
     try:
-        with open(path) as handle:
-            content = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
+        with open(path, "rb") as handle:
+            content = yaml.load(handle.read().decode("utf-8"), Loader=_UniqueKeyLoader) or {}
     except BadInput as error:
         raise BadInput(f"config {path}: {error}") from None
+    except UnicodeDecodeError as error:
+        raise BadInput(f"config {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at position "
+                       f"{error.start})") from None
     except (OSError, yaml.YAMLError) as error:
         raise BadInput(f"could not read config {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(content, dict):
@@ -56,19 +86,19 @@ def _scalar(action: argparse.Action, value, where: str):
     kind = action.type or str
     if kind in NUMBER_TYPES:
         if isinstance(value, bool) or not isinstance(value, NUMBER_TYPES[kind] + (str,)):
-            raise BadInput(f"{where}: expected {_type_name(kind)}, got {value!r}")
+            raise BadInput(f"{where}: expected {_type_name(kind)}, got {_shown(value)}")
         if isinstance(value, str) and kind is int:
-            raise BadInput(f"{where}: expected an integer, got the string {value!r}")
+            raise BadInput(f"{where}: expected an integer, got the string {_shown(value)}")
         try:
             return kind(value)  # YAML reads 5e-4 (no dot) as a string: convert it as the command line would
         except ValueError:
-            raise BadInput(f"{where}: expected {_type_name(kind)}, got {value!r}") from None
+            raise BadInput(f"{where}: expected {_type_name(kind)}, got {_shown(value)}") from None
     if kind is str:
         if not isinstance(value, str):
-            raise BadInput(f"{where}: expected a string, got {value!r}")
+            raise BadInput(f"{where}: expected a string, got {_shown(value)}")
         return value
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # a custom parser of text
-        raise BadInput(f"{where}: expected {action.metavar or 'a value'}, got {value!r}")
+        raise BadInput(f"{where}: expected {action.metavar or 'a value'}, got {_shown(value)}")
     try:
         return kind(str(value))
     except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
@@ -84,18 +114,18 @@ def typed_value(action: argparse.Action, value, where: str):
     if value is None:
         if action.default is None:
             return None
-        raise BadInput(f"{where}: null is not a value of this flag (default {action.default!r})")
+        raise BadInput(f"{where}: null is not a value of this flag (default {_shown(action.default)})")
     if _is_switch(action):
         if not isinstance(value, bool):
-            raise BadInput(f"{where}: expected true or false, got {value!r}")
+            raise BadInput(f"{where}: expected true or false, got {_shown(value)}")
         return value
     if action.nargs in (None, "?"):
         if isinstance(value, (list, dict)):
-            raise BadInput(f"{where}: expected one value, got {value!r}")
+            raise BadInput(f"{where}: expected one value, got {_shown(value)}")
         typed = _scalar(action, value, where)
     else:
         if not isinstance(value, list):
-            raise BadInput(f"{where}: expected a list, got {value!r}")
+            raise BadInput(f"{where}: expected a list, got {_shown(value)}")
         if isinstance(action.nargs, int) and len(value) != action.nargs:
             raise BadInput(f"{where}: expected a list of {action.nargs} values, got {len(value)}")
         if action.nargs == "+" and not value:
@@ -103,7 +133,7 @@ def typed_value(action: argparse.Action, value, where: str):
         typed = [_scalar(action, item, where) for item in value]
     for item in typed if isinstance(typed, list) else [typed]:
         if action.choices is not None and item not in action.choices:
-            raise BadInput(f"{where}: must be one of {', '.join(map(str, action.choices))}, got {item!r}")
+            raise BadInput(f"{where}: must be one of {', '.join(map(str, action.choices))}, got {_shown(item)}")
     return typed
 
 
@@ -122,7 +152,7 @@ def _read_config(path: str, chain: Tuple[str, ...]) -> Tuple[dict, Optional[str]
     config = _read_yaml(path)
     base = config.pop("base", None)
     if base is not None and not isinstance(base, str):
-        raise BadInput(f"config {path}: base must be one file name (a string), got {base!r}")
+        raise BadInput(f"config {path}: base must be one file name (a string), got {_shown(base)}")
     return config, os.path.join(os.path.dirname(path), base) if base else None
 
 
@@ -141,28 +171,61 @@ def config_file_defaults(parser: argparse.ArgumentParser, path: str, chain: Tupl
     for key, value in config.items():
         dest = str(key).lstrip("-").replace("-", "_")
         if dest not in actions or dest in ("config", "help"):
-            raise BadInput(f"config {path}: unknown key '{key}'")
-        defaults[dest] = typed_value(actions[dest], value, f"config {path}: {key}")
+            raise BadInput(f"config {path}: unknown key '{_shown_name(key)}'")
+        defaults[dest] = typed_value(actions[dest], value, f"config {path}: {_shown_name(key)}")
     return defaults
+
+
+def config_origins(path: Optional[str], explicit: Set[str]) -> Dict[str, str]:
+    """The file of ``path``'s base chain that set each destination (the nearest to ``path``), for those not
+    given on the command line (``explicit``): what ``flag_name`` names."""
+    origins: Dict[str, str] = {}
+    chain: Tuple[str, ...] = ()
+    while path:
+        config, base = _read_config(path, chain)
+        for key in config:
+            origins.setdefault(str(key).lstrip("-").replace("-", "_"), path)
+        chain, path = chain + (os.path.abspath(path),), base
+    return {dest: origin for dest, origin in origins.items() if dest not in explicit}
+
+
+def flag_name(dest: str, origins: Dict[str, str]) -> str:
+    """An argument as an error names it: 'config FILE: batch-size' where a config file set its value (see
+    ``config_origins``), '--batch-size' otherwise."""
+    spelled = dest.replace("_", "-")
+    return f"config {origins[dest]}: {spelled}" if dest in origins else f"--{spelled}"
+
+
+def _parse_with_defaults(parser: argparse.ArgumentParser, argv, defaults: Dict[str, object]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``defaults`` (by destination) in place of the parser's own, which are put
+    back after: each flag's own default (the two flags of a switch pair, --x / --no-x, have different ones, and
+    argparse takes the first) and those of ``set_defaults``."""
+    flag_defaults = [(action, action.default) for action in parser._actions]
+    parser_defaults = dict(parser._defaults)
+    parser.set_defaults(**defaults)
+    try:
+        return parser.parse_args(argv)
+    finally:
+        for action, default in flag_defaults:
+            action.default = default
+        parser._defaults.clear()  # shared with the argument groups: restored in place
+        parser._defaults.update(parser_defaults)
 
 
 def explicit_destinations(parser: argparse.ArgumentParser, argv) -> Set[str]:
     """Destinations given on the command line (not defaults): parse again with a marker as every default."""
     not_given = object()  # not a string, so argparse never type-converts it
-    defaults = {action.dest: action.default for action in parser._actions}
-    parser.set_defaults(**dict.fromkeys(defaults, not_given))
-    try:
-        given = {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not not_given}
-    finally:
-        parser.set_defaults(**defaults)
-    return given
+    destinations = {action.dest for action in parser._actions} | set(parser._defaults)
+    parsed = _parse_with_defaults(parser, argv, dict.fromkeys(destinations, not_given))
+    return {dest for dest, value in vars(parsed).items() if value is not not_given}
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv) -> Tuple[argparse.Namespace, Set[str], Set[str]]:
     """(arguments, destinations given on the command line, destinations the ``--config`` file sets itself).
 
     The keys a file takes from its ``base`` are not in the third set: a base is the shared recipe of a family
-    of configs (the rows of an ablation), where a key may matter to some members only."""
+    of configs (the rows of an ablation), where a key may matter to some members only. ``parser`` is left as
+    it was."""
     argv = list(argv)
     explicit = explicit_destinations(parser, argv)
     args = parser.parse_args(argv)
@@ -170,6 +233,5 @@ def parse_with_config(parser: argparse.ArgumentParser, argv) -> Tuple[argparse.N
     if getattr(args, "config", None):
         file_defaults = config_file_defaults(parser, args.config)
         from_file = {str(key).lstrip("-").replace("-", "_") for key in _read_yaml(args.config)} - {"base"}
-        parser.set_defaults(**file_defaults)
-        args = parser.parse_args(argv)
+        args = _parse_with_defaults(parser, argv, file_defaults)
     return args, explicit, from_file

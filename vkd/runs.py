@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
+import warnings
 from typing import Dict, Optional, Sequence
 
 from vkd.distributed import main_process_decides
@@ -50,32 +52,59 @@ def write_json(path: str, content: dict) -> None:
         handle.write("\n")
 
 
+def require_writable_folder(folder: str, what: str) -> None:
+    """Creates ``folder`` if needed and writes a file in it, so that a file in the way, a read-only file system
+    or missing permissions are one line naming ``what`` before any work, not a traceback after it."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise BadInput(f"{what} {folder} is a file, not a folder: choose another folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise BadInput(f"{what} {folder} cannot be written ({error.strerror or error}): choose another folder") from None
+
+
 def _run_files_in(output_dir: str, run_files: Sequence[str]):
     return sorted({os.path.basename(found) for pattern in run_files
                    for found in glob.glob(os.path.join(glob.escape(output_dir), pattern))})
 
 
-def prepare_output_dir(output_dir: str, continuing: bool, overwrite: bool, is_main: bool,
+def prepare_output_dir(output_dir: str, resume: Optional[str], overwrite: bool, is_main: bool,
                        run_files: Sequence[str] = RUN_FILES) -> Optional[str]:
     """Make sure a new run cannot destroy an old one in ``output_dir``; call it on every process.
 
-    A folder that holds a run (any of ``run_files``, glob patterns) is refused unless the run is being
-    continued (``--resume``) or ``overwrite`` is set, which moves the old folder aside and returns its new
-    path. Only the main process looks at the folder, and every process waits for its decision: a slower
-    rank must not see the ``args.json`` that the main process writes right after, and take it for an old run.
+    ``resume``: the run's --resume, '' or None for a new run, 'auto' to continue the run in ``output_dir``, or
+    the path of the checkpoint it continues. A folder that holds a run (any of ``run_files``, glob patterns)
+    is refused unless that run is the one continued (``resume`` is 'auto' or a file of ``output_dir``), or
+    ``overwrite`` is set, which moves the old folder aside and returns its new path: a resume goes on in the
+    folder of the run it resumes, or into an empty one. Only the main process looks at the folder, and every
+    process waits for its decision: a slower rank must not see the ``args.json`` that the main process writes
+    right after, and take it for an old run.
     """
-    return main_process_decides(lambda: _moved_aside(output_dir, continuing, overwrite, run_files), is_main)
+    return main_process_decides(lambda: _moved_aside(output_dir, resume, overwrite, run_files), is_main)
 
 
-def _moved_aside(output_dir: str, continuing: bool, overwrite: bool, run_files: Sequence[str]) -> Optional[str]:
+def _continues_the_run_in(output_dir: str, resume: Optional[str]) -> bool:
+    if resume == "auto":
+        return True
+    return bool(resume) and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(output_dir)
+
+
+def _moved_aside(output_dir: str, resume: Optional[str], overwrite: bool, run_files: Sequence[str]) -> Optional[str]:
     if not output_dir:
         return None
     existing = _run_files_in(output_dir, run_files) if os.path.isdir(output_dir) else []
-    if not existing or continuing:
+    if not existing or _continues_the_run_in(output_dir, resume):
         return None
     if not overwrite:
-        raise BadInput(f"output folder {output_dir} already holds a run ({', '.join(existing[:4])}): continue it "
-                       f"with --resume auto, choose another output folder, or pass --overwrite to move the old run aside")
+        held = f"output folder {output_dir} already holds a run ({', '.join(existing[:4])})"
+        if resume:
+            raise BadInput(f"{held}, not the run of {resume}: a resume goes on in the folder of the run it resumes "
+                           f"or into an empty one (--resume auto continues the run in {output_dir}; --overwrite "
+                           f"moves it aside)")
+        raise BadInput(f"{held}: continue it with --resume auto, choose another output folder, or pass --overwrite "
+                       f"to move the old run aside")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = f"{os.path.normpath(output_dir)}.previous-{stamp}"
     os.replace(output_dir, aside)
@@ -99,7 +128,9 @@ def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: i
             with open(path) as handle:
                 content = json.load(handle)
         except (OSError, ValueError):
-            os.replace(path, f"{path}.unreadable")  # kept for a person to read, never silently dropped
+            kept = _free_name(f"{path}.unreadable")  # kept for a person to read, never silently dropped
+            os.replace(path, kept)
+            warnings.warn(f"{path} could not be read: kept as {kept}, and a new {ARGS_FILE} starts here")
     if not isinstance(content, dict):
         content = dict(args=vars(args), **git_state(), command=list(argv), processes=world_size, **first_record,
                        invocations=[])
@@ -107,6 +138,15 @@ def record_invocation(args, argv: Sequence[str], world_size: int, start_epoch: i
     temporary = f"{path}.tmp"
     write_json(temporary, content)
     os.replace(temporary, path)
+
+
+def _free_name(path: str) -> str:
+    """``path``, or the first of ``path.1``, ``path.2``... that does not exist yet."""
+    candidate, number = path, 0
+    while os.path.lexists(candidate):
+        number += 1
+        candidate = f"{path}.{number}"
+    return candidate
 
 
 def _logged_counter(line: str, key: str) -> Optional[int]:

@@ -9,6 +9,7 @@ the training step must then still run (e.g. a zero loss), as skipping it on one 
 hang the others.
 """
 import functools
+import signal
 from typing import Sized
 
 import torch
@@ -17,6 +18,7 @@ from torch.utils.data.dataloader import default_collate
 
 from vkd.data.samplers import DistributedEvalSampler, RASampler, SeededRandomSampler
 from vkd.errors import DatasetError
+from vkd.preemption import STOP_SIGNALS
 
 REPEATED_AUG_REPEATS = 3
 
@@ -33,6 +35,14 @@ def collate_skipping_unreadable(batch, keep_even: bool = False):
         return torch.empty(0), torch.empty(0, dtype=torch.int64), num_unreadable
     samples, targets = default_collate(readable)
     return samples, targets, num_unreadable
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """The ``worker_init_fn`` of every DataLoader of the three trees. A stop signal sent to the whole process
+    group (a scheduler signalling each process of a job step, ``timeout``, ``kill -- -PGID``, Ctrl-C) must not
+    kill a worker under the main process, which stops the run at a step boundary and then ends its workers."""
+    for number in STOP_SIGNALS + (signal.SIGINT,):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def train_sampler(dataset: Sized, seed: int, distributed: bool, rank: int = 0, world_size: int = 1,
@@ -58,7 +68,7 @@ def train_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_worker
         raise DatasetError(f"the training set has {len(sampler)} images per process, fewer than one "
                            f"batch of {batch_size} (batches are full-size only)")
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True,
+                      pin_memory=pin_memory, drop_last=True, worker_init_fn=ignore_stop_signals,
                       collate_fn=functools.partial(collate_skipping_unreadable, keep_even=keep_even))
 
 
@@ -69,4 +79,5 @@ def val_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: 
     sampler = (DistributedEvalSampler(dataset, num_replicas=world_size, rank=rank) if sharded
                else SequentialSampler(dataset))
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, collate_fn=collate_skipping_unreadable)
+                      pin_memory=pin_memory, drop_last=False, collate_fn=collate_skipping_unreadable,
+                      worker_init_fn=ignore_stop_signals)
