@@ -7,7 +7,7 @@ Defaults are the values the original effectively trained with, except where the 
 error (each module's ``NO_EFFECT``).
 """
 import argparse
-from typing import Iterable, Set
+from typing import Dict, Iterable, Set
 
 import timm
 import torch
@@ -17,7 +17,7 @@ import distillers
 import models
 import optim
 from models import build
-from vkd.config import OneLineErrorParser, parse_with_config
+from vkd.config import OneLineErrorParser, config_origins, flag_name, parse_with_config
 from vkd.errors import BadInput
 from vkd.teachers import unknown_model_line
 
@@ -106,17 +106,18 @@ def parse_arguments(argv):
 
 def check_arguments(args, explicit: Set[str]) -> None:
     """Contradictory or impossible flags: fail before any work."""
-    _check_values(args)
+    _check_values(args, config_origins(args.config, explicit))
     _check_run(args)
     _check_models(args)
     _check_flags_take_effect(args, explicit)
 
 
-def _check_values(args) -> None:
+def _check_values(args, origins: Dict[str, str]) -> None:
+    """Values out of their range, named by their flag or by the config file and key that set them."""
     for dest in AT_LEAST_ONE:
         value = getattr(args, dest)
         if value is not None and value < 1:
-            raise BadInput(f"--{dest.replace('_', '-')} must be at least 1, got {value}")
+            raise BadInput(f"{flag_name(dest, origins)} must be at least 1, got {value}")
     ranges = {**RUN_VALUE_RANGES, **datasets.VALUE_RANGES, **build.VALUE_RANGES, **optim.VALUE_RANGES,
               **{flag.dest: flag.range for flag in distillers.all_flags() if flag.range}}
     for dest, (low, high, closed_low, closed_high) in ranges.items():
@@ -124,7 +125,7 @@ def _check_values(args) -> None:
         if value is not None and not ((low <= value if closed_low else low < value)
                                       and (value <= high if closed_high else value < high)):
             interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
-            raise BadInput(f"--{dest.replace('_', '-')} must be in {interval}, got {value:g}")
+            raise BadInput(f"{flag_name(dest, origins)} must be in {interval}, got {value:g}")
     if min(args.skip_nonfinite, args.start_epoch, args.seed) < 0:
         raise BadInput("--skip-nonfinite, --start_epoch and --seed must be >= 0")
 

@@ -16,7 +16,7 @@ from models.loading import load_student_checkpoint
 from optim import build_optimizer
 from vkd import teachers
 from vkd.checkpoints import add_ddp_prefix
-from vkd.errors import CheckpointError
+from vkd.errors import BadInput, CheckpointError
 
 
 def read_args_json(folder):
@@ -183,3 +183,15 @@ def test_bad_values_are_one_line_without_usage(run_main, data_flags, flags, mess
     assert code == 2
     assert stderr.strip().splitlines() == [stderr.strip()] and message in stderr
     assert "usage:" not in stderr + stdout
+
+
+def test_a_bad_value_from_a_config_file_is_named_by_its_file_and_key(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("batch_size: 0\n")
+    with pytest.raises(BadInput, match=f"^config {config}: batch-size must be at least 1, got 0$"):
+        check_arguments(*parse_arguments(["--config", str(config)]))
+    config.write_text("lr: -1.0\n")
+    with pytest.raises(BadInput, match=rf"^config {config}: lr must be in \(0, inf\), got -1$"):
+        check_arguments(*parse_arguments(["--config", str(config)]))
+    with pytest.raises(BadInput, match="^--lr must be in"):
+        check_arguments(*parse_arguments(["--config", str(config), "--lr", "-2"]))
