@@ -74,7 +74,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_projector: boo
 
     Why the projector option: torch's Householder map takes each column's sign from int() of the
     diagonal of ``original``, which receives no gradient; decay moves it off -1 and int() turns it
-    to 0, so the original recipe trains with a zero projector after its first step (README).
+    to 0, so the original recipe trains with a zero projector after its first step (docs/differences.md).
     """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []

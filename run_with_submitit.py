@@ -5,7 +5,7 @@ after a preemption or a time limit until it has finished.
         -- --config configs/deit_ti_vkd.yaml --data-path /imagenet --output_dir runs/deit_ti_vkd
     python run_with_submitit.py --tree detection --gpus-per-node 8 -- --method vidt --backbone_name swin_nano \\
         --coco_path /coco --output_dir runs/vidt_nano ...
-    python run_with_submitit.py --local --gpus-per-node 1 -- ...     (the same on this machine, without Slurm)
+    python run_with_submitit.py --local --gpus-per-node 1 -- ...     (the same on this host, without Slurm)
 
 The entry point's flags are checked here before the job is submitted. Each task runs the entry point from the
 repository (its folder on PYTHONPATH, whatever the folder it was submitted from) with ``--resume auto`` in a
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds before the time limit that the run is told to stop (default: 120)")
     parser.add_argument("--partition", default=None)
     parser.add_argument("--local", action="store_true",
-                        help="run on this machine with submitit's local executor; without it, Slurm is required")
+                        help="run on this host with submitit's local executor; without it, Slurm is required")
     return parser
 
 
@@ -100,7 +100,7 @@ def check_entry_point_flags(tree: str, flags: List[str]) -> None:
 def make_executor(args) -> submitit.Executor:
     if not args.local and submitit.SlurmExecutor.affinity() <= 0:
         raise BadInput("Slurm is not available here (no srun on PATH): submit from a Slurm login node, or pass "
-                       "--local to run the job on this machine")
+                       "--local to run the job on this host")
     executor = submitit.AutoExecutor(folder=args.job_dir, cluster="local" if args.local else "slurm",
                                      slurm_max_num_timeout=30)
     # The job's process unpickles Trainer, which imports this repository: from any folder it was submitted from.

@@ -26,8 +26,8 @@ rows evaluate once, after their last epoch.
 The default (4 rows of 4 epochs x 17 steps of 16 images at 64 px, RegNetY-160 teacher) is sized for
 under 15 minutes on 2 cores; the compiled pass is the longest, as its first row compiles the teacher.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/ablation_cache.py
-    PYTHONPATH=. .venv/bin/python benchmarks/ablation_cache.py --rows 2 --teacher resnet10t --input-size 32 \\
+    .venv/bin/python -m benchmarks.ablation_cache
+    .venv/bin/python -m benchmarks.ablation_cache --rows 2 --teacher resnet10t --input-size 32 \\
         --batch-size 4 --subset 1PERCENT --epochs 1 --threads 1 --compile-backend aot_eager --repeats 1
 """
 import argparse

@@ -8,7 +8,7 @@ the first step (compiling), steady steps, the last partial batch, an eval call, 
 counts graphs and graph breaks (``torch._dynamo.explain``). Inductor's on-disk cache is pointed at a fresh
 folder, so every compilation is measured cold.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/compile_student.py --threads 2
+    .venv/bin/python -m benchmarks.compile_student --threads 2
 """
 import argparse
 import json

@@ -5,7 +5,7 @@ original's effective train transform, collation) on an ImageFolder with ``train/
 Without ``--data-path`` it writes a temporary one of random smooth JPEGs (ImageNet-like 500x375;
 smooth so that file sizes and decode cost resemble photos rather than noise).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/dataloader.py --workers 0,1,2
+    .venv/bin/python -m benchmarks.dataloader --workers 0,1,2
 """
 import argparse
 import json

@@ -3,7 +3,7 @@
 Eval mode (the student returns the mean of its two heads; the projector is not used), no grad,
 optional autocast, as ``engine.evaluate`` runs it.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/eval.py --student deit_ti_distilled --batch-size 12
+    .venv/bin/python -m benchmarks.eval --student deit_ti_distilled --batch-size 12
 """
 import argparse
 import json

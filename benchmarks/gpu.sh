@@ -15,16 +15,16 @@ STEPS=${STEPS:-10}
 WARMUP=${WARMUP:-3}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+
 
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 for student in deit_ti_distilled deit_s_distilled; do
   for impl in fast torch; do
-    "$PY" benchmarks/train_step.py --device "$DEVICE" --student "$student" --teacher "$TEACHER" \
+    "$PY" -m benchmarks.train_step --device "$DEVICE" --student "$student" --teacher "$TEACHER" \
       --batch-size "$BATCH" --input-size "$INPUT" --amp "$AMP" --projector-impl "$impl" \
       --steps "$STEPS" --warmup "$WARMUP" | tee -a "$OUT/gpu.jsonl"
   done
-  "$PY" benchmarks/eval.py --device "$DEVICE" --student "$student" --batch-size "$BATCH" \
+  "$PY" -m benchmarks.eval --device "$DEVICE" --student "$student" --batch-size "$BATCH" \
     --input-size "$INPUT" --amp "$AMP" --steps "$STEPS" --warmup "$WARMUP" | tee -a "$OUT/gpu.jsonl"
 done

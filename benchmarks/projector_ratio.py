@@ -4,8 +4,8 @@ Runs ``train_step.py`` with ``--projector-impl fast`` and ``--projector-impl tor
 separate processes (``--pairs`` times each), every other flag shared, so that each run measures the
 command a user would run while slow phases of a shared machine fall on both implementations alike.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/projector_ratio.py --pairs 3
-    PYTHONPATH=. .venv/bin/python benchmarks/projector_ratio.py --pairs 3 -- --amp bf16
+    .venv/bin/python -m benchmarks.projector_ratio --pairs 3
+    .venv/bin/python -m benchmarks.projector_ratio --pairs 3 -- --amp bf16
 """
 import argparse
 import json

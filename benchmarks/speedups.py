@@ -9,7 +9,7 @@ affects every variant alike; print one JSON line.
 - Teacher forward under ``torch.no_grad`` (what ``losses.VkDLoss`` uses) vs ``torch.inference_mode``.
 - AdamW step alone on the student's parameters: torch's default, foreach, fused.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/speedups.py --rounds 5
+    .venv/bin/python -m benchmarks.speedups --rounds 5
 """
 import argparse
 import json

@@ -6,9 +6,9 @@ projected feature), the ``vkd`` distiller (frozen teacher forward, CE + KD + fea
 (pretrained=False): the timing does not depend on them. Also timed separately on the same shapes:
 the projector's forward+backward, the teacher's forward and the student's forward+backward.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/train_step.py --projector-impl fast --steps 5 --warmup 2
-    PYTHONPATH=. .venv/bin/python benchmarks/train_step.py --projector-impl torch --steps 3 --warmup 1
-    PYTHONPATH=. .venv/bin/python benchmarks/train_step.py --compile teacher --steps 5 --warmup 2
+    .venv/bin/python -m benchmarks.train_step --projector-impl fast --steps 5 --warmup 2
+    .venv/bin/python -m benchmarks.train_step --projector-impl torch --steps 3 --warmup 1
+    .venv/bin/python -m benchmarks.train_step --compile teacher --steps 5 --warmup 2
 
 With ``--compile``, the timed step is the compiled one and ``first_step_s`` holds the compilation.
 """

@@ -1,4 +1,4 @@
-"""VkD in your own training loop: any timm student from any timm teacher (README, "VkD in your own loop")."""
+"""VkD in your own training loop: any timm student from any timm teacher (docs/own-loop.md)."""
 import torch
 import torch.nn.functional as F
 

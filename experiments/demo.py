@@ -272,7 +272,7 @@ def results_page(summary: dict) -> str:
         f"Made by `make demo` (`python -m experiments.demo`) on {machine['date']}: {machine['cores']} cores of "
         f"{machine['cpu']}, {machine['threads']} threads per run, torch {machine['torch']}, {summary['seconds']:.0f} s "
         "in all. Every number below comes from [`summary.json`](summary.json); the set-up is explained in the "
-        "[README](../../README.md#the-demo).", "",
+        "[documentation](../../docs/studies.md#the-demo).", "",
         "```", format_table(summary["runs"], summary["val_images"]), "```", "",
         f"**Verdict** (noise rule: {summary['noise_rule']}): {summary['verdict']}", "",
         "![learning curves](curves.png)", "",

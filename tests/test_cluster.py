@@ -33,7 +33,7 @@ def test_without_slurm_a_job_is_refused_unless_local_is_asked(run_entry_point, t
     jobs = tmp_path / "jobs"
     code, out, err = run_entry_point(run_with_submitit, ["--job-dir", jobs, "--", "--output_dir", tmp_path / "run"])
     assert (code, out) == (2, "") and err == ("error: Slurm is not available here (no srun on PATH): submit from a "
-                                              "Slurm login node, or pass --local to run the job on this machine\n")
+                                              "Slurm login node, or pass --local to run the job on this host\n")
     assert not jobs.exists()
 
 

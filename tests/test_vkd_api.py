@@ -12,10 +12,10 @@ from examples.own_loop import distil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_readme_shows_the_example_that_is_tested():
+def test_the_documentation_shows_the_example_that_is_tested():
     with open(os.path.join(REPO, "examples", "own_loop.py")) as handle:
         body = handle.read().split('"""', 2)[2].strip()
-    with open(os.path.join(REPO, "README.md")) as handle:
+    with open(os.path.join(REPO, "docs", "own-loop.md")) as handle:
         assert body in handle.read()
 
 

@@ -1,0 +1,1 @@
+"""Measurements: each module runs from the repository root as ``python -m benchmarks.NAME``."""
