@@ -5,10 +5,10 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from models.deit import DEIT_SIZES
 from vkd.checkpoints import safe_torch_load, state_dict_in, strict_load, strip_ddp_prefix
 from vkd.distributed import Runtime, start_processes
 from vkd.errors import BadInput
+from vkd.models import DEIT_SIZES
 from vkd.reproducibility import configure_cuda_kernels, configure_determinism
 
 PROJECTOR_PREFIX = "projector."

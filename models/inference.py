@@ -20,11 +20,11 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 import datasets
 import models
-from models.deit import EVAL_HEADS, DistilledVisionTransformer
 from utils import load_student_checkpoint, saved_run_args
 from vkd.checkpoints import first_line, safe_torch_load, state_dict_in, strict_load, strip_ddp_prefix
 from vkd.data.folders import open_rgb_image
 from vkd.errors import BadInput, CheckpointError
+from vkd.models import EVAL_HEADS, DistilledVisionTransformer
 
 DEFAULT_STUDENT_MODEL, DEFAULT_INPUT_SIZE = "deit_ti_distilled", 224
 FORMAT_SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}
