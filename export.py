@@ -347,15 +347,16 @@ def write_timm_folder(student: nn.Module, config: dict, folder: str, card: str) 
     from timm.models import save_for_hf
 
     # The student's default pretrained_cfg names the source of timm's pretrained weights for its architecture
-    # (tag, URL, licence, paper); these weights are not those, so only what describes the architecture is kept.
-    data_config = timm_data_config(config)
+    # (tag, URL, licence, paper); these weights are not those, so only what describes the architecture is kept,
+    # with the evaluation's preprocessing. timm up to 1.0.2x writes the pretrained_cfg as it finds it, and the
+    # constructor's arguments only as given (later versions also record them on creation).
     student.pretrained_cfg = {key: value for key, value in student.pretrained_cfg.items()
                               if key in ("architecture", "fixed_input_size", "min_input_size", "num_classes",
                                          "pool_size", "first_conv", "classifier")}
-    student.pretrained_cfg.update(data_config, license=LICENSE)
+    student.pretrained_cfg.update(timm_data_config(config), license=LICENSE)
     try:
-        save_for_hf(student, folder, model_config=dict(label_names=config["class_names"]), data_config=data_config,
-                    safe_serialization=True)
+        save_for_hf(student, folder, model_config=dict(label_names=config["class_names"]),
+                    model_args=_constructor_args(student, config), safe_serialization=True)
     except SafetensorError as error:  # the safetensors writer reports a failed write (a full disk) as its own type
         raise RunFailed(f"could not write the weights of {folder}: {first_line(error)}") from None
     write_new_file(os.path.join(folder, "README.md"), card.encode())
@@ -363,6 +364,15 @@ def write_timm_folder(student: nn.Module, config: dict, folder: str, card: str) 
         with open(os.path.join(folder, name), "rb") as handle:
             os.fsync(handle.fileno())
     _fsync_folder(folder)
+
+
+def _constructor_args(student: nn.Module, config: dict) -> dict:
+    """What timm must pass the architecture's constructor besides the class count: the input size where the
+    architecture fixes it (ViTs, the DeiT students), and a distilled student's eval head."""
+    args = {"img_size": config["input_size"]} if student.pretrained_cfg.get("fixed_input_size") else {}
+    if models.has_distillation_head(student):
+        args["eval_head"] = student.eval_head
+    return args
 
 
 def check_preprocessing(images: List[Image.Image], config: dict, loaded_config: dict, out: str, log) -> None:
