@@ -21,7 +21,6 @@ preprocessing through ``timm.data`` against the evaluation transform.
 """
 import contextlib
 import io
-import json
 import os
 import shutil
 import uuid
@@ -38,11 +37,13 @@ from models.inference import (
     Logits,
     config_path,
     config_text,
+    dynamic_batch,
     eval_transform,
     image_files,
     load_checkpoint_student,
     load_classifier,
     load_timm_student,
+    onnx_bytes,
     read_image,
     safetensors_bytes,
     timm_data_config,
@@ -55,15 +56,12 @@ from vkd.data.digits import DIGITS_MAX_VALUE
 from vkd.downloads import reachable
 from vkd.errors import OUT_OF_SPACE, BadInput, RunFailed
 
-ONNX_OPSET = 20
 # Largest |logits difference| accepted between the exported and the PyTorch student, relative to the largest
 # |logit| (when above 1): float32 rounding grows with the logits' scale.
 CHECK_TOLERANCE = 1e-4
 EXAMPLE_BATCH = 2  # the traced batch: with 1, the exporters would fix the batch size at 1
 RANDOM_CHECK_BATCH = 3  # not the traced batch, so that the check also exercises the dynamic batch axis
 MAX_CHECK_IMAGES = 16
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
-ONNX_CONFIG_KEY = "vkd_config"  # the ONNX file's metadata entry holding the JSON config
 TIMM_FORMAT = "timm"
 FORMATS = tuple(FORMAT_SUFFIXES) + (TIMM_FORMAT,)
 TIMM_FOLDER_FILES = ("config.json", "model.safetensors", "README.md")
@@ -72,25 +70,9 @@ TIMM_FOLDER_FILES = ("config.json", "model.safetensors", "README.md")
 PREPROCESSING_TOLERANCE = 1e-6
 
 
-def _dynamic_batch():
-    return ({0: torch.export.Dim("batch", min=1)},)
-
-
-def onnx_bytes(student: nn.Module, example: torch.Tensor, config: dict) -> bytes:
-    """The ONNX file, with the config in its metadata (``config`` gains the opset and the input/output names)."""
-    # The dynamo exporter (torch.export, then onnxscript's translation) handles these students on torch 2.14,
-    # so the TorchScript exporter is not used.
-    program = torch.onnx.export(student, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                output_names=[OUTPUT_NAME], dynamic_shapes=_dynamic_batch(),
-                                opset_version=ONNX_OPSET, verbose=False)
-    config.update(onnx_opset=program.model.opset_imports[""], onnx_input=INPUT_NAME, onnx_output=OUTPUT_NAME)
-    program.model.metadata_props[ONNX_CONFIG_KEY] = json.dumps(config)
-    return program.model_proto.SerializeToString()  # one file: every student is far below ONNX's 2 GB limit
-
-
 def program_bytes(student: nn.Module, example: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
-    torch.export.save(torch.export.export(student, (example,), dynamic_shapes=_dynamic_batch()), buffer)
+    torch.export.save(torch.export.export(student, (example,), dynamic_shapes=dynamic_batch()), buffer)
     return buffer.getvalue()
 
 

@@ -37,6 +37,9 @@ SAFE_FORMATS = "an ONNX or safetensors export, or a timm folder (model.safetenso
 # Names timm.create_model loads a model by, weights included: a folder (save_for_hf's layout) or a Hub repository.
 TIMM_SOURCES = ("local-dir:", "hf-hub:")
 MAX_VALUE_IN_MESSAGE = 40  # characters of a bad value quoted from a file
+ONNX_OPSET = 20
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+ONNX_CONFIG_KEY = "vkd_config"  # the ONNX file's metadata entry holding the JSON config
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
@@ -214,6 +217,24 @@ def _check_input_size(path: str, config: dict, height_and_width: Sequence[object
     if list(height_and_width) != [size, size]:
         raise BadInput(f"{config_path(path)} says input_size {size}, but {path} takes "
                        f"{'x'.join(map(str, height_and_width))} images: write the config again with export.py")
+
+
+def dynamic_batch():
+    """The dynamic_shapes of a model taking one batch of images: any batch size."""
+    return ({0: torch.export.Dim("batch", min=1)},)
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, config: dict) -> bytes:
+    """The ONNX file of ``model`` (export.py's, benchmarks/inference.py's), with ``config`` in its metadata
+    (``config`` gains the opset and the input/output names)."""
+    # The dynamo exporter (torch.export, then onnxscript's translation) handles these students on torch 2.14,
+    # so the TorchScript exporter is not used.
+    program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_batch(),
+                                opset_version=ONNX_OPSET, verbose=False)
+    config.update(onnx_opset=program.model.opset_imports[""], onnx_input=INPUT_NAME, onnx_output=OUTPUT_NAME)
+    program.model.metadata_props[ONNX_CONFIG_KEY] = json.dumps(config)
+    return program.model_proto.SerializeToString()  # one file: every student is far below ONNX's 2 GB limit
 
 
 def safetensors_bytes(student: nn.Module) -> bytes:
