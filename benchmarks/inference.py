@@ -1,4 +1,4 @@
-"""What distilling bought: each student beside its teacher on this machine, in one run.
+"""What distilling bought: each student beside its teacher on the machine it runs on, in one run.
 
 For each pair, both with random weights (size and speed do not depend on the values, and nothing is
 downloaded), in eval mode as evaluation runs them (a distilled DeiT student returns the mean of its heads):
