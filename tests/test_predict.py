@@ -111,8 +111,8 @@ def test_topk_and_files_given_one_by_one(tiny_student_files, image_folder, run_e
 
 
 @pytest.mark.parametrize("case", ["no readable image", "topk", "input size of an export", "missing config",
-                                  "not a timm folder", "input size of a timm folder"])
-def test_bad_input_exits_2(case, tiny_student_files, exported, image_folder, run_entry_point, tmp_path):
+                                  "not a timm folder", "input size of a timm folder", "hub offline"])
+def test_bad_input_exits_2(case, tiny_student_files, exported, image_folder, run_entry_point, tmp_path, monkeypatch):
     folder, _ = image_folder
     model, argv = tiny_student_files.ours, [folder / "0.png"]
     expected = {"no readable image": r"no image could be predicted \(2 file\(s\) tried\)",
@@ -123,7 +123,9 @@ def test_bad_input_exits_2(case, tiny_student_files, exported, image_folder, run
                 "not a timm folder": r"local-dir:.*images: .*images holds no config\.json, so it is not a timm "
                                      r"folder \(export\.py --format timm writes one\)",
                 "input size of a timm folder": r"--input-size is for checkpoints: the config\.json of "
-                                               r"local-dir:.*student gives it"}[case]
+                                               r"local-dir:.*student gives it",
+                "hub offline": r"could not load hf-hub:my-org/absent through timm: the model hub cannot be reached "
+                               r"and the model is not cached"}[case]
     if case == "no readable image":
         argv = [folder / "truncated.png", folder / "absent.png"]
     elif case == "topk":
@@ -134,6 +136,11 @@ def test_bad_input_exits_2(case, tiny_student_files, exported, image_folder, run
         model = f"local-dir:{folder}"
     elif case == "input size of a timm folder":
         model, argv = f"local-dir:{exported['timm']}", argv + ["--input-size", IMAGE_SIZE]
+    elif case == "hub offline":  # HF_HUB_OFFLINE, and an empty cache: nothing is asked of the network
+        from huggingface_hub import constants
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        model = "hf-hub:my-org/absent"
     else:
         model = tmp_path / "copy.safetensors"
         shutil.copy(exported["safetensors"], model)
