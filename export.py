@@ -372,6 +372,7 @@ def export_timm_folder(checkpoint: str, out: str, student_model: Optional[str] =
                        push_to_hub: Optional[str] = None, private: bool = True, log=print) -> Dict[str, float]:
     """Writes the timm folder ``out`` once it passes the check (and uploads it to ``push_to_hub``); returns the
     max |logits difference| of each check batch."""
+    out = os.path.normpath(out)  # "student/" names the folder "student"
     if push_to_hub is not None:
         _refuse_bad_repo_id(push_to_hub)
     if check_images is not None and not os.path.isdir(check_images):
