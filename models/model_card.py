@@ -154,7 +154,7 @@ def model_card(student: nn.Module, config: dict, content: dict, checkpoint: str,
         evaluation = f"top-1 {_percent(accuracy[0])}, top-5 {_percent(accuracy[1])} ({accuracy[2]})"
     architecture, size = config["architecture"], config["input_size"]
     parameters = sum(parameter.numel() for parameter in student.parameters())
-    registers = ("import vkd.models  # registers this repository's DeiT students with timm (pip install its vkd)\n"
+    registers = ("import vkd.models  # the VkD repository's DeiT students, registered with timm (pip install it)\n"
                  if architecture in STUDENT_MODELS else "")
     teacher = f" from {run_args['teacher']}" if run_args.get("teacher") else ""
     return (front_matter(run_args) + f"# {architecture} distilled{teacher}\n\n"

@@ -170,7 +170,8 @@ def test_the_model_card_is_filled_from_the_run_folder(run_entry_point, tiny_stud
             "epoch 1)") in body
     assert "- **Evaluation:** top-1 91.25%, top-5 99.50% (log.txt, epoch 0, 7 validation images)" in body
     assert f"- **Checkpoint:** `latest.pth.tar`, sha256 `{models.file_sha256(str(checkpoint))}`" in body
-    command = f"python main_distributed.py --teacher resnet10t --teacher-path /data/teacher.pth --output_dir {tmp_path}/run"
+    command = (f"python main_distributed.py --teacher resnet10t --teacher-path /data/teacher.pth "
+               f"--output_dir {tmp_path}/run")
     assert f"{command}\n{command} --resume auto\n" in body
     assert body.endswith(f"## Citation\n\n```bibtex\n{VKD_CITATION}\n```\n")
 
