@@ -300,7 +300,7 @@ def test_push_to_hub_uploads_the_checked_folder_privately(run_entry_point, tiny_
                                       "commit_message": "A student distilled and exported by VkD's export.py"},
                     ["README.md", "config.json", "model.safetensors"])]
     assert 'timm.create_model("hf-hub:my-org/deit-ti-vkd", pretrained=True)' in (out / "README.md").read_text()
-    assert "Uploaded" in stdout.splitlines()[-1] and "Secret" not in stdout + stderr
+    assert "Uploaded" in stdout.splitlines()[-1] and os.environ["HF_TOKEN"] not in stdout + stderr
 
 
 def test_an_unreachable_hub_is_one_line_and_exit_2_and_the_folder_stays(run_entry_point, tiny_student_files,
@@ -335,7 +335,7 @@ def test_a_refused_upload_is_one_line_without_the_token(run_entry_point, tiny_st
     assert code == 2
     assert re.fullmatch(r"error: the Hub refused the upload to my-org/deit-ti-vkd \(401 Client Error: token \*\*\* "
                         r"is not valid\): log in with `hf auth login` or set HF_TOKEN .*\n", stderr), stderr
-    assert "Secret" not in stdout + stderr
+    assert os.environ["HF_TOKEN"] not in stdout + stderr
 
 
 @pytest.mark.parametrize("argv, expected", [
