@@ -1,11 +1,14 @@
-"""The top classes of images, by a trained student: from a checkpoint or from an exported file.
+"""The top classes of images, by a trained student: from a checkpoint, from an exported file or through timm.
 
     python predict.py --checkpoint student.onnx photo.jpg more_photos/ --topk 5
+    python predict.py --checkpoint local-dir:student photo.jpg      # or hf-hub:ORG/NAME
 
 ``--checkpoint`` takes a training checkpoint (ours or the released layout; ``--student-model`` and
 ``--input-size`` as export.py takes them) or a file written by export.py (``.onnx`` through onnxruntime,
 ``.safetensors``, and ``.pt2`` through torch.export only with ``--trust-pt2``: loading one can run code),
-whose config ``FILE.json`` (``student.onnx.json``) gives the rest. Images are read and predicted
+whose config ``FILE.json`` (``student.onnx.json``) gives the rest, or a name timm loads: ``local-dir:DIR`` (a
+timm folder, ``export.py --format timm``) or ``hf-hub:ORG/NAME``, whose config.json gives the preprocessing
+(its pretrained_cfg, through ``timm.data``) and the class names (its label_names). Images are read and predicted
 ``--batch-size`` at a time, preprocessed as evaluation does. An image that cannot be read gets one line on
 stderr and the others are still predicted; the exit code is 0 if any image was predicted, else 2.
 """
@@ -70,11 +73,13 @@ def predict(logits_of: Logits, config: dict, paths: Sequence[str], topk: int, ba
 
 
 def build_parser() -> OneLineErrorParser:
-    parser = OneLineErrorParser(description="Top classes of images by a trained student (checkpoint or export)")
+    parser = OneLineErrorParser(description="Top classes of images by a trained student (checkpoint, export or "
+                                            "timm folder)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                        help="a training checkpoint, or a .onnx, .safetensors or (with --trust-pt2) .pt2 file "
-                             "from export.py")
+                        help="a training checkpoint, a .onnx, .safetensors or (with --trust-pt2) .pt2 file "
+                             "from export.py, or a model timm loads: local-dir:DIR (export.py --format timm) or "
+                             "hf-hub:ORG/NAME")
     parser.add_argument("--trust-pt2", action="store_true",
                         help="also load .pt2 (torch.export) files: loading one can run any code it holds, so pass "
                              "it only for files you made (ONNX and safetensors files need no such trust)")

@@ -1,4 +1,5 @@
-"""Students and teachers. ``import models`` registers this repository's DeiT students with timm.
+"""Students and teachers. ``import models`` registers this repository's DeiT students with timm (they live in the
+installed package, ``vkd.models``).
 
 A student is any timm architecture (``resnet18``, ``regnetx_002``, ``vit_tiny_patch16_224`` ...) or one of the
 conv-stem DeiT students of the VkD recipe (``STUDENT_MODELS``); a teacher is any timm model.
@@ -8,14 +9,15 @@ from typing import Optional
 import timm
 import torch.nn as nn
 
-from models.deit import EVAL_HEADS, STUDENT_MODELS, DistilledVisionTransformer
 from vkd.errors import BadInput
 from vkd.losses import feature_width
+from vkd.models import EVAL_HEADS, STUDENT_MODELS, DistilledVisionTransformer
 from vkd.projector import OrthogonalProjector
 from vkd.teachers import unknown_model_line
 
 PROJECTORS = ("orthogonal", "linear")
 DEFAULT_PROJECTOR_IMPL = "fast"  # orthogonal_maps.FastOrthogonal: same function as torch's, much faster
+DISTILLED_STUDENTS = tuple(name for name in STUDENT_MODELS if name.endswith("_distilled"))
 
 
 class StudentError(BadInput):
@@ -57,15 +59,15 @@ def create_student(name: str, num_classes: int = 1000, img_size: int = 224, teac
         raise StudentError(unknown_model_line("student", name))
     if eval_head not in EVAL_HEADS:
         raise StudentError(f"unknown eval head '{eval_head}'; choose from {', '.join(EVAL_HEADS)}")
-    if name in STUDENT_MODELS:
+    if name in DISTILLED_STUDENTS:
+        student = timm.create_model(name, num_classes=num_classes, img_size=img_size, eval_head=eval_head, **kwargs)
+    elif eval_head != "mean":
+        raise StudentError(f"--eval-head {eval_head} needs a student with a distillation head "
+                           f"({', '.join(DISTILLED_STUDENTS)}), got '{name}'")
+    elif name in STUDENT_MODELS:
         student = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
     else:
         student = _create_timm_student(name, num_classes, img_size, **kwargs)
-    if eval_head != "mean":
-        if not has_distillation_head(student):
-            raise StudentError(f"--eval-head {eval_head} needs a student with a distillation head (…_distilled), "
-                               f"got '{name}'")
-        student.eval_head = eval_head
     if teacher_dim is not None:
         student.projector = build_projector(projector, feature_width(student), teacher_dim, orthogonal_map,
                                             projector_impl)

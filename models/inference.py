@@ -1,9 +1,11 @@
-"""A trained student outside training: loaded from a checkpoint or from an exported file, for inference.
+"""A trained student outside training: loaded from a checkpoint, from an exported file or through timm, for
+inference.
 
 Every exported file (``FILE.onnx``, ``FILE.pt2``, ``FILE.safetensors``) has its config beside it, under its
 name with ``.json`` added (``FILE.onnx.json``...): the architecture, the input size and the evaluation
 preprocessing, the classes and their names, and the SHA-256 of the checkpoint it came from, so that it can be
-used without the checkpoint or this repository.
+used without the checkpoint or this repository. A timm folder (``export.py --format timm``) holds the same in
+timm's own layout, and timm loads it by name: ``local-dir:DIR``, or ``hf-hub:ORG/NAME`` once uploaded.
 """
 import contextlib
 import json
@@ -20,7 +22,6 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 
 import datasets
 import models
-from models.deit import EVAL_HEADS, DistilledVisionTransformer
 from models.loading import load_student_checkpoint, saved_run_args
 from vkd.checkpoints import (
     classifier_weight_key,
@@ -32,14 +33,21 @@ from vkd.checkpoints import (
     strip_ddp_prefix,
 )
 from vkd.data.folders import open_rgb_image
+from vkd.downloads import hub_offline_unless_reachable
 from vkd.errors import BadInput, CheckpointError
+from vkd.models import EVAL_HEADS, DistilledVisionTransformer
 
 DEFAULT_STUDENT_MODEL, DEFAULT_INPUT_SIZE = "deit_ti_distilled", 224
 FORMAT_SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "safetensors": ".safetensors"}
 CONFIG_KEYS = ("architecture", "input_size", "num_classes", "class_names", "mean", "std", "eval_crop_ratio")
 # Formats whose loading reads numbers only: what may come from strangers. A torch.export program may not.
-SAFE_FORMATS = "an ONNX or safetensors export"
+SAFE_FORMATS = "an ONNX or safetensors export, or a timm folder (model.safetensors with its config.json)"
+# Names timm.create_model loads a model by, weights included: a folder (save_for_hf's layout) or a Hub repository.
+TIMM_SOURCES = ("local-dir:", "hf-hub:")
 MAX_VALUE_IN_MESSAGE = 40  # characters of a bad value quoted from a file
+ONNX_OPSET = 20
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+ONNX_CONFIG_KEY = "vkd_config"  # the ONNX file's metadata entry holding the JSON config
 
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
@@ -115,12 +123,13 @@ def _class_count(path: str, student: nn.Module, weights: dict) -> int:
     return int(weights[key].shape[0])
 
 
-def load_checkpoint_student(path: str, student_model: Optional[str] = None,
-                            input_size: Optional[int] = None) -> Tuple[nn.Module, dict]:
+def load_checkpoint_student(path: str, student_model: Optional[str] = None, input_size: Optional[int] = None,
+                            content: Optional[dict] = None) -> Tuple[nn.Module, dict]:
     """The student of a checkpoint (ours or the released layout), in eval mode without its projector, and its
     config. The class count is the head's; the architecture and input size are the arguments given, else the
-    training run's (our checkpoints keep them), else deit_ti_distilled at 224 px."""
-    content = safe_torch_load(path)
+    training run's (our checkpoints keep them), else deit_ti_distilled at 224 px. ``content``: the file, where
+    the caller has already read it (``safe_torch_load``)."""
+    content = safe_torch_load(path) if content is None else content
     weights = strip_ddp_prefix(state_dict_in(content, path))  # also checks that the file holds a mapping
     run_args = saved_run_args(content)
     if student_model is None:
@@ -218,6 +227,24 @@ def _check_input_size(path: str, config: dict, height_and_width: Sequence[object
                        f"{'x'.join(map(str, height_and_width))} images: write the config again with export.py")
 
 
+def dynamic_batch():
+    """The dynamic_shapes of a model taking one batch of images: any batch size."""
+    return ({0: torch.export.Dim("batch", min=1)},)
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor, config: dict) -> bytes:
+    """The ONNX file of ``model`` (export.py's, benchmarks/inference.py's), with ``config`` in its metadata
+    (``config`` gains the opset and the input/output names)."""
+    # The dynamo exporter (torch.export, then onnxscript's translation) handles these students on torch 2.14,
+    # so the TorchScript exporter is not used.
+    program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_batch(),
+                                opset_version=ONNX_OPSET, verbose=False)
+    config.update(onnx_opset=program.model.opset_imports[""], onnx_input=INPUT_NAME, onnx_output=OUTPUT_NAME)
+    program.model.metadata_props[ONNX_CONFIG_KEY] = json.dumps(config)
+    return program.model_proto.SerializeToString()  # one file: every student is far below ONNX's 2 GB limit
+
+
 def safetensors_bytes(student: nn.Module) -> bytes:
     """The student's weights in the safetensors format (export.py writes them)."""
     from safetensors.torch import save
@@ -298,12 +325,18 @@ def _file_problem(path: str) -> Optional[str]:
 
 def load_classifier(path: str, student_model: Optional[str] = None, input_size: Optional[int] = None,
                     trust_program: bool = False) -> Tuple[Logits, dict]:
-    """``(logits_of, config)`` for a checkpoint or an exported file (told apart by the suffix);
-    ``logits_of`` maps a preprocessed batch [B, 3, S, S] to logits [B, classes].
+    """``(logits_of, config)`` for a checkpoint, an exported file (told apart by the suffix) or a name timm loads
+    (``local-dir:DIR``, ``hf-hub:ORG/NAME``); ``logits_of`` maps a preprocessed batch [B, 3, S, S] to logits
+    [B, classes].
 
     An exported file's architecture and input size are fixed by its config: other values given are an error.
     A torch.export program (``.pt2``) is refused unless ``trust_program``: loading one can run code.
     """
+    if path.startswith(TIMM_SOURCES):
+        for flag, given in (("--student-model", student_model), ("--input-size", input_size)):
+            if given is not None:
+                raise BadInput(f"{flag} is for checkpoints: the config.json of {path} gives it")
+        return load_timm_student(path)
     problem = _file_problem(path)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
@@ -322,11 +355,68 @@ def load_classifier(path: str, student_model: Optional[str] = None, input_size: 
     return load_exported_student(path)
 
 
+# ----------------------------------------------------------------------------- through timm
+
+
+def _timm_class_names(pretrained_cfg: dict, num_classes: int) -> List[str]:
+    """A timm model's class names: its label_names (through label_descriptions where it has them, as timm's
+    ImageNet models do), else ``class_names_for``'s."""
+    names = pretrained_cfg.get("label_names")
+    descriptions = pretrained_cfg.get("label_descriptions")
+    if isinstance(names, (list, tuple)) and isinstance(descriptions, dict):
+        names = [descriptions.get(name, name) for name in names]
+    return class_names_for(names, num_classes)
+
+
+def load_timm_student(name: str) -> Tuple[nn.Module, dict]:
+    """A model timm loads by ``name`` (TIMM_SOURCES: config.json and its weights, a safetensors file preferred and
+    any other read with ``weights_only``), in eval mode, and its config: class names from its label_names, and
+    the preprocessing of its pretrained_cfg (``data_config``, which ``eval_transform`` uses)."""
+    import timm
+    from timm.data import resolve_data_config
+
+    source, _, location = name.partition(":")
+    if source == "local-dir" and not os.path.isfile(os.path.join(location, "config.json")):
+        raise BadInput(f"{name}: {location} holds no config.json, so it is not a timm folder (export.py --format "
+                       f"timm writes one)")
+    offline_reason = contextlib.nullcontext(False) if source == "local-dir" else hub_offline_unless_reachable()
+    with offline_reason as offline:
+        try:
+            model = timm.create_model(name, pretrained=True)
+        # timm and the hub client raise many types (unknown architecture, missing file, HTTP errors...).
+        except Exception as error:
+            reason = "the model hub cannot be reached and the model is not cached" if offline else first_line(error)
+            raise CheckpointError(f"could not load {name} through timm: {reason}") from None
+    model.eval()
+    data_config = resolve_data_config({}, model=model)
+    config = dict(architecture=model.pretrained_cfg["architecture"], input_size=data_config["input_size"][-1],
+                  num_classes=model.num_classes,
+                  class_names=_timm_class_names(model.pretrained_cfg, model.num_classes),
+                  data_config=data_config, source=name)
+    return model, config
+
+
 # ----------------------------------------------------------------------------- images
 
 
+def timm_data_config(config: dict) -> dict:
+    """The evaluation preprocessing (``eval_transform``) as timm's data config: what a timm folder's
+    pretrained_cfg holds, so that ``timm.data.create_transform(**resolve_data_config({}, model=...))`` is the
+    evaluation transform. Inputs of ``SMALL_INPUT_SIZE`` or less are resized to the input size (squashed, no
+    crop), larger ones to input size / crop ratio and centre-cropped; both bicubic."""
+    size = config["input_size"]
+    small = size <= datasets.SMALL_INPUT_SIZE
+    return dict(input_size=(3, size, size), interpolation="bicubic", crop_mode="squash" if small else "center",
+                crop_pct=1.0 if small else float(config["eval_crop_ratio"]), mean=tuple(config["mean"]),
+                std=tuple(config["std"]))
+
+
 def eval_transform(config: dict) -> Callable[[Image.Image], torch.Tensor]:
-    """The evaluation transform the student was evaluated with (datasets.build_transform)."""
+    """The evaluation transform the student was evaluated with (datasets.build_transform); for a model loaded
+    through timm, timm's transform of its data config."""
+    if "data_config" in config:
+        from timm.data import create_transform
+        return create_transform(**config["data_config"])
     data_args = datasets.default_data_args(input_size=config["input_size"], eval_crop_ratio=config["eval_crop_ratio"])
     return datasets.build_transform(False, data_args)
 

@@ -6,8 +6,8 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from models.deit import DEIT_SIZES
 from vkd.checkpoints import safe_torch_load, state_dict_in, strict_load, strip_ddp_prefix
+from vkd.models import DEIT_SIZES
 
 PROJECTOR_PREFIX = "projector."
 DISTILLED_HEAD = "head_dist.weight"  # what only a distilled DeiT's weights hold

@@ -20,7 +20,7 @@ import torch
 from conftest import CLASSES, IMAGE_SIZE, write_image_folder
 
 import export
-from models.inference import load_exported_student
+from models.inference import ONNX_OPSET, load_exported_student
 from vkd.checkpoints import file_sha256
 
 CHECK_LINE = re.compile(r"^Check against the PyTorch student, max \|logits difference\|: ([\d.e+-]+) on 3 random "
@@ -71,9 +71,9 @@ def test_onnx_runs_in_onnxruntime_like_pytorch(run_entry_point, tiny_student_fil
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         [logits] = session.run(["logits"], {"images": inputs.numpy()})
         assert np.abs(logits - expected.numpy()).max() <= TOLERANCE
-        assert config["onnx_opset"] == export.ONNX_OPSET
+        assert config["onnx_opset"] == ONNX_OPSET
         model = onnx.load(path)
-        assert {entry.domain: entry.version for entry in model.opset_import}[""] == export.ONNX_OPSET
+        assert {entry.domain: entry.version for entry in model.opset_import}[""] == ONNX_OPSET
         assert json.loads(session.get_modelmeta().custom_metadata_map["vkd_config"]) == config
 
 

@@ -28,10 +28,11 @@ PRINTED_PROBABILITY = 1e-4  # printed with 4 decimals, from logits within export
 
 @pytest.fixture(scope="module")
 def exported(tiny_student_files, tmp_path_factory):
-    """Our tiny checkpoint exported to every format: {format: path}."""
+    """Our tiny checkpoint exported to every format: {format: path} (a folder for timm)."""
     folder = tmp_path_factory.mktemp("exported")
     paths = {}
-    for export_format, suffix in (("onnx", ".onnx"), ("torch-export", ".pt2"), ("safetensors", ".safetensors")):
+    for export_format, suffix in (("onnx", ".onnx"), ("torch-export", ".pt2"), ("safetensors", ".safetensors"),
+                                  ("timm", "")):
         paths[export_format] = str(folder / f"student{suffix}")
         export.export_student(tiny_student_files.ours, paths[export_format], export_format, log=lambda line: None)
     return paths
@@ -74,13 +75,15 @@ def pytorch_probabilities(student, pixels: np.ndarray) -> torch.Tensor:
     return student(((image - mean) / std)[None])[0].softmax(dim=-1)
 
 
-@pytest.mark.parametrize("source", ["checkpoint", "released checkpoint", "onnx", "torch-export", "safetensors"])
+@pytest.mark.parametrize("source", ["checkpoint", "released checkpoint", "onnx", "torch-export", "safetensors",
+                                    "timm folder"])
 def test_top_classes_match_pytorch(source, tiny_student_files, exported, image_folder, run_entry_point):
     folder, pixels = image_folder
     model, flags, names = {
         "checkpoint": (tiny_student_files.ours, [], CLASSES),
         "released checkpoint": (tiny_student_files.released, ["--input-size", IMAGE_SIZE], ("class 0", "class 1",
                                                                                              "class 2")),
+        "timm folder": (f"local-dir:{exported['timm']}", [], CLASSES),  # class names from its label_names
     }.get(source, (exported.get(source), ["--trust-pt2"] if source == "torch-export" else [], CLASSES))
     code, stdout, stderr = run_entry_point(predict, ["--checkpoint", model, "--topk", len(CLASSES), folder] + flags)
     assert code == 0, stderr
@@ -107,21 +110,37 @@ def test_topk_and_files_given_one_by_one(tiny_student_files, image_folder, run_e
     assert all(len(classes) == 2 and classes[0][0] >= classes[1][0] for classes in predictions.values())
 
 
-@pytest.mark.parametrize("case", ["no readable image", "topk", "input size of an export", "missing config"])
-def test_bad_input_exits_2(case, tiny_student_files, exported, image_folder, run_entry_point, tmp_path):
+@pytest.mark.parametrize("case", ["no readable image", "topk", "input size of an export", "missing config",
+                                  "not a timm folder", "input size of a timm folder", "hub offline"])
+def test_bad_input_exits_2(case, tiny_student_files, exported, image_folder, run_entry_point, tmp_path, monkeypatch):
     folder, _ = image_folder
     model, argv = tiny_student_files.ours, [folder / "0.png"]
     expected = {"no readable image": r"no image could be predicted \(2 file\(s\) tried\)",
                 "topk": r"--topk must be at least 1, got 0",
                 "input size of an export": r".*student\.onnx was exported with --input-size 32, not 64",
                 "missing config": r".*copy\.safetensors\.json not found: export\.py writes it beside every "
-                                  r"exported file.*"}[case]
+                                  r"exported file.*",
+                "not a timm folder": r"local-dir:.*images: .*images holds no config\.json, so it is not a timm "
+                                     r"folder \(export\.py --format timm writes one\)",
+                "input size of a timm folder": r"--input-size is for checkpoints: the config\.json of "
+                                               r"local-dir:.*student gives it",
+                "hub offline": r"could not load hf-hub:my-org/absent through timm: the model hub cannot be reached "
+                               r"and the model is not cached"}[case]
     if case == "no readable image":
         argv = [folder / "truncated.png", folder / "absent.png"]
     elif case == "topk":
         argv += ["--topk", 0]
     elif case == "input size of an export":
         model, argv = exported["onnx"], argv + ["--input-size", 64]
+    elif case == "not a timm folder":
+        model = f"local-dir:{folder}"
+    elif case == "input size of a timm folder":
+        model, argv = f"local-dir:{exported['timm']}", argv + ["--input-size", IMAGE_SIZE]
+    elif case == "hub offline":  # HF_HUB_OFFLINE, and an empty cache: nothing is asked of the network
+        from huggingface_hub import constants
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        model = "hf-hub:my-org/absent"
     else:
         model = tmp_path / "copy.safetensors"
         shutil.copy(exported["safetensors"], model)
@@ -182,7 +201,8 @@ def test_a_pt2_file_is_refused_unless_trusted_so_a_crafted_one_runs_nothing(expo
         code, stdout, stderr = run_entry_point(predict, ["--checkpoint", model, folder / "0.png"])
         assert code == 2 and stdout == ""
         assert re.fullmatch(r"error: .*\.pt2: loading a torch\.export program can run code .* only with --trust-pt2, "
-                            r"for files you made; from anyone else, use an ONNX or safetensors export\n", stderr)
+                            r"for files you made; from anyone else, use an ONNX or safetensors export, or a timm "
+                            r"folder \(model\.safetensors with its config\.json\)\n", stderr)
         assert not marker.exists()
     # The crafted file does run its payload when trusted: the refusal above is what kept it from running.
     code, _, stderr = run_entry_point(predict, ["--checkpoint", crafted, "--trust-pt2", folder / "0.png"])

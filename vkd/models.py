@@ -1,16 +1,20 @@
-"""DeiT students of the VkD classification recipe (co-advise's convolutional stem, as the original).
+"""DeiT students of the VkD classification recipe (co-advise's convolutional stem, as the original), registered
+with timm on ``import vkd.models`` (``import vkd`` does not load this module).
 
-The distilled variants replace the 16x16 patch embedding with co-advise's convolutional stem and
-use the mean of the stem tokens as the distillation token (it is not a parameter). Names are
-registered with timm (``deit_ti_distilled`` ...) so ``timm.create_model`` builds them after
-``import models``; timm's own ``deit_*_patch16_224`` names are left untouched.
+The distilled variants replace the 16x16 patch embedding with co-advise's convolutional stem and use the mean
+of the stem tokens as the distillation token (it is not a parameter). ``timm.create_model("deit_ti_distilled",
+num_classes=..., img_size=...)`` builds one; timm's own ``deit_*_patch16_224`` names are left untouched. They are
+built by timm's ``build_model_with_cfg``, so a folder written by ``timm.models.save_for_hf`` (``export.py
+--format timm``) loads back with ``timm.create_model("local-dir:DIR", pretrained=True)`` after this import.
 """
 from functools import partial
+from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 STEM_STRIDE = 16
@@ -21,6 +25,11 @@ DEIT_SIZES = {  # name -> (embed_dim, num_heads); all depth 12, mlp ratio 4
     "s": (384, 6),
     "b": (768, 12),
 }
+
+
+def _square_size(img_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """(height, width) from an int or a pair (timm passes a folder's input size as a pair)."""
+    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
 
 class ConvStem(nn.Module):
@@ -52,13 +61,16 @@ class DistilledVisionTransformer(VisionTransformer):
     trained without logit distillation, whose dist head never learns).
     """
 
-    def __init__(self, img_size: int = 224, **kwargs):
-        if img_size % STEM_STRIDE:
+    def __init__(self, img_size: Union[int, Sequence[int]] = 224, eval_head: str = "mean", **kwargs):
+        height, width = _square_size(img_size)
+        if height % STEM_STRIDE or width % STEM_STRIDE:
             raise ValueError(f"img_size must be a multiple of {STEM_STRIDE}, got {img_size}")
-        super().__init__(img_size=img_size, patch_size=STEM_STRIDE, class_token=True, **kwargs)
+        if eval_head not in EVAL_HEADS:
+            raise ValueError(f"unknown eval head '{eval_head}'; choose from {', '.join(EVAL_HEADS)}")
+        super().__init__(img_size=(height, width), patch_size=STEM_STRIDE, class_token=True, **kwargs)
         del self.patch_embed
-        self.img_size = img_size
-        self.num_patches = (img_size // STEM_STRIDE) ** 2
+        self.img_size = height if height == width else (height, width)
+        self.num_patches = (height // STEM_STRIDE) * (width // STEM_STRIDE)
         self.conv_embed = ConvStem(self.embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 2, self.embed_dim))
         trunc_normal_(self.pos_embed, std=.02)
@@ -66,7 +78,7 @@ class DistilledVisionTransformer(VisionTransformer):
         trunc_normal_(self.head_dist.weight, std=.02)
         nn.init.zeros_(self.head_dist.bias)
         self.projector = None
-        self.eval_head = "mean"  # one of EVAL_HEADS
+        self.eval_head = eval_head  # one of EVAL_HEADS
 
     def forward_features(self, x: torch.Tensor):
         stem_tokens = self.conv_embed(x)
@@ -96,49 +108,61 @@ class DistilledVisionTransformer(VisionTransformer):
         return cls_logits, dist_logits
 
 
+def _cfg(first_conv: str, classifier: Union[str, Tuple[str, ...]]) -> dict:
+    # No weight source: these students are trained here, and a trained one is loaded from a checkpoint or from
+    # its timm folder. The preprocessing is the evaluation's at 224 px (a folder records its own).
+    return dict(num_classes=1000, input_size=(3, 224, 224), fixed_input_size=True, interpolation="bicubic",
+                crop_pct=DEFAULT_CROP_PCT, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                first_conv=first_conv, classifier=classifier, license="apache-2.0")
+
+
+_CONV_STEM_CFG = _cfg("conv_embed.conv.0", ("head", "head_dist"))
+_PATCH_CFG = _cfg("patch_embed.proj", "head")
+# register_model reads this module's default_cfgs.
+default_cfgs = generate_default_cfgs({
+    "deit_ti_distilled": _CONV_STEM_CFG, "deit_s_distilled": _CONV_STEM_CFG, "deit_b_distilled": _CONV_STEM_CFG,
+    "deit_ti": _PATCH_CFG, "deit_s": _PATCH_CFG, "deit_b": _PATCH_CFG,
+})
+
+
 def _deit_kwargs(size: str, **kwargs):
     embed_dim, num_heads = DEIT_SIZES[size]
     return dict(embed_dim=embed_dim, depth=12, num_heads=num_heads, mlp_ratio=4, qkv_bias=True,
                 norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
 
 
-def _strip_timm_kwargs(kwargs):
-    # timm.create_model passes these; our models never load hub weights.
-    if kwargs.pop("pretrained", False):
-        raise ValueError("VkD students have no hub weights: load a checkpoint with --student-ckpt instead")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return kwargs
+def _build(model_class, variant: str, size: str, pretrained: bool, **kwargs) -> nn.Module:
+    return build_model_with_cfg(model_class, variant, pretrained, **_deit_kwargs(size, **kwargs))
 
 
 @register_model
-def deit_ti_distilled(**kwargs):
-    return DistilledVisionTransformer(**_deit_kwargs("ti", **_strip_timm_kwargs(kwargs)))
+def deit_ti_distilled(pretrained: bool = False, **kwargs):
+    return _build(DistilledVisionTransformer, "deit_ti_distilled", "ti", pretrained, **kwargs)
 
 
 @register_model
-def deit_s_distilled(**kwargs):
-    return DistilledVisionTransformer(**_deit_kwargs("s", **_strip_timm_kwargs(kwargs)))
+def deit_s_distilled(pretrained: bool = False, **kwargs):
+    return _build(DistilledVisionTransformer, "deit_s_distilled", "s", pretrained, **kwargs)
 
 
 @register_model
-def deit_b_distilled(**kwargs):
-    return DistilledVisionTransformer(**_deit_kwargs("b", **_strip_timm_kwargs(kwargs)))
+def deit_b_distilled(pretrained: bool = False, **kwargs):
+    return _build(DistilledVisionTransformer, "deit_b_distilled", "b", pretrained, **kwargs)
 
 
 @register_model
-def deit_ti(**kwargs):
-    return VisionTransformer(patch_size=16, **_deit_kwargs("ti", **_strip_timm_kwargs(kwargs)))
+def deit_ti(pretrained: bool = False, **kwargs):
+    return _build(partial(VisionTransformer, patch_size=16), "deit_ti", "ti", pretrained, **kwargs)
 
 
 @register_model
-def deit_s(**kwargs):
-    return VisionTransformer(patch_size=16, **_deit_kwargs("s", **_strip_timm_kwargs(kwargs)))
+def deit_s(pretrained: bool = False, **kwargs):
+    return _build(partial(VisionTransformer, patch_size=16), "deit_s", "s", pretrained, **kwargs)
 
 
 @register_model
-def deit_b(**kwargs):
-    return VisionTransformer(patch_size=16, **_deit_kwargs("b", **_strip_timm_kwargs(kwargs)))
+def deit_b(pretrained: bool = False, **kwargs):
+    return _build(partial(VisionTransformer, patch_size=16), "deit_b", "b", pretrained, **kwargs)
 
 
 STUDENT_MODELS = ("deit_ti_distilled", "deit_s_distilled", "deit_b_distilled", "deit_ti", "deit_s", "deit_b")
