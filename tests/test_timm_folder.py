@@ -28,6 +28,7 @@ import models
 import vkd.models
 from models.inference import eval_transform, timm_data_config
 from models.model_card import NO_RUN_ARGS, VKD_CITATION
+from vkd.checkpoints import file_sha256
 
 TEACHER_SHA256 = "ab" * 32
 
@@ -169,7 +170,7 @@ def test_the_model_card_is_filled_from_the_run_folder(run_entry_point, tiny_stud
     assert ("- **Data and schedule:** ImageNet-1k (`--data-set IMNET`), 32 px; epochs: 1 (this checkpoint: after "
             "epoch 1)") in body
     assert "- **Evaluation:** top-1 91.25%, top-5 99.50% (log.txt, epoch 0, 7 validation images)" in body
-    assert f"- **Checkpoint:** `latest.pth.tar`, sha256 `{models.file_sha256(str(checkpoint))}`" in body
+    assert f"- **Checkpoint:** `latest.pth.tar`, sha256 `{file_sha256(str(checkpoint))}`" in body
     command = (f"python main_distributed.py --teacher resnet10t --teacher-path /data/teacher.pth "
                f"--output_dir {tmp_path}/run")
     assert f"{command}\n{command} --resume auto\n" in body
