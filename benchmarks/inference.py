@@ -8,11 +8,12 @@ the latency of one image (median over ``--latency-repeats``) and the throughput 
 onnxruntime (CPUExecutionProvider, on export.py's dynamo ONNX export, as many threads as torch). Progress goes
 to stderr; the last line on stdout is one JSON object.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/inference.py           # both pairs: a few minutes on 2 cores
-    PYTHONPATH=. .venv/bin/python benchmarks/inference.py --pairs fmnist --latency-repeats 3
+    .venv/bin/python -m benchmarks.inference           # every pair: a few minutes on 2 cores
+    .venv/bin/python -m benchmarks.inference --pairs fmnist --latency-repeats 3
 
 Pairs: ``imagenet``, DeiT-Ti (deit_ti_distilled) vs RegNetY-160 at 224 px, 1000 classes (the paper's);
-``fmnist``, DeiT-Ti vs resnet10t at 32 px, 10 classes (``make fmnist``'s).
+``fmnist``, DeiT-Ti vs resnet10t at 32 px, 10 classes (``make fmnist``'s DeiT rows: this student is the larger
+model); ``fmnist-cnn``, regnetx_002 vs resnet10t at 32 px (``make fmnist``'s CNN rows).
 """
 import argparse
 import json
@@ -36,6 +37,7 @@ from vkd.runs import cpu_model
 PAIRS = {
     "imagenet": dict(student="deit_ti_distilled", teacher="regnety_160", input_size=224, num_classes=1000),
     "fmnist": dict(student="deit_ti_distilled", teacher="resnet10t", input_size=32, num_classes=10),
+    "fmnist-cnn": dict(student="regnetx_002", teacher="resnet10t", input_size=32, num_classes=10),
 }
 RUNTIMES = ("eager", "onnxruntime")
 EXPORT_BATCH = 2  # the traced batch of the ONNX export (its batch axis is dynamic)
