@@ -10,7 +10,8 @@ With ``strict_data`` an unreadable image raises ``UnreadableImageError`` naming 
 Data sets (``args.data_set``):
 - IMNET: ImageFolder ``<data_path>/train`` and ``<data_path>/val`` (1000 classes expected).
 - FOLDER: any ImageFolder with ``train/`` and ``val/``; num_classes = number of class folders.
-- CIFAR: torchvision CIFAR-100 read from ``data_path``; with ``download`` torchvision fetches it there first.
+- CIFAR (or C100, generation's name for it): torchvision CIFAR-100 read from ``data_path``; with ``download``
+  torchvision fetches it there first.
 - DIGITS: scikit-learn's 8x8 handwritten digits, exported once to an ImageFolder (``export_digits``).
 - FMNIST: Fashion-MNIST's original IDX files (gzipped or not) read from ``data_path``: Debian's
   ``dataset-fashion-mnist`` folder (the default) or torchvision's ``FashionMNIST/raw`` layout.
@@ -48,7 +49,8 @@ __all__ = [
     "mixup_active",
 ]
 
-DATA_SETS = ("IMNET", "CIFAR", "FOLDER", "DIGITS", "FMNIST")
+DATA_SETS = ("IMNET", "CIFAR", "C100", "FOLDER", "DIGITS", "FMNIST")
+CIFAR_100_NAMES = ("CIFAR", "C100")  # the paper's name here, and generation's
 SUBSET_FRACTIONS = {"1PERCENT": 0.01, "10PERCENT": 0.10, "20PERCENT": 0.20}
 IMAGENET_CLASSES = 1000
 CIFAR_CLASSES = 100
@@ -132,7 +134,7 @@ NO_EFFECT = (
      "them; its crops are bicubic)"),
     (lambda a: a.input_size <= SMALL_INPUT_SIZE, {"eval_crop_ratio"},
      "inputs of 32 px or less are evaluated without resize or centre crop, as in the original"),
-    (lambda a: a.data_set != "CIFAR", {"download"},
+    (lambda a: a.data_set not in CIFAR_100_NAMES, {"download"},
      "it applies to --data-set CIFAR; the other data sets are read from local files"),
     (lambda a: not mixup_active(a), {"mixup_prob", "mixup_switch_prob", "mixup_mode", "cutmix_minmax"},
      "mixup and cutmix are off"),
@@ -177,7 +179,7 @@ def build_dataset(is_train: bool, args) -> Tuple[Dataset, int]:
     if args.subset is not None and args.subset not in SUBSET_FRACTIONS:
         raise DatasetError(f"unknown subset {args.subset!r}; valid: {', '.join(SUBSET_FRACTIONS)} or none")
     transform = build_transform(is_train, args)
-    if args.data_set == "CIFAR":
+    if args.data_set in CIFAR_100_NAMES:
         dataset = cifar.load_cifar(args.data_path, CIFAR_CLASSES, is_train, transform, args.download)
         num_classes = CIFAR_CLASSES
     elif args.data_set == "FMNIST":

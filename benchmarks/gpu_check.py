@@ -36,6 +36,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from vkd.cli import entry_point
+from vkd.config import OneLineErrorParser
 from vkd.errors import BadInput, RunFailed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -356,18 +357,22 @@ def run_as_ddp_rank(argv: List[str]) -> None:
     runpy.run_path(entry, run_name="__main__")  # run as its command line, not imported
 
 
+def step_names(text: str) -> list:
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in STEPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    return names
+
+
 def parse_arguments(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)} (default: all)")
+    parser = OneLineErrorParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", default=STEPS, type=step_names,
+                        help=f"comma-separated, of {', '.join(STEPS)} (default: all)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="the JSON file of results (default: %(default)s)")
     parser.add_argument("--work", default=os.path.join(REPO, "runs", "gpu_check"),
                         help="runs, logs and data (default: %(default)s)")
-    args = parser.parse_args(argv)
-    args.steps = [name for name in args.steps.split(",") if name]
-    unknown = [name for name in args.steps if name not in STEPS]
-    if unknown:
-        raise BadInput(f"--steps: unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
-    return args
+    return parser.parse_args(argv)
 
 
 @entry_point

@@ -50,7 +50,9 @@ def _create_timm_student(name: str, num_classes: int, img_size: int, **kwargs) -
 def create_student(name: str, num_classes: int = 1000, img_size: int = 224, teacher_dim: Optional[int] = None,
                    projector: str = "orthogonal", orthogonal_map: Optional[str] = None,
                    projector_impl: str = DEFAULT_PROJECTOR_IMPL, eval_head: str = "mean", **kwargs) -> nn.Module:
-    """Build a student; with ``teacher_dim`` it carries ``student.projector`` (its feature width -> teacher_dim).
+    """Build a student, the one place a student is made from its name; with ``teacher_dim`` it carries
+    ``student.projector`` (its feature width -> teacher_dim). Anything that cannot be built as asked is a
+    ``StudentError`` (one line, exit code 2).
 
     ``projector='orthogonal'`` is VkD's; ``'linear'`` is the unconstrained one (an ablation, FitNets). ``eval_head``
     (EVAL_HEADS): what a distilled student's eval mode returns. ``kwargs``: timm's options (drop_rate ...).
@@ -59,19 +61,29 @@ def create_student(name: str, num_classes: int = 1000, img_size: int = 224, teac
         raise StudentError(unknown_model_line("student", name))
     if eval_head not in EVAL_HEADS:
         raise StudentError(f"unknown eval head '{eval_head}'; choose from {', '.join(EVAL_HEADS)}")
-    if name in DISTILLED_STUDENTS:
-        student = timm.create_model(name, num_classes=num_classes, img_size=img_size, eval_head=eval_head, **kwargs)
-    elif eval_head != "mean":
-        raise StudentError(f"--eval-head {eval_head} needs a student with a distillation head "
-                           f"({', '.join(DISTILLED_STUDENTS)}), got '{name}'")
-    elif name in STUDENT_MODELS:
-        student = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
-    else:
-        student = _create_timm_student(name, num_classes, img_size, **kwargs)
+    if img_size < 1:
+        raise StudentError(f"the input size must be positive, got {img_size}")
+    try:
+        student = _create_named_student(name, num_classes, img_size, eval_head, **kwargs)
+    except StudentError:
+        raise
+    except ValueError as error:  # an input size the DeiT stem cannot take, ...
+        raise StudentError(str(error)) from None
     if teacher_dim is not None:
         student.projector = build_projector(projector, feature_width(student), teacher_dim, orthogonal_map,
                                             projector_impl)
     return student
+
+
+def _create_named_student(name: str, num_classes: int, img_size: int, eval_head: str, **kwargs) -> nn.Module:
+    if name in DISTILLED_STUDENTS:
+        return timm.create_model(name, num_classes=num_classes, img_size=img_size, eval_head=eval_head, **kwargs)
+    if eval_head != "mean":
+        raise StudentError(f"--eval-head {eval_head} needs a student with a distillation head "
+                           f"({', '.join(DISTILLED_STUDENTS)}), got '{name}'")
+    if name in STUDENT_MODELS:
+        return timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    return _create_timm_student(name, num_classes, img_size, **kwargs)
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int, orthogonal_map: Optional[str] = None,

@@ -97,10 +97,10 @@ def _model_or_bad_input(build_model: Callable[[], nn.Module]) -> nn.Module:
 def build_student(args, num_classes: int, teacher_dim: Optional[int] = None, projector: str = "orthogonal",
                   eval_head: Optional[str] = None) -> nn.Module:
     """The student of ``args`` (``eval_head``: another evaluation head than ``--eval-head``)."""
-    return _model_or_bad_input(lambda: models.create_student(
+    return models.create_student(
         args.student_model, num_classes=num_classes, img_size=args.input_size, teacher_dim=teacher_dim,
         projector=projector, orthogonal_map=args.orthogonal_map, projector_impl=args.projector_impl,
-        eval_head=eval_head or args.eval_head, drop_rate=args.drop, **_drop_path(args)))
+        eval_head=eval_head or args.eval_head, drop_rate=args.drop, **_drop_path(args))
 
 
 def _drop_path(args) -> dict:

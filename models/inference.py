@@ -52,17 +52,6 @@ ONNX_CONFIG_KEY = "vkd_config"  # the ONNX file's metadata entry holding the JSO
 Logits = Callable[[torch.Tensor], torch.Tensor]
 
 
-def build_student(architecture: str, num_classes: int, input_size: int, eval_head: str = "mean") -> nn.Module:
-    """An inference student (eval mode, no projector) whose logits come from ``eval_head`` (models.EVAL_HEADS)."""
-    if input_size < 1:
-        raise BadInput(f"the input size must be positive, got {input_size}")
-    try:
-        return models.create_student(architecture, num_classes=num_classes, img_size=input_size,
-                                     eval_head=eval_head).eval()
-    except ValueError as error:  # an unknown name, an input size the stem cannot take
-        raise BadInput(str(error)) from None
-
-
 def class_names_for(stored: Optional[Sequence[str]], num_classes: int) -> List[str]:
     """The checkpoint's own class names; without them (released files) ImageNet's for an ImageNet-sized head,
     as timm ships them, else ``class N``."""
@@ -143,11 +132,11 @@ def load_checkpoint_student(path: str, student_model: Optional[str] = None, inpu
                          f"one of {', '.join(EVAL_HEADS)}")
     eval_crop_ratio = _run_arg(path, run_args, "eval_crop_ratio", datasets.EVAL_CROP_RATIO, _crop_ratio,
                                "a number in (0, 1]")
-    student = build_student(student_model, DEFAULT_CLASSES, input_size, eval_head)
+    student = models.create_student(student_model, DEFAULT_CLASSES, input_size, eval_head=eval_head).eval()
     num_classes = _class_count(path, student, weights)
     class_names = class_names_for(content.get("class_names"), num_classes)
     if num_classes != DEFAULT_CLASSES:
-        student = build_student(student_model, num_classes, input_size, eval_head)
+        student = models.create_student(student_model, num_classes, input_size, eval_head=eval_head).eval()
     load_student_checkpoint(student, path, content)
     config = dict(architecture=student_model, input_size=input_size, num_classes=num_classes, eval_head=eval_head,
                   class_names=class_names, mean=list(datasets.IMAGENET_MEAN), std=list(datasets.IMAGENET_STD),
@@ -256,8 +245,8 @@ def load_exported_student(path: str) -> Tuple[nn.Module, dict]:
     from safetensors.torch import load_file
     config = read_config(path)
     # Exports written before the eval head was recorded used the mean of both heads.
-    student = build_student(config["architecture"], config["num_classes"], config["input_size"],
-                            config.get("eval_head", "mean"))
+    student = models.create_student(config["architecture"], config["num_classes"], config["input_size"],
+                                    eval_head=config.get("eval_head", "mean")).eval()
     try:
         weights = load_file(path)
     # safetensors raises its own SafetensorError, or OSError, on a missing or malformed file.

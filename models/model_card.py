@@ -23,6 +23,7 @@ LICENSE = "apache-2.0"
 DATA_SETS = {  # --data-set -> (what the card calls it, the Hub's data set id or None)
     "IMNET": ("ImageNet-1k", "imagenet-1k"),
     "CIFAR": ("CIFAR-100", "cifar100"),
+    "C100": ("CIFAR-100", "cifar100"),
     "FMNIST": ("Fashion-MNIST", "fashion_mnist"),
     "DIGITS": ("scikit-learn's 8x8 digits", None),
     "FOLDER": ("an image folder", None),

@@ -420,7 +420,7 @@ def test_class_folder_without_images(tmp_path):
 
 def test_unknown_data_set_lists_valid_ones(tmp_path):
     assert_one_line_error(folder_args(tmp_path, data_set="IMAGENET"), True,
-                          "unknown data set 'IMAGENET'; valid: IMNET, CIFAR, FOLDER, DIGITS, FMNIST")
+                          "unknown data set 'IMAGENET'; valid: IMNET, CIFAR, C100, FOLDER, DIGITS, FMNIST")
 
 
 def test_unknown_subset(tmp_path):
@@ -428,9 +428,10 @@ def test_unknown_subset(tmp_path):
                           "unknown subset '5PERCENT'; valid: 1PERCENT, 10PERCENT, 20PERCENT")
 
 
-def test_cifar_absent_is_a_clear_error_and_never_downloads(tmp_path):
+@pytest.mark.parametrize("name", ["CIFAR", "C100"])  # the paper's name, and generation's
+def test_cifar_absent_is_a_clear_error_and_never_downloads(tmp_path, name):
     (tmp_path / "readme.txt").write_text("not cifar")
-    assert_one_line_error(default_data_args(data_set="CIFAR", data_path=str(tmp_path)), True,
+    assert_one_line_error(default_data_args(data_set=name, data_path=str(tmp_path)), True,
                           f"CIFAR-100 not found in {re.escape(str(tmp_path))}.*nothing is downloaded")
     assert os.listdir(tmp_path) == ["readme.txt"]
 
