@@ -91,3 +91,85 @@ def test_nothing_imports_an_entry_point():
 def test_the_root_holds_no_experiment_driver():
     assert not [name for name in ("demo.py", "ablation.py", "fmnist.py", "demo_gen.py")
                 if os.path.exists(os.path.join(REPO, name))]
+
+
+@pytest.mark.parametrize("pattern, home", [
+    (r"^def create_student\(", "models/__init__.py"),
+    (r"^def create_teacher\(", "vkd/teachers.py"),
+    (r"^def freeze\(", "vkd/frozen.py"),
+    (r"^class Distiller\(", "distillers/base.py"),
+    (r"^DISTILLERS\b", "distillers/__init__.py"),
+    (r"^class TeacherCache\b", "distillers/teacher_cache.py"),
+    (r"^def init_runtime\(", "runtime.py"),
+    (r"^def load_student_checkpoint\(", "models/loading.py"),
+    (r"^def is_distributed\(", "vkd/distributed.py"),
+    (r"^def reduce_over_ranks\(", "vkd/distributed.py"),
+    (r"^def every_rank\(", "vkd/distributed.py"),
+    (r"^def full_fp32\(", "vkd/precision.py"),
+    (r"^def feature_width\(", "vkd/losses.py"),
+    (r"^def tensorboard_writer\(", "vkd/progress.py"),
+    (r"^def append_json_line\(", "vkd/progress.py"),
+])
+def test_each_concern_of_the_classification_tree_has_one_home(pattern, home):
+    assert definitions(pattern) == [home]
+
+
+def test_a_teacher_is_frozen_one_way():
+    # The EMA's average is frozen too, but it is no teacher.
+    assert sorted({path for path, text in SOURCES.items() if "requires_grad_(False)" in text}) == [
+        "vkd/ema.py", "vkd/frozen.py"]
+
+
+def test_only_the_installed_package_registers_students_with_timm():
+    assert sorted({path for path, text in SOURCES.items() if re.search(r"^@register_model", text, re.M)}) == [
+        "vkd/models.py"]
+
+
+def root_imports(path: str):
+    return {name.split(".")[0] for name in imported_modules(SOURCES[path])} & set(ROOT_MODULES)
+
+
+def test_the_root_modules_import_each_other_without_a_circle():
+    modules = {}
+    for path in SOURCES:
+        module = path.split(os.sep)[0].removesuffix(".py")
+        if module in ROOT_MODULES:
+            modules.setdefault(module, set()).update(root_imports(path) - {module})
+    visiting, done = set(), set()
+
+    def visit(module, trail):
+        assert module not in visiting, " -> ".join(trail + [module])
+        if module in done:
+            return
+        visiting.add(module)
+        for imported in sorted(modules.get(module, ())):
+            visit(imported, trail + [module])
+        visiting.discard(module)
+        done.add(module)
+
+    assert {"config", "datasets", "models", "distillers"} <= set(modules)
+    for module in sorted(modules):
+        visit(module, [])
+
+
+def test_the_parser_is_composed_and_no_function_of_config_is_long():
+    tree = ast.parse(SOURCES["config.py"])
+    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+               if isinstance(node, ast.FunctionDef)}
+    assert max(lengths.values()) <= 60, lengths
+    adders = {path for path, text in SOURCES.items() if re.search(r"^def add_arguments\(", text, re.M)}
+    assert {"datasets.py", "models/build.py", "optim.py", "distillers/__init__.py"} <= adders
+
+
+def test_nothing_writes_args_after_parsing():
+    written = []
+    for path, text in SOURCES.items():
+        for node in ast.walk(ast.parse(text)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, (ast.AugAssign, ast.AnnAssign)) else []
+            for target in targets:
+                if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) \
+                        and target.value.id == "args":
+                    written.append(f"{path}:{node.lineno}")
+    # parse_arguments turns the original's "none" into None while it parses.
+    assert [place for place in written if not place.startswith("config.py:")] == []
