@@ -14,8 +14,8 @@ import torch.nn as nn
 from conftest import REPO
 
 from examples.own_loop import distil
+from generation import checkpointing as gan_checkpointing
 from generation import engine as gan_engine
-from generation import main as gan_main
 from generation import teachers
 from vkd import distributed, preemption
 from vkd.errors import BadInput
@@ -210,7 +210,7 @@ def test_each_rank_resumes_its_own_random_generators():
         saved.append(preemption.rng_states())
     expected = torch.rand(3)  # what seed 2 draws next
     torch.manual_seed(0)
-    gan_main.restore_rng({"rng": saved}, rank=1)
+    gan_checkpointing.restore_rng({"rng": saved}, rank=1)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -219,9 +219,9 @@ def test_an_older_checkpoint_gives_rank_0s_generator_to_rank_0_alone():
     saved = torch.get_rng_state()
     torch.manual_seed(6)
     own = torch.get_rng_state()
-    gan_main.restore_rng({"rng": saved, "cuda_rng": None}, rank=1)
+    gan_checkpointing.restore_rng({"rng": saved, "cuda_rng": None}, rank=1)
     assert torch.equal(torch.get_rng_state(), own)
-    gan_main.restore_rng({"rng": saved, "cuda_rng": None}, rank=0)
+    gan_checkpointing.restore_rng({"rng": saved, "cuda_rng": None}, rank=0)
     assert torch.equal(torch.get_rng_state(), saved)
 
 

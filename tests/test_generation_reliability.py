@@ -18,8 +18,11 @@ from conftest import write_idx
 from test_preemption import interrupted
 
 from generation import main as gan_main
+from generation.arguments import parse_arguments
+from generation.checkpointing import check_same_run
 from generation.engine import GanStep
 from vkd.checkpoints import safe_torch_load
+from vkd.errors import BadInput
 from vkd.preemption import EXIT_PREEMPTED
 
 SAVE_EVERY = 4
@@ -234,11 +237,11 @@ def test_a_changed_flag_in_the_config_file_is_refused_too(fashion, saved_run, tm
 
 
 def test_another_number_of_processes_is_refused():
-    args = gan_main.parse_arguments(["--iterations", "5"])
+    args = parse_arguments(["--iterations", "5"])
     checkpoint = {"args": dict(vars(args)), "processes": 2}
-    with pytest.raises(gan_main.BadInput, match=r"1 process\(es\) here, 2 in the checkpoint.*start a new run"):
-        gan_main.check_same_run(args, checkpoint, "latest.pth", processes=1)
-    assert gan_main.check_same_run(args, checkpoint, "latest.pth", processes=2) is None
+    with pytest.raises(BadInput, match=r"1 process\(es\) here, 2 in the checkpoint.*start a new run"):
+        check_same_run(args, checkpoint, "latest.pth", processes=1)
+    assert check_same_run(args, checkpoint, "latest.pth", processes=2) is None
 
 
 def test_other_data_under_the_same_flags_is_refused(saved_run, tmp_path, capsys):

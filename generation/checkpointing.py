@@ -1,0 +1,123 @@
+"""A generation run's checkpoint (``latest.pth``: the networks, optimizers, data position, every rank's random
+generators and LeCam averages), how it is saved, and how a resume restores it."""
+import argparse
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from generation.arguments import build_parser
+from generation.engine import GanStep
+from vkd.checkpoints import all_finite, save_atomically
+from vkd.distributed import Runtime, every_rank
+from vkd.errors import BadInput, CheckpointError, RunFailed
+from vkd.preemption import rng_states, set_rng_states
+
+LATEST, BEST = "latest.pth", "best.pth"
+# What a resume may change: where the files are, how often to print, save, sample and evaluate, and the
+# evaluation itself; none of it changes the weights. Every other flag must be the checkpoint's (--iterations
+# may grow), so a resumed run is the run it continues.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "config", "data_path", "teacher_path", "device", "output_dir", "resume", "overwrite", "print_freq", "save_every",
+    "sample_every", "local_rank", "dist_url", "fid_extractor", "fid_weights", "fid_model", "fid_input_size",
+    "fid_reference", "eval_samples", "eval_every", "is_splits", "eval_checkpoint", "eval_repeats"})
+
+
+def checkpoint_content(args, step: GanStep, generator_ema: nn.Module, real_batches, iteration: int,
+                       best: Dict[str, float], training_images: int, ranks: List[dict]) -> dict:
+    """``ranks``: what each rank holds of its own (``rank_state``), in rank order."""
+    return {
+        "G": step.generator.state_dict(), "D": step.discriminator.state_dict(), "G_ema": generator_ema.state_dict(),
+        "g_optimizer": step.g_optimizer.state_dict(), "d_optimizer": step.d_optimizer.state_dict(),
+        "real_batches": real_batches.state_dict(),
+        "lecam": [rank["lecam"] for rank in ranks] if step.lecam else None,
+        "iteration": iteration, "best": dict(best), "rng": [rank["rng"] for rank in ranks],
+        "args": dict(vars(args)), "processes": step.world_size, "training_images": training_images,
+    }
+
+
+def save_latest(args, runtime: Runtime, step: GanStep, generator_ema: nn.Module, real_batches, iteration: int,
+                best: Dict[str, float], training_images: int) -> None:
+    """Every rank calls it (what each holds of its own is gathered); the main process writes."""
+    # The weights are the same on every rank, so every rank stops here or none does.
+    if not all_finite(step.generator.state_dict()) or not all_finite(step.discriminator.state_dict()):
+        raise RunFailed(f"the weights became non-finite by iteration {iteration}; {LATEST} was left as it was")
+    ranks = every_rank(rank_state(step))
+    if runtime.is_main:
+        save_atomically(checkpoint_content(args, step, generator_ema, real_batches, iteration, best, training_images,
+                                           ranks), os.path.join(args.output_dir, LATEST))
+
+
+def rank_state(step: GanStep) -> dict:
+    """What differs between ranks: the random generators (each rank draws its own z, labels and augmentations)
+    and LeCam's averages (of each rank's own logits)."""
+    return {"rng": rng_states(), "lecam": step.lecam.state_dict() if step.lecam else None}
+
+
+def option_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """Each destination's long flag, as a person types it."""
+    return {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+
+
+def shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return "unset" if value is None else str(value)
+
+
+def check_same_run(args, checkpoint: dict, path: str, processes: int) -> Optional[int]:
+    """Refuses, in one line, a resume whose flags would train differently from the run that wrote ``path``
+    (a changed batch size, say, would read past the saved data position). Returns the checkpoint's
+    --iterations when this resume only extends it, else None."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not the latest.pth of a generation run")
+    saved = checkpoint.get("args", {})
+    flags = option_names(build_parser())
+    extends = "iterations" in saved and args.iterations > saved["iterations"]
+    differences = [f"{flags[name]} {shown(getattr(args, name))} here, {shown(saved[name])} in the checkpoint"
+                   for name in sorted(vars(args))
+                   if name in saved and name not in MAY_CHANGE_ON_RESUME and getattr(args, name) != saved[name]
+                   and not (name == "iterations" and extends)]
+    if checkpoint.get("processes", processes) != processes:
+        differences.append(f"{processes} process(es) here, {checkpoint['processes']} in the checkpoint")
+    if differences:
+        raise BadInput(f"cannot resume {path}: {'; '.join(differences)}. A resume continues that run as it was "
+                       f"(only --iterations may grow); to train with these settings start a new run, e.g. "
+                       f"with another --output-dir and without --resume")
+    return saved["iterations"] if extends else None
+
+
+def restore(checkpoint: dict, path: str, step: GanStep, generator_ema: nn.Module, real_batches,
+            training_images: int, rank: int) -> Tuple[int, Dict[str, float]]:
+    if checkpoint.get("training_images", training_images) != training_images:
+        raise CheckpointError(f"{path} was trained on {checkpoint['training_images']} images, the data here gives "
+                              f"{training_images}: is --data-path the run's data?")
+    try:
+        step.generator.load_state_dict(checkpoint["G"])
+        step.discriminator.load_state_dict(checkpoint["D"])
+        generator_ema.load_state_dict(checkpoint["G_ema"])
+        step.g_optimizer.load_state_dict(checkpoint["g_optimizer"])
+        step.d_optimizer.load_state_dict(checkpoint["d_optimizer"])
+        real_batches.load_state_dict(checkpoint["real_batches"])
+        if step.lecam is not None and checkpoint.get("lecam"):
+            saved = checkpoint["lecam"]  # one dict, rank 0's, in checkpoints written before each rank's was
+            step.lecam.load_state_dict(saved[rank] if isinstance(saved, list) else saved)
+        restore_rng(checkpoint, rank)
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{path} does not fit this run: {str(error).splitlines()[0]}") from None
+    return int(checkpoint["iteration"]), dict(checkpoint.get("best", {}))
+
+
+def restore_rng(checkpoint: dict, rank: int) -> None:
+    """This rank's random generators. A checkpoint written before every rank's were saved holds rank 0's alone:
+    the other ranks then keep those of their own seed, so that no two ranks draw the same numbers."""
+    saved = checkpoint["rng"]
+    if isinstance(saved, list):
+        set_rng_states(saved[rank])
+    elif rank == 0:
+        torch.set_rng_state(saved)
+        if checkpoint.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], torch.cuda.current_device())
