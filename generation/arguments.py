@@ -6,13 +6,13 @@ from typing import Dict, Optional
 
 from generation import data as gan_data
 from generation import diffaug
-from generation.distillation import NORMALISATIONS, PAIRINGS
+from generation.distillation import PAIRINGS
 from generation.fid import FID_EXTRACTORS
 from generation.teachers import CLIP_INPUT_SIZE, CLIP_MODEL
 from vkd.checkpoints import file_sha256
 from vkd.config import OneLineErrorParser, flag_name, parse_with_config
 from vkd.errors import BadInput
-from vkd.norms import WHITENINGS, build_normalisation
+from vkd.norms import NORMALISATIONS, WHITENINGS, build_normalisation
 from vkd.orthogonal_maps import ORTHOGONAL_MAPS
 
 TEACHERS = ("none", "clip", "timm")
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"teacher input side, nearest upsampling (default: {CLIP_INPUT_SIZE} for CLIP, else the image size)")
     add("--clip-normalise", default=False, help="CLIP mean/std on the teacher input (KD-DLGAN: off)", **flag)
     add("--vkd-weight", default=1.0, type=float, help="lambda of the VkD term (default: 1)")
-    add("--normalisation", default="whiten", choices=NORMALISATIONS, help="teacher normalisation (default: whiten)")
+    add("--normalisation", default="whiten", choices=tuple(NORMALISATIONS),
+        help="teacher normalisation (default: whiten)")
     add("--whitening", default="cholesky", choices=WHITENINGS, help="whitening variant (default: cholesky, as htdt)")
     add("--whiten-eps", default=1e-4, type=float, help="whitening shrinkage eps > 0 (default: 1e-4)")
     add("--real-fake-normalisation", default="separate", choices=PAIRINGS,

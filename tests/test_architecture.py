@@ -91,3 +91,18 @@ def test_nothing_imports_an_entry_point():
 def test_the_root_holds_no_experiment_driver():
     assert not [name for name in ("demo.py", "ablation.py", "fmnist.py", "demo_gen.py")
                 if os.path.exists(os.path.join(REPO, name))]
+
+
+def uses(pattern: str, trees=("vkd", "vidt", "generation")):
+    """The files of ``trees`` (vkd and the two trees by default) whose source matches ``pattern``."""
+    return sorted(path for path, text in SOURCES.items()
+                  if path.split(os.sep)[0] in trees and re.search(pattern, text, flags=re.M))
+
+
+def test_the_feature_term_has_one_home():
+    """Detection and generation call vkd.losses.feature_distillation_loss; none computes its own distance."""
+    assert uses(r"smooth_l1_loss|mse_loss") == ["vkd/losses.py"]
+    assert uses(r"^def feature_distillation_loss\(") == ["vkd/losses.py"]
+    assert uses(r"^NORMALISATIONS\b") == ["vkd/norms.py"]
+    assert uses(r"\bfeature_distillation_loss\(", ("vidt", "generation")) == [
+        "generation/distillation.py", "vidt/models/criterion.py"]

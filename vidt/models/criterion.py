@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from vidt.util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from vidt.util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialized
 from vkd.frozen import TeacherOwner, freeze
-from vkd.norms import batch_standardise
+from vkd.losses import feature_distillation_loss
 
 FOCAL_GAMMA = 2.0
 
@@ -40,15 +40,15 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def distillation_loss(student_tokens: Dict, teacher_tokens: Dict) -> torch.Tensor:
-    """VkD detection term: sum over the 6 token groups of smooth-L1 between batch-standardised sides.
+    """VkD detection term: sum over the 6 token groups of the core's feature term (smooth-L1) between
+    batch-standardised sides.
 
     Standardisation is per feature over all rows (padded pixels and all decoder levels included),
     unbiased std and no epsilon, as in the original.
     """
     student = student_tokens["patch_token"] + [student_tokens["body_det_token"], student_tokens["neck_det_token"]]
     teacher = teacher_tokens["patch_token"] + [teacher_tokens["body_det_token"], teacher_tokens["neck_det_token"]]
-    return sum(F.smooth_l1_loss(batch_standardise(s.float()), batch_standardise(t.detach().float()))
-               for s, t in zip(student, teacher))
+    return sum(feature_distillation_loss(s, t, "batchstd", normalise_student=True) for s, t in zip(student, teacher))
 
 
 class SetCriterion(TeacherOwner):
