@@ -26,7 +26,8 @@ from vidt.models.matcher import HungarianMatcher
 from vidt.models.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
 from vidt.optim import build_scheduler, param_groups, step_scheduler
 from vidt.tools.make_synthetic_coco import make_synthetic_coco
-from vidt.util.misc import nested_tensor_from_images, setup_for_distributed_printing
+from vidt.util.nested_tensor import nested_tensor_from_images
+from vidt.util.printing import setup_for_distributed_printing
 from vkd.distributed import launcher_ranks
 from vkd.errors import BadInput, CheckpointError
 

@@ -62,3 +62,25 @@ def test_the_main_process_decides_alone():
     assert distributed.main_process_decides(lambda: 42, is_main=True) == 42
     with pytest.raises(BadInput, match="refused"):
         distributed.main_process_decides(lambda: (_ for _ in ()).throw(BadInput("refused")), is_main=True)
+
+
+def test_alone_a_mean_over_ranks_is_the_values_themselves():
+    values = torch.tensor([1.5, -2.0])
+    assert distributed.mean_over_ranks(values) is values and values.tolist() == [1.5, -2.0]
+    assert distributed.is_main_process()
+
+
+def test_a_mean_over_ranks_is_one_sum_divided_by_the_process_count(monkeypatch):
+    calls = []
+
+    def all_reduce(tensor, op=distributed.dist.ReduceOp.SUM):  # three ranks holding the same values
+        calls.append(op)
+        tensor.mul_(3)
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 2)
+    values = torch.tensor([3.0, 6.0])
+    assert distributed.mean_over_ranks(values).tolist() == [3.0, 6.0] and calls == [distributed.dist.ReduceOp.SUM]
+    assert not distributed.is_main_process()

@@ -28,7 +28,8 @@ from vidt.models.build import NUM_CLASSES, load_student_weights  # noqa: E402
 from vidt.models.detector import is_projector_key  # noqa: E402
 from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E402
 from vidt.util.checkpoint import load_checkpoint, model_state_from  # noqa: E402
-from vidt.util.misc import collate_fn, setup_for_distributed_printing  # noqa: E402
+from vidt.util.nested_tensor import collate_fn  # noqa: E402
+from vidt.util.printing import setup_for_distributed_printing  # noqa: E402
 from vkd.checkpoints import first_line, save_atomically  # noqa: E402
 from vkd.cli import entry_point  # noqa: E402
 from vkd.data.loaders import ignore_stop_signals  # noqa: E402

@@ -158,6 +158,19 @@ def reduce_over_ranks(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tenso
     return values
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over every process, in place (their sum divided by the number of processes); itself
+    alone."""
+    if is_distributed():
+        reduce_over_ranks(values).div_(dist.get_world_size())
+    return values
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its process group, or runs alone (the one that prints and writes)."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
 def every_rank(value: Result) -> List[Result]:
     """Every process's ``value`` (anything picklable), in rank order, on every process; ``[value]`` alone."""
     if not is_distributed():

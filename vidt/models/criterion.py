@@ -8,12 +8,12 @@ with and without distillation: ``criterion(outputs, targets, samples)``; the tea
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from vidt.util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from vidt.util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialized
+from vidt.util.nested_tensor import NestedTensor
+from vkd.distributed import mean_over_ranks
 from vkd.frozen import TeacherOwner, freeze
 from vkd.losses import feature_distillation_loss
 
@@ -128,6 +128,4 @@ def _matched_positions(indices):
 def _global_num_boxes(targets, device) -> float:
     """Average number of target boxes per process, at least 1 (normalises every box and class loss)."""
     num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    if is_dist_avail_and_initialized():
-        dist.all_reduce(num_boxes)
-    return torch.clamp(num_boxes / get_world_size(), min=1).item()
+    return torch.clamp(mean_over_ranks(num_boxes), min=1).item()
