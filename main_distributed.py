@@ -10,10 +10,8 @@ the data (``datasets.py``), the model and its criterion (``models/build.py``; th
 """
 import os
 import sys
-import traceback
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import datasets
@@ -26,9 +24,9 @@ from models.loading import load_student_checkpoint, saved_run_args
 from models.students import TrainingView
 from optim import build_lr_scheduler, build_optimizer, effective_lr
 from runtime import init_runtime
-from vkd.checkpoints import first_line, require_room_for_checkpoints, safe_torch_load, save_atomically
+from vkd.checkpoints import require_room_for_checkpoints, safe_torch_load, save_atomically
 from vkd.cli import entry_point, fail
-from vkd.distributed import Runtime, every_rank, is_communication_failure, main_process_decides, reduce_over_ranks
+from vkd.distributed import Runtime, ending_the_process_group, every_rank, main_process_decides, reduce_over_ranks
 from vkd.ema import ModelEMA, linear_momentum
 from vkd.preemption import Preempted, StopRequest, preempted_line
 from vkd.progress import tensorboard_writer
@@ -234,7 +232,7 @@ def main(argv=None) -> None:
     for dest in ("repeated_aug", "dist_eval"):
         if dest in explicit and not runtime.distributed:
             fail(f"--{dest.replace('_', '-')} has no effect with a single process")
-    try:
+    with ending_the_process_group(args.dist_timeout):
         if args.eval_student:
             run_evaluation(args, runtime, args.student_ckpt, "the student network", explicit)
         elif args.eval:
@@ -244,16 +242,6 @@ def main(argv=None) -> None:
             run_evaluation(args, runtime, path, "the network", explicit)
         else:
             run_training(args, runtime, argv)
-    except RuntimeError as error:
-        if not (runtime.distributed and is_communication_failure(error)):
-            raise
-        traceback.print_exc()  # where it failed, for the log; the last line says what it means
-        fail(f"rank {runtime.rank}: distributed communication failed, probably because another process died or "
-             f"hung (collectives give up after --dist-timeout {args.dist_timeout:g} min): {first_line(error)}",
-             exit_code=1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

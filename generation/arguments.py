@@ -11,6 +11,7 @@ from generation.fid import FID_EXTRACTORS
 from generation.teachers import CLIP_INPUT_SIZE, CLIP_MODEL
 from vkd.checkpoints import file_sha256
 from vkd.config import OneLineErrorParser, flag_name, parse_with_config
+from vkd.distributed import DEFAULT_TIMEOUT_MINUTES
 from vkd.errors import BadInput
 from vkd.norms import NORMALISATIONS, WHITENINGS, build_normalisation
 from vkd.orthogonal_maps import ORTHOGONAL_MAPS
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sample-every", default=4000, type=int, help="iterations between sample grids (default: 4000)")
     add("--local-rank", "--local_rank", default=0, type=int, dest="local_rank", help="set by the launchers")
     add("--dist-url", default="env://", help="process group init method")
+    add("--dist-timeout", default=DEFAULT_TIMEOUT_MINUTES, type=float, metavar="MINUTES",
+        help=f"a collective that waits this long (a dead rank) stops the run (default: {DEFAULT_TIMEOUT_MINUTES:g})")
     return parser
 
 
@@ -113,6 +116,8 @@ def check_arguments(args, origins: Optional[Dict[str, str]] = None) -> None:
             raise BadInput(f"{flag_name(name, origins)} must be at least 1, got {getattr(args, name)}")
     if args.eval_every < 0:
         raise BadInput(f"{flag_name('eval_every', origins)} must be >= 0, got {args.eval_every}")
+    if not args.dist_timeout > 0:
+        raise BadInput(f"{flag_name('dist_timeout', origins)} must be > 0 minutes, got {args.dist_timeout:g}")
     try:
         diffaug.parse_policy(args.diffaug)
         if args.teacher != "none":

@@ -20,7 +20,7 @@ LATEST, BEST = "latest.pth", "best.pth"
 # may grow), so a resumed run is the run it continues.
 MAY_CHANGE_ON_RESUME = frozenset({
     "config", "data_path", "teacher_path", "device", "output_dir", "resume", "overwrite", "print_freq", "save_every",
-    "sample_every", "local_rank", "dist_url", "fid_extractor", "fid_weights", "fid_model", "fid_input_size",
+    "sample_every", "local_rank", "dist_url", "dist_timeout", "fid_extractor", "fid_weights", "fid_model", "fid_input_size",
     "fid_reference", "eval_samples", "eval_every", "is_splits", "eval_checkpoint", "eval_repeats"})
 
 

@@ -36,7 +36,7 @@ from generation.teachers import CLIP_INPUT_SIZE, CLIP_MODEL, FrozenImageNetwork,
 from vkd.checkpoints import safe_torch_load, save_atomically
 from vkd.cli import entry_point
 from vkd.config import config_origins, parse_with_config
-from vkd.distributed import Runtime, start_processes
+from vkd.distributed import Runtime, ending_the_process_group, start_processes
 from vkd.ema import ModelEMA, after_start
 from vkd.errors import BadInput, CheckpointError, RunFailed
 from vkd.norms import build_normalisation
@@ -53,7 +53,7 @@ RESULTS = "results.json"
 
 def init_runtime(args) -> Runtime:
     configure_cuda_kernels(fixed_shapes=True)  # every batch is batch-size x 3 x 32 x 32
-    return start_processes(args.device, args.local_rank, args.dist_url)
+    return start_processes(args.device, args.local_rank, args.dist_url, args.dist_timeout)
 
 
 def build_teacher(args, device: torch.device) -> Optional[FrozenImageNetwork]:
@@ -257,14 +257,11 @@ def main(argv=None) -> None:
     args, explicit, _ = parse_with_config(build_parser(), argv)
     check_arguments(args, config_origins(args.config, explicit))
     runtime = init_runtime(args)
-    try:
+    with ending_the_process_group(args.dist_timeout):
         if args.eval_checkpoint:
             run_evaluation(args, runtime)
         else:
             run_training(args, runtime, argv)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

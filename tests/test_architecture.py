@@ -94,9 +94,10 @@ def test_the_root_holds_no_experiment_driver():
 
 
 def uses(pattern: str, trees=("vkd", "vidt", "generation")):
-    """The files of ``trees`` (vkd and the two trees by default) whose source matches ``pattern``."""
+    """The files of ``trees`` (folders or root modules; vkd and the two trees by default) whose source matches
+    ``pattern``."""
     return sorted(path for path, text in SOURCES.items()
-                  if path.split(os.sep)[0] in trees and re.search(pattern, text, flags=re.M))
+                  if path.split(os.sep)[0].removesuffix(".py") in trees and re.search(pattern, text, flags=re.M))
 
 
 def test_the_feature_term_has_one_home():
@@ -106,3 +107,17 @@ def test_the_feature_term_has_one_home():
     assert uses(r"^NORMALISATIONS\b") == ["vkd/norms.py"]
     assert uses(r"\bfeature_distillation_loss\(", ("vidt", "generation")) == [
         "generation/distillation.py", "vidt/models/criterion.py"]
+
+
+def test_collectives_and_the_end_of_a_process_group_have_one_home():
+    """Every tree reaches the process group through vkd.distributed, and its entry point runs in
+    ``ending_the_process_group``: one wording of a communication failure, one teardown."""
+    everywhere = ROOT_MODULES + TREES + ("vkd",)
+    assert uses(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|get_world_size|get_rank|is_initialized|"
+                r"destroy_process_group)\b|is_communication_failure\(", everywhere) == ["vkd/distributed.py"]
+    assert definitions(r"^def (is_dist_avail_and_initialized|get_world_size|get_rank|reduce_dict)\(") == []
+    for name in ("is_distributed", "reduce_over_ranks", "mean_over_ranks", "every_rank", "is_main_process",
+                 "ending_the_process_group"):
+        assert definitions(rf"^def {name}\(") == ["vkd/distributed.py"], name
+    assert uses(r"with ending_the_process_group\(", everywhere) == [
+        "generation/main.py", "main_distributed.py", "vidt/main.py"]

@@ -282,6 +282,19 @@ def test_a_count_that_is_not_a_number_is_one_line(capsys):
     assert "--iterations" in line and "'many'" in line and "usage" not in err
 
 
+def test_the_collective_timeout_is_a_flag_like_the_other_trees_and_must_be_positive(monkeypatch, capsys):
+    asked = {}
+
+    def start_processes(device, local_rank, init_method, timeout_minutes):
+        asked["timeout"] = timeout_minutes
+        raise BadInput("stopped here")
+
+    monkeypatch.setattr(gan_main, "start_processes", start_processes)
+    assert run_main(["--dist-timeout", "2.5"], capsys)[0] == 2 and asked == {"timeout": 2.5}
+    code, _, err = run_main(["--dist-timeout", "0"], capsys)
+    assert one_line(err, code, 2) == "error: --dist-timeout must be > 0 minutes, got 0"
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupt_safetensors_clip_file_is_one_line(fashion, tmp_path, capsys, damage):
     from safetensors.torch import save_file

@@ -30,11 +30,11 @@ from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E4
 from vidt.util.checkpoint import load_checkpoint, model_state_from  # noqa: E402
 from vidt.util.nested_tensor import collate_fn  # noqa: E402
 from vidt.util.printing import setup_for_distributed_printing  # noqa: E402
-from vkd.checkpoints import first_line, save_atomically  # noqa: E402
+from vkd.checkpoints import save_atomically  # noqa: E402
 from vkd.cli import entry_point  # noqa: E402
 from vkd.data.loaders import ignore_stop_signals  # noqa: E402
-from vkd.distributed import Runtime, every_rank, is_communication_failure, start_processes  # noqa: E402
-from vkd.errors import BadInput, RunFailed  # noqa: E402
+from vkd.distributed import Runtime, ending_the_process_group, every_rank, start_processes  # noqa: E402
+from vkd.errors import BadInput  # noqa: E402
 from vkd.preemption import Preempted, StopRequest, preempted_line  # noqa: E402
 from vkd.progress import append_json_line, tensorboard_writer  # noqa: E402
 from vkd.reproducibility import configure_cuda_kernels, epoch_seed, seed_everything  # noqa: E402
@@ -317,17 +317,8 @@ def record_epoch(output_dir: str, epoch: int, train_stats, test_stats, coco_eval
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
-    try:
+    with ending_the_process_group(args.dist_timeout):
         run(args, argv)
-    except RuntimeError as error:
-        if not (args.distributed and is_communication_failure(error)):
-            raise
-        raise RunFailed(f"rank {args.rank}: distributed communication failed, probably because another process "
-                        f"died or hung (collectives give up after --dist_timeout {args.dist_timeout:g} min): "
-                        f"{first_line(error)}") from error
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # nccl warns of a leak, and may hang at exit, without it
 
 
 if __name__ == "__main__":
