@@ -18,6 +18,17 @@ from vkd.orthogonal_maps import ORTHOGONAL_MAPS
 
 TEACHERS = ("none", "clip", "timm")
 PROJECTOR_OWNERS = ("D", "G")
+# What defines the run a checkpoint belongs to, as spelled on the command line: a resume that changed one of them
+# would train another run than the one it continues, and is refused (``vkd.runs.refuse_a_different_run``). The
+# other flags say where the files are, how often to print, save, sample and evaluate, and how to evaluate; none
+# of them changes the weights. --iterations may grow (``checkpointing.refuse_another_run``).
+RUN_DEFINING_FLAGS = (
+    "--dataset", "--data-fraction", "--subset-draw", "--subset-seed", "--hflip", "--g-ch", "--d-ch", "--dim-z",
+    "--batch-size", "--num-d-steps", "--g-lr", "--d-lr", "--adam-betas", "--adam-eps", "--ema-decay", "--ema-start",
+    "--diffaug", "--lecam-weight", "--lecam-decay", "--lecam-start", "--teacher", "--teacher-model",
+    "--teacher-input-size", "--clip-normalise", "--vkd-weight", "--normalisation", "--whitening", "--whiten-eps",
+    "--real-fake-normalisation", "--kd-dim", "--projector-optimizer", "--train-projector", "--orthogonal-map", "--seed",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,27 +1,21 @@
 """A generation run's checkpoint (``latest.pth``: the networks, optimizers, data position, every rank's random
 generators and LeCam averages), how it is saved, and how a resume restores it."""
-import argparse
 import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from generation.arguments import build_parser
+from generation.arguments import RUN_DEFINING_FLAGS
 from generation.engine import GanStep
 from vkd.checkpoints import all_finite, save_atomically
 from vkd.distributed import Runtime, every_rank
 from vkd.errors import BadInput, CheckpointError, RunFailed
 from vkd.preemption import rng_states, set_rng_states
+from vkd.runs import refuse_a_different_run
 
 LATEST, BEST = "latest.pth", "best.pth"
-# What a resume may change: where the files are, how often to print, save, sample and evaluate, and the
-# evaluation itself; none of it changes the weights. Every other flag must be the checkpoint's (--iterations
-# may grow), so a resumed run is the run it continues.
-MAY_CHANGE_ON_RESUME = frozenset({
-    "config", "data_path", "teacher_path", "device", "output_dir", "resume", "overwrite", "print_freq", "save_every",
-    "sample_every", "local_rank", "dist_url", "dist_timeout", "fid_extractor", "fid_weights", "fid_model", "fid_input_size",
-    "fid_reference", "eval_samples", "eval_every", "is_splits", "eval_checkpoint", "eval_repeats"})
+NEW_RUN = "to train with these settings, start a new run: another --output-dir, without --resume"
 
 
 def checkpoint_content(args, step: GanStep, generator_ema: nn.Module, real_batches, iteration: int,
@@ -55,39 +49,20 @@ def rank_state(step: GanStep) -> dict:
     return {"rng": rng_states(), "lecam": step.lecam.state_dict() if step.lecam else None}
 
 
-def option_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
-    """Each destination's long flag, as a person types it."""
-    return {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
-
-
-def shown(value) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value))
-    return "unset" if value is None else str(value)
-
-
-def check_same_run(args, checkpoint: dict, path: str, processes: int) -> Optional[int]:
-    """Refuses, in one line, a resume whose flags would train differently from the run that wrote ``path``
-    (a changed batch size, say, would read past the saved data position). Returns the checkpoint's
-    --iterations when this resume only extends it, else None."""
+def refuse_another_run(args, checkpoint: dict, path: str, processes: int) -> Optional[int]:
+    """Refuses, in one line, a resume whose flags would train differently from the run that wrote ``path`` (a
+    changed batch size, say, would read past the saved data position): the rule of the three trees,
+    ``vkd.runs.refuse_a_different_run``, on ``RUN_DEFINING_FLAGS``. --iterations may grow: returns the checkpoint's
+    --iterations when this resume extends it, else None."""
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not the latest.pth of a generation run")
     saved = checkpoint.get("args", {})
-    flags = option_names(build_parser())
-    extends = "iterations" in saved and args.iterations > saved["iterations"]
-    differences = [f"{flags[name]} {shown(getattr(args, name))} here, {shown(saved[name])} in the checkpoint"
-                   for name in sorted(vars(args))
-                   if name in saved and name not in MAY_CHANGE_ON_RESUME and getattr(args, name) != saved[name]
-                   and not (name == "iterations" and extends)]
-    if checkpoint.get("processes", processes) != processes:
-        differences.append(f"{processes} process(es) here, {checkpoint['processes']} in the checkpoint")
-    if differences:
-        raise BadInput(f"cannot resume {path}: {'; '.join(differences)}. A resume continues that run as it was "
-                       f"(only --iterations may grow); to train with these settings start a new run, e.g. "
-                       f"with another --output-dir and without --resume")
-    return saved["iterations"] if extends else None
+    refuse_a_different_run(args, saved, RUN_DEFINING_FLAGS, checkpoint.get("processes"), processes, path, NEW_RUN)
+    planned = saved.get("iterations", args.iterations)
+    if args.iterations < planned:
+        raise BadInput(f"--iterations {args.iterations} but {path} was trained with {planned}: a resume continues the "
+                       f"same run, and only --iterations may grow; {NEW_RUN}")
+    return planned if args.iterations > planned else None
 
 
 def restore(checkpoint: dict, path: str, step: GanStep, generator_ema: nn.Module, real_batches,

@@ -27,7 +27,7 @@ from generation import data as gan_data
 from generation import diffaug
 from generation.arguments import build_parser, check_arguments
 from generation.biggan import Discriminator, Generator
-from generation.checkpointing import BEST, LATEST, check_same_run, restore, save_latest
+from generation.checkpointing import BEST, LATEST, refuse_another_run, restore, save_latest
 from generation.distillation import GanVkDLoss
 from generation.engine import GanStep, LeCam
 from generation.fid import GeneratorEvaluator
@@ -101,7 +101,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
         runtime.log(f"The previous run in {args.output_dir} was moved to {moved_to}")
     resume_path = resolve_resume(args, LATEST)
     checkpoint = safe_torch_load(resume_path) if resume_path else None
-    extended_from = check_same_run(args, checkpoint, resume_path, runtime.world_size) if resume_path else None
+    extended_from = refuse_another_run(args, checkpoint, resume_path, runtime.world_size) if resume_path else None
     data = gan_data.load_image_data(args.dataset, args.data_path, args.download)
     kept = gan_data.subset_indices(data.train_labels, args.data_fraction, args.subset_draw, args.subset_seed)
     teacher = build_teacher(args, runtime.device)

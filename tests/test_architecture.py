@@ -121,3 +121,13 @@ def test_collectives_and_the_end_of_a_process_group_have_one_home():
         assert definitions(rf"^def {name}\(") == ["vkd/distributed.py"], name
     assert uses(r"with ending_the_process_group\(", everywhere) == [
         "generation/main.py", "main_distributed.py", "vidt/main.py"]
+
+
+def test_is_this_resume_the_same_run_has_one_rule():
+    """The three trees refuse a resume of another run with vkd.runs.refuse_a_different_run and a deny list of
+    the flags that define a run; none keeps an allow list of its own."""
+    everywhere = ROOT_MODULES + TREES + ("vkd",)
+    assert definitions(r"^def refuse_a_different_run\(") == ["vkd/runs.py"]
+    assert uses(r"\brefuse_a_different_run\(", everywhere) == [
+        "checkpoint.py", "generation/checkpointing.py", "vidt/arguments.py", "vkd/runs.py"]
+    assert uses(r"MAY_CHANGE|check_same_run", everywhere) == []
