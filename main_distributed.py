@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import datasets
-from checkpoint import LATEST, TEACHER_FILE, TrainingState
+from checkpoint import LATEST, TEACHER_FILE, TrainingState, checkpoint_saver
 from config import AMP_DTYPES, check_arguments, parse_arguments
 from engine import evaluate, train_one_epoch
 from models import has_distillation_head
@@ -24,9 +24,9 @@ from models.loading import load_student_checkpoint, saved_run_args
 from models.students import TrainingView
 from optim import build_lr_scheduler, build_optimizer, effective_lr
 from runtime import init_runtime
-from vkd.checkpoints import require_room_for_checkpoints, safe_torch_load, save_atomically
+from vkd.checkpoints import safe_torch_load, save_atomically
 from vkd.cli import entry_point, fail
-from vkd.distributed import Runtime, ending_the_process_group, every_rank, main_process_decides, reduce_over_ranks
+from vkd.distributed import Runtime, ending_the_process_group, every_rank, reduce_over_ranks
 from vkd.ema import ModelEMA, linear_momentum
 from vkd.preemption import Preempted, StopRequest, preempted_line
 from vkd.progress import tensorboard_writer
@@ -125,10 +125,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
         return
 
     if args.output_dir:
-        if runtime.is_main:
-            os.makedirs(args.output_dir, exist_ok=True)
-        main_process_decides(lambda: require_room_for_checkpoints(args.output_dir, state.checkpoint_bytes()),
-                             runtime.is_main)
+        checkpoint_saver(args, runtime.is_main).require_room(state.checkpoint_bytes())
     tb_writer = None
     if args.output_dir and runtime.is_main:
         teacher = getattr(criterion, "teacher", None)
@@ -167,8 +164,8 @@ def train_epochs(args, runtime: Runtime, state: TrainingState, trained: nn.Modul
             rank=runtime.rank)
         if "preempted_at" in train_stats:
             partials = every_rank(train_stats["partial"])
-            if args.output_dir and runtime.is_main:
-                state.save_preempted(epoch, partials)
+            if args.output_dir:
+                state.save_preempted(epoch, partials, runtime.is_main)
             raise Preempted(preempted_line(f"epoch {epoch} step {train_stats['preempted_at']}"))
         state.nonfinite_skipped += train_stats["nonfinite_skipped"]
         train_stats.update(teacher_cache_counts(criterion, runtime))

@@ -1,6 +1,5 @@
 """A generation run's checkpoint (``latest.pth``: the networks, optimizers, data position, every rank's random
 generators and LeCam averages), how it is saved, and how a resume restores it."""
-import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -8,11 +7,11 @@ import torch.nn as nn
 
 from generation.arguments import RUN_DEFINING_FLAGS
 from generation.engine import GanStep
-from vkd.checkpoints import all_finite, save_atomically
 from vkd.distributed import Runtime, every_rank
-from vkd.errors import BadInput, CheckpointError, RunFailed
+from vkd.errors import BadInput, CheckpointError
 from vkd.preemption import rng_states, set_rng_states
 from vkd.runs import refuse_a_different_run
+from vkd.saver import CheckpointSaver
 
 LATEST, BEST = "latest.pth", "best.pth"
 NEW_RUN = "to train with these settings, start a new run: another --output-dir, without --resume"
@@ -31,16 +30,24 @@ def checkpoint_content(args, step: GanStep, generator_ema: nn.Module, real_batch
     }
 
 
+def checkpoint_saver(args, is_main: bool = True) -> CheckpointSaver:
+    """Generation's files (``vkd.saver``): latest.pth every --save-every iterations and at a stop request, best.pth
+    (G's EMA) at each new best FID."""
+    return CheckpointSaver(args.output_dir, LATEST, BEST, unit="iteration", is_main=is_main)
+
+
 def save_latest(args, runtime: Runtime, step: GanStep, generator_ema: nn.Module, real_batches, iteration: int,
-                best: Dict[str, float], training_images: int) -> None:
-    """Every rank calls it (what each holds of its own is gathered); the main process writes."""
-    # The weights are the same on every rank, so every rank stops here or none does.
-    if not all_finite(step.generator.state_dict()) or not all_finite(step.discriminator.state_dict()):
-        raise RunFailed(f"the weights became non-finite by iteration {iteration}; {LATEST} was left as it was")
+                best: Dict[str, float], training_images: int, preempted: bool = False) -> None:
+    """Every rank calls it (what each holds of its own is gathered); the main process writes. ``preempted``: a
+    stop request ends the run here, and every rank waits for the file."""
     ranks = every_rank(rank_state(step))
-    if runtime.is_main:
-        save_atomically(checkpoint_content(args, step, generator_ema, real_batches, iteration, best, training_images,
-                                           ranks), os.path.join(args.output_dir, LATEST))
+    content = checkpoint_content(args, step, generator_ema, real_batches, iteration, best, training_images, ranks)
+    weights = [step.generator.state_dict(), step.discriminator.state_dict()]
+    saver = checkpoint_saver(args, runtime.is_main)
+    if preempted:
+        saver.save_preempted(content, weights, f"iteration {iteration}")
+    else:
+        saver.save(content, iteration, weights)
 
 
 def rank_state(step: GanStep) -> dict:

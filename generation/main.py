@@ -20,23 +20,22 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from generation import data as gan_data
 from generation import diffaug
 from generation.arguments import build_parser, check_arguments
 from generation.biggan import Discriminator, Generator
-from generation.checkpointing import BEST, LATEST, refuse_another_run, restore, save_latest
+from generation.checkpointing import LATEST, checkpoint_saver, refuse_another_run, restore, save_latest
 from generation.distillation import GanVkDLoss
 from generation.engine import GanStep, LeCam
 from generation.fid import GeneratorEvaluator
 from generation.sampling import EVAL_SEED_OFFSET, build_evaluator, evaluate, save_sample_grid
 from generation.teachers import CLIP_INPUT_SIZE, CLIP_MODEL, FrozenImageNetwork, load_clip, load_timm_network
-from vkd.checkpoints import safe_torch_load, save_atomically
+from vkd.checkpoints import safe_torch_load
 from vkd.cli import entry_point
 from vkd.config import config_origins, parse_with_config
-from vkd.distributed import Runtime, ending_the_process_group, start_processes
+from vkd.distributed import Runtime, ending_the_process_group, start_processes, wait_for_every_rank
 from vkd.ema import ModelEMA, after_start
 from vkd.errors import BadInput, CheckpointError, RunFailed
 from vkd.norms import build_normalisation
@@ -45,6 +44,7 @@ from vkd.progress import Progress, RunningMeans, append_json_line, tensorboard_w
 from vkd.projector import OrthogonalProjector
 from vkd.reproducibility import configure_cuda_kernels, seed_everything
 from vkd.runs import ARGS_FILE, LOG, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json
+from vkd.saver import estimated_checkpoint_bytes
 
 RESULTS = "results.json"
 
@@ -145,6 +145,10 @@ def run_training(args, runtime: Runtime, argv) -> None:
         runtime.log(f"Nothing to train: the run has finished its {args.iterations} iterations")
         return
     writer = None
+    if args.output_dir:
+        checkpoint_saver(args, runtime.is_main).require_room(
+            estimated_checkpoint_bytes(step.g_optimizer, generator.state_dict(), generator_ema.state_dict())
+            + estimated_checkpoint_bytes(step.d_optimizer, discriminator.state_dict()))
     if args.output_dir and runtime.is_main:
         record_invocation(args, argv, runtime.world_size, iteration, training_images=len(kept),
                           changes={"iterations": {"from": extended_from, "to": args.iterations}} if extended_from else None)
@@ -198,20 +202,20 @@ def train_iterations(args, runtime: Runtime, step: GanStep, generator_ema: nn.Mo
                 append_json_line(os.path.join(args.output_dir, LOG), dict(iteration=iteration, **last_results))
                 writer.add_scalar("eval/fid", last_results["fid"], iteration)
                 if improved:
-                    save_atomically({"G_ema": generator_ema.state_dict(), "iteration": iteration,
-                                     "fid": last_results["fid"], "args": dict(vars(args))},
-                                    os.path.join(args.output_dir, BEST))
+                    checkpoint_saver(args).save_best({"G_ema": generator_ema.state_dict(), "iteration": iteration,
+                                                      "fid": last_results["fid"], "args": dict(vars(args))},
+                                                     [generator_ema.state_dict()])
         if saves and (iteration % args.save_every == 0 or finished):
             save_latest(args, runtime, step, generator_ema, real_batches, iteration, best, training_images)
         if not finished and stop.requested(runtime.device):
-            if saves and iteration % args.save_every:
-                save_latest(args, runtime, step, generator_ema, real_batches, iteration, best, training_images)
-            if runtime.distributed:
-                dist.barrier()  # a process that exits first could have the launcher kill rank 0 mid-save
+            if saves and iteration % args.save_every:  # not saved at this iteration yet
+                save_latest(args, runtime, step, generator_ema, real_batches, iteration, best, training_images,
+                            preempted=True)
+            else:
+                wait_for_every_rank()  # a process that exits first could have the launcher kill rank 0 mid-save
             raise Preempted(preempted_line(f"iteration {iteration}") if args.output_dir else
                             f"preempted at iteration {iteration}; nothing was saved (no --output-dir)")
-    if runtime.distributed:
-        dist.barrier()
+    wait_for_every_rank()
     if writer is not None:
         write_json(os.path.join(args.output_dir, RESULTS),
                    dict(final=last_results, best=best, iterations=iteration, training_images=training_images,

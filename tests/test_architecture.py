@@ -113,7 +113,7 @@ def test_collectives_and_the_end_of_a_process_group_have_one_home():
     """Every tree reaches the process group through vkd.distributed, and its entry point runs in
     ``ending_the_process_group``: one wording of a communication failure, one teardown."""
     everywhere = ROOT_MODULES + TREES + ("vkd",)
-    assert uses(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|get_world_size|get_rank|is_initialized|"
+    assert uses(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|barrier|get_world_size|get_rank|is_initialized|"
                 r"destroy_process_group)\b|is_communication_failure\(", everywhere) == ["vkd/distributed.py"]
     assert definitions(r"^def (is_dist_avail_and_initialized|get_world_size|get_rank|reduce_dict)\(") == []
     for name in ("is_distributed", "reduce_over_ranks", "mean_over_ranks", "every_rank", "is_main_process",
@@ -131,3 +131,16 @@ def test_is_this_resume_the_same_run_has_one_rule():
     assert uses(r"\brefuse_a_different_run\(", everywhere) == [
         "checkpoint.py", "generation/checkpointing.py", "vidt/arguments.py", "vkd/runs.py"]
     assert uses(r"MAY_CHANGE|check_same_run", everywhere) == []
+
+
+def test_one_checkpoint_saver_for_the_three_trees():
+    """Each tree names its files for vkd.saver.CheckpointSaver, which alone refuses non-finite weights, checks the
+    room before a run and writes a run's checkpoints (atomically)."""
+    everywhere = ROOT_MODULES + TREES + ("vkd", "distillers")
+    assert definitions(r"^class CheckpointSaver\b") == ["vkd/saver.py"]
+    assert uses(r"\bCheckpointSaver\(", everywhere) == [
+        "checkpoint.py", "generation/checkpointing.py", "vidt/util/checkpoint.py"]
+    assert uses(r"\b(all_finite|require_room_for_checkpoints)\(", everywhere) == ["vkd/checkpoints.py", "vkd/saver.py"]
+    assert uses(r"\bsave_atomically\(", ("checkpoint", "generation", "vidt/util")) == []
+    assert uses(r"\bestimated_checkpoint_bytes\(", everywhere) == [
+        "checkpoint.py", "generation/main.py", "vidt/main.py", "vkd/saver.py"]

@@ -17,6 +17,7 @@ import torch
 from conftest import write_idx
 from test_preemption import interrupted
 
+import vkd.checkpoints
 from generation import main as gan_main
 from generation.arguments import RUN_DEFINING_FLAGS, parse_arguments
 from generation.checkpointing import refuse_another_run
@@ -346,6 +347,14 @@ def test_a_config_key_of_the_wrong_type_is_one_line_before_any_work(fashion, tmp
 
 
 # ============================================================================ a full disk: one line, exit 1
+
+def test_a_folder_too_small_for_two_checkpoints_is_refused_before_training(fashion, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(vkd.checkpoints, "_free_bytes", lambda folder: 2 ** 10)
+    code, out, err = run_main(flags(fashion, tmp_path / "out", 2), capsys)
+    line = one_line(err, code, 2)
+    assert "0 MiB free" in line and "2 checkpoints" in line and "Iteration" not in out
+    assert not (tmp_path / "out" / "latest.pth").exists()
+
 
 def test_a_full_disk_at_the_latest_save_is_one_line_keeping_the_previous_file(saved_run, fashion, tmp_path, capsys,
                                                                               monkeypatch):

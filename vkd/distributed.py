@@ -173,6 +173,12 @@ def is_main_process() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 
 
+def wait_for_every_rank() -> None:
+    """Every process waits here until all have arrived (alone, nothing to wait for)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def every_rank(value: Result) -> List[Result]:
     """Every process's ``value`` (anything picklable), in rank order, on every process; ``[value]`` alone."""
     if not is_distributed():
