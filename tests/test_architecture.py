@@ -144,3 +144,13 @@ def test_one_checkpoint_saver_for_the_three_trees():
     assert uses(r"\bsave_atomically\(", ("checkpoint", "generation", "vidt/util")) == []
     assert uses(r"\bestimated_checkpoint_bytes\(", everywhere) == [
         "checkpoint.py", "generation/main.py", "vidt/main.py", "vkd/saver.py"]
+
+
+def test_this_flag_has_no_effect_is_one_mechanism():
+    """Classification's modules and detection state NoEffect rules; vkd.config.refuse_flags_without_effect alone
+    applies them."""
+    everywhere = ROOT_MODULES + TREES + ("vkd", "distillers")
+    assert definitions(r"^class NoEffect\b") == ["vkd/config.py"]
+    assert definitions(r"^def refuse_flags_without_effect\(") == ["vkd/config.py"]
+    assert uses(r"\brefuse_flags_without_effect\(", everywhere) == ["config.py", "vidt/arguments.py", "vkd/config.py"]
+    assert definitions(r"^(INERT_FLAGS|UNSUPPORTED_OPTIONS|DASHED_FLAGS|NOT_APPLICABLE)\b") == []
