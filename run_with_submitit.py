@@ -25,7 +25,8 @@ from typing import List
 import submitit
 
 from config import check_arguments, parse_arguments
-from vidt.arguments import check_supported, get_args_parser
+from vidt.arguments import check_supported
+from vidt.arguments import parse_arguments as detection_arguments
 from vkd.cli import entry_point
 from vkd.config import OneLineErrorParser
 from vkd.errors import BadInput, RunFailed
@@ -92,7 +93,7 @@ def check_entry_point_flags(tree: str, flags: List[str]) -> None:
             if tree == "classification":
                 check_arguments(*parse_arguments(flags))
             else:
-                check_supported(get_args_parser().parse_args(flags))
+                check_supported(*detection_arguments(flags))
     except BadInput as error:
         raise BadInput(f"the {tree} flags after '--': {error}") from None
 

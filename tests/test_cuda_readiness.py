@@ -357,7 +357,7 @@ def test_gradient_accumulation_all_reduces_once_per_optimizer_step(one_process_g
 def test_vidt_leaves_no_process_group_behind(monkeypatch, tmp_path):
     from vidt import main as vidt_main
 
-    def run(args, argv):
+    def run(args, argv, origins):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
 
     monkeypatch.setattr(vidt_main, "run", run)
@@ -375,7 +375,8 @@ def test_vidt_loaders_pin_batches_for_a_gpu(monkeypatch):
     built = []
     monkeypatch.setattr(vidt_main, "DataLoader", lambda *a, **kwargs: built.append(kwargs["pin_memory"]))
     monkeypatch.setattr(vidt_main, "build_coco", lambda split, args, num_classes: list(range(8)))
-    args = vidt_main.get_args_parser().parse_args(["--batch_size", "2"])
+    from vidt.arguments import get_args_parser
+    args = get_args_parser().parse_args(["--batch_size", "2"])
     args.distributed = False
     vidt_main.make_loaders(args, eval_only=False, pin_memory=True)
     assert built == [True, True]

@@ -1,15 +1,25 @@
-"""Command-line flags of ViDT/VkD, plus this tree's small-image flags and --student_ckpt.
+"""Command-line flags of ViDT/VkD, plus this tree's small-image flags, --student_ckpt and --config (YAML files of
+defaults under the command line, their keys checked like the flags: ``vkd.config``).
 
 Boolean flags take a value, as in the original (``--eval True``); only 'true'/'false' are accepted.
 Flags that the original defines but never uses are kept so the paper's commands parse; setting one to
 a non-default value is an error (``NO_EFFECT``, applied by ``check_supported``) instead of being silently ignored.
 """
 import argparse
-from typing import Dict, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 from vidt.models.build import TEACHER_BACKBONES
 from vidt.models.swin_ram import SWIN_VARIANTS
-from vkd.config import REFUSED, NoEffect, OneLineErrorParser, always, option_spellings, refuse_flags_without_effect
+from vkd.config import (
+    REFUSED,
+    NoEffect,
+    OneLineErrorParser,
+    always,
+    config_origins,
+    option_spellings,
+    parse_with_config,
+    refuse_flags_without_effect,
+)
 from vkd.distributed import DEFAULT_TIMEOUT_MINUTES
 from vkd.errors import BadInput
 from vkd.runs import refuse_a_different_run
@@ -114,6 +124,8 @@ def get_args_parser() -> OneLineErrorParser:
     add("--num_workers", default=2, type=int, help="data loader workers per process (default 2)")
 
     # Run control
+    add("--config", default=None, metavar="FILE.yaml",
+        help="YAML file of defaults (keys are flag names, '-' or '_'); the command line overrides it")
     add("--output_dir", default="",
         help="run folder under logs/ (default, as in the original: <method>-<BACKBONE>-batch-<b>-epoch-<e>)")
     add("--device", default="cuda", help="cuda or cpu (default cuda)")
@@ -199,6 +211,13 @@ def resumed_epochs(args, saved: dict, world_size: int, path: str):
                            f"to train its weights with other settings, start a new run: --student_ckpt {path} "
                            f"--output_dir NEW")
     return saved["epochs"] if saved.get("epochs", args.epochs) != args.epochs else None
+
+
+def parse_arguments(argv: List[str]) -> Tuple[argparse.Namespace, Dict[str, str]]:
+    """The arguments, with ``--config``'s defaults under the command line, and the config file that set each value
+    not given on the command line (``vkd.config.config_origins``: what an error names)."""
+    args, explicit, _ = parse_with_config(get_args_parser(), argv)
+    return args, config_origins(args.config, explicit)
 
 
 def changed_from_default(args, parser: argparse.ArgumentParser) -> Set[str]:

@@ -14,12 +14,12 @@ if not __package__:
 
 import resource  # noqa: E402
 import time  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import Callable, Dict, Optional  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler  # noqa: E402
 
-from vidt.arguments import check_supported, get_args_parser, resumed_epochs  # noqa: E402
+from vidt.arguments import check_supported, parse_arguments, resumed_epochs  # noqa: E402
 from vidt.datasets.coco import build_coco  # noqa: E402
 from vidt.datasets.coco_eval import STAT_NAMES, eval_arrays  # noqa: E402
 from vidt.engine import evaluate, train_one_epoch  # noqa: E402
@@ -139,9 +139,9 @@ def start_runtime(args) -> Runtime:
     return runtime
 
 
-def run(args, argv) -> None:
+def run(args, argv, origins: Optional[Dict[str, str]] = None) -> None:
     # Set up
-    check_supported(args)
+    check_supported(args, origins)
     raise_open_file_limit()
     runtime = start_runtime(args)
     setup_for_distributed_printing(runtime.is_main)
@@ -315,9 +315,9 @@ def record_epoch(output_dir: str, epoch: int, train_stats, test_stats, coco_eval
 @entry_point
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = get_args_parser().parse_args(argv)
+    args, origins = parse_arguments(argv)
     with ending_the_process_group(args.dist_timeout):
-        run(args, argv)
+        run(args, argv, origins)
 
 
 if __name__ == "__main__":

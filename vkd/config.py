@@ -99,10 +99,10 @@ def _scalar(action: argparse.Action, value, where: str):
         if not isinstance(value, str):
             raise BadInput(f"{where}: expected a string, got {_shown(value)}")
         return value
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # a custom parser of text
+    if not isinstance(value, (str, int, float)):  # a custom parser of text
         raise BadInput(f"{where}: expected {action.metavar or 'a value'}, got {_shown(value)}")
     try:
-        return kind(str(value))
+        return kind(str(value))  # a YAML boolean as 'True' / 'False', what detection's boolean flags parse
     except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
         raise BadInput(f"{where}: {error}") from None
 
