@@ -10,7 +10,8 @@ from generation.distillation import PAIRINGS
 from generation.fid import FID_EXTRACTORS
 from generation.teachers import CLIP_INPUT_SIZE, CLIP_MODEL
 from vkd.checkpoints import file_sha256
-from vkd.config import OneLineErrorParser, flag_name, parse_with_config
+from vkd.config import OneLineErrorParser, config_origins, flag_name, parse_with_config
+from vkd.data.subsets import SUBSET_FRACTIONS
 from vkd.distributed import DEFAULT_TIMEOUT_MINUTES
 from vkd.errors import BadInput
 from vkd.norms import NORMALISATIONS, WHITENINGS, build_normalisation
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-path", default=None, help="dataset folder (DIGITS: export folder, default data/digits)")
     add("--download", action="store_true", help="C10 / C100: torchvision downloads it into --data-path when missing")
     add("--data-fraction", default=1.0, type=float, help="fraction of the training split kept (default: 1.0)")
+    add("--subset", dest="data_fraction", type=subset_fraction, default=argparse.SUPPRESS,
+        metavar="{FULL," + ",".join(SUBSET_FRACTIONS) + "}",
+        help="classification's spelling of --data-fraction (10PERCENT: 0.1); the draw stays --subset-draw's")
     add("--subset-draw", default="uniform", choices=gan_data.SUBSET_DRAWS,
         help="uniform without replacement as KD-DLGAN, or class-balanced (default: uniform)")
     add("--subset-seed", default=0, type=int, help="seed of the subset draw, fixed across runs (default: 0)")
@@ -97,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-checkpoint", default=None, help="only evaluate the G_ema of this checkpoint")
     add("--eval-repeats", default=1, type=int, help="with --eval-checkpoint: FIDs with fresh samples (default: 1)")
     # Run
-    add("--output-dir", default="", help="where to write; empty for nothing")
+    add("--output-dir", "--output_dir", default="", help="where to write; empty for nothing")
     add("--resume", default="", help="checkpoint to resume, or 'auto' for output-dir/latest.pth")
     add("--overwrite", action="store_true",
         help="start a new run in an --output-dir that holds one: the old run is moved aside, never deleted")
@@ -113,8 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subset_fraction(name: str) -> float:
+    """A --subset name as its --data-fraction."""
+    if name != "FULL" and name not in SUBSET_FRACTIONS:
+        raise argparse.ArgumentTypeError(f"invalid choice: '{name}' (choose from FULL, {', '.join(SUBSET_FRACTIONS)})")
+    return SUBSET_FRACTIONS.get(name, 1.0)
+
+
 def parse_arguments(argv) -> argparse.Namespace:
     return parse_with_config(build_parser(), argv)[0]
+
+
+def checked_arguments(argv) -> argparse.Namespace:
+    """The arguments of ``argv`` (``--config``'s defaults under the command line), checked: a value that cannot work
+    is one line naming its flag, or the config file and key that set it."""
+    args, explicit, _ = parse_with_config(build_parser(), argv)
+    check_arguments(args, config_origins(args.config, explicit))
+    return args
 
 
 def check_arguments(args, origins: Optional[Dict[str, str]] = None) -> None:

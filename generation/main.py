@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from generation import data as gan_data
 from generation import diffaug
-from generation.arguments import build_parser, check_arguments
+from generation.arguments import checked_arguments
 from generation.biggan import Discriminator, Generator
 from generation.checkpointing import LATEST, checkpoint_saver, refuse_another_run, restore, save_latest
 from generation.distillation import GanVkDLoss
@@ -34,7 +34,6 @@ from generation.sampling import EVAL_SEED_OFFSET, build_evaluator, evaluate, sav
 from generation.teachers import CLIP_INPUT_SIZE, CLIP_MODEL, FrozenImageNetwork, load_clip, load_timm_network
 from vkd.checkpoints import safe_torch_load
 from vkd.cli import entry_point
-from vkd.config import config_origins, parse_with_config
 from vkd.distributed import Runtime, ending_the_process_group, start_processes, wait_for_every_rank
 from vkd.ema import ModelEMA, after_start
 from vkd.errors import BadInput, CheckpointError, RunFailed
@@ -258,8 +257,7 @@ def run_evaluation(args, runtime: Runtime) -> None:
 @entry_point
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, explicit, _ = parse_with_config(build_parser(), argv)
-    check_arguments(args, config_origins(args.config, explicit))
+    args = checked_arguments(argv)
     runtime = init_runtime(args)
     with ending_the_process_group(args.dist_timeout):
         if args.eval_checkpoint:

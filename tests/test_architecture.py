@@ -154,3 +154,14 @@ def test_this_flag_has_no_effect_is_one_mechanism():
     assert definitions(r"^def refuse_flags_without_effect\(") == ["vkd/config.py"]
     assert uses(r"\brefuse_flags_without_effect\(", everywhere) == ["config.py", "vidt/arguments.py", "vkd/config.py"]
     assert definitions(r"^(INERT_FLAGS|UNSUPPORTED_OPTIONS|DASHED_FLAGS|NOT_APPLICABLE)\b") == []
+
+
+def test_the_map_of_trees_to_commands_has_one_home():
+    """vkd.cli.ENTRY_POINTS, read by run_with_submitit.py and experiments' runner: each names an entry point."""
+    from vkd.cli import ENTRY_POINTS
+    assert definitions(r"^ENTRY_POINTS\b") == ["vkd/cli.py"]
+    assert uses(r"\bENTRY_POINTS\b", ROOT_MODULES + TREES + ("vkd",)) == [
+        "experiments/runner.py", "run_with_submitit.py", "vkd/cli.py"]
+    for tree, (program, _) in ENTRY_POINTS.items():
+        path = program[0] if program[0].endswith(".py") else program[-1].replace(".", os.sep) + ".py"
+        assert is_entry_point(SOURCES[path]), tree

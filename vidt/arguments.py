@@ -126,7 +126,7 @@ def get_args_parser() -> OneLineErrorParser:
     # Run control
     add("--config", default=None, metavar="FILE.yaml",
         help="YAML file of defaults (keys are flag names, '-' or '_'); the command line overrides it")
-    add("--output_dir", default="",
+    add("--output_dir", "--output-dir", default="",
         help="run folder under logs/ (default, as in the original: <method>-<BACKBONE>-batch-<b>-epoch-<e>)")
     add("--device", default="cuda", help="cuda or cpu (default cuda)")
     add("--seed", default=42, type=int, help="base seed; each process uses seed + rank (default 42)")
