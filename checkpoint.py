@@ -14,11 +14,12 @@ import torch.nn as nn
 
 import distillers
 from models.loading import load_student_checkpoint
-from vkd.checkpoints import add_ddp_prefix, all_finite, safe_torch_load, save_atomically, tensor_bytes
+from vkd.checkpoints import add_ddp_prefix, safe_torch_load
 from vkd.ema import ModelEMA
-from vkd.errors import CheckpointError, RunFailed
+from vkd.errors import CheckpointError
 from vkd.progress import append_json_line
 from vkd.runs import LOG, refuse_a_different_run
+from vkd.saver import CheckpointSaver, estimated_checkpoint_bytes
 
 LATEST, BEST, TEACHER_FILE = "latest.pth.tar", "best.pth.tar", "teacher.pth"
 # What defines the optimisation a checkpoint belongs to: a resume that changed one of these would print one
@@ -34,6 +35,13 @@ CORE_RUN_DEFINING_FLAGS = (
 
 def run_defining_flags():
     return CORE_RUN_DEFINING_FLAGS + tuple(distillers.run_defining_flags())
+
+
+def checkpoint_saver(args, is_main: bool = True) -> CheckpointSaver:
+    """Classification's files (``vkd.saver``): latest.pth.tar, best.pth.tar, and ep{N}.pth.tar every
+    --checkpoint-freq epochs."""
+    return CheckpointSaver(args.output_dir, LATEST, BEST, kept="ep{done}.pth.tar", keep_every=(args.checkpoint_freq,),
+                           is_main=is_main)
 
 
 @dataclass
@@ -84,25 +92,18 @@ class TrainingState:
 
         latest.pth.tar is written last: it is what --resume auto continues from, so a kill anywhere
         before its (atomic) rename leaves the previous epoch as the last finished one, and the resumed
-        run redoes this epoch and rewrites the files above (``trim_log`` drops the stale log line).
+        run redoes this epoch and rewrites the files above (``trim_log`` drops the stale log line). Weights that
+        became non-finite are not saved, and the epoch leaves no log line.
         """
-        if not all_finite(self.model.state_dict()):
-            raise RunFailed(f"the weights became non-finite during epoch {epoch}; {LATEST} was left as it was")
-        output_dir = self.args.output_dir
-        append_json_line(os.path.join(output_dir, LOG), log_record)
-        content = self.checkpoint(epoch, loss)
-        if improved:
-            save_atomically(content, os.path.join(output_dir, BEST))
-        if (epoch + 1) % self.args.checkpoint_freq == 0:
-            save_atomically(content, os.path.join(output_dir, f"ep{epoch + 1}.pth.tar"))
-        save_atomically(content, os.path.join(output_dir, LATEST))
+        log = os.path.join(self.args.output_dir, LOG)
+        checkpoint_saver(self.args).save(self.checkpoint(epoch, loss), epoch + 1, [self.model.state_dict()], improved,
+                                         before=lambda: append_json_line(log, log_record))
 
     def checkpoint_bytes(self) -> int:
         """What one checkpoint will hold, before the optimizer has any state: the weights, AdamW's two moments
         (SGD's one momentum buffer) per weight, and the EMA."""
-        weights = tensor_bytes(self.model.state_dict())
-        moments = 2 if isinstance(self.optimizer, torch.optim.AdamW) else 1
-        return weights * (1 + moments) + (weights if self.ema is not None else 0)
+        ema = [self.ema.model.state_dict()] if self.ema is not None else []
+        return estimated_checkpoint_bytes(self.optimizer, self.model.state_dict(), *ema)
 
     def _refuse_a_different_run(self, checkpoint: dict, path: str) -> None:
         saved = checkpoint.get("args") or {}  # released files carry no arguments: nothing to compare
@@ -114,14 +115,13 @@ class TrainingState:
         if "epochs" in saved and saved["epochs"] != self.args.epochs:
             self.epochs_changed = {"from": saved["epochs"], "to": self.args.epochs}
 
-    def save_preempted(self, epoch: int, partials: list) -> None:
+    def save_preempted(self, epoch: int, partials: list, is_main: bool = True) -> None:
         """latest.pth.tar in the middle of ``epoch``: the state after its last finished step, with every rank's
-        running sums and random generators (``partials``), so that --resume auto continues at that step."""
-        if not all_finite(self.model.state_dict()):
-            raise RunFailed(f"the weights became non-finite during epoch {epoch}; {LATEST} was left as it was")
+        running sums and random generators (``partials``), so that --resume auto continues at that step. Every
+        process calls it and waits until the main process has written the file."""
         content = self.checkpoint(epoch - 1, float("nan"))
         content["mid_epoch"] = {"epoch": epoch, "ranks": partials}
-        save_atomically(content, os.path.join(self.args.output_dir, LATEST))
+        checkpoint_saver(self.args, is_main).save_preempted(content, [self.model.state_dict()], f"epoch {epoch}")
 
     def restore(self, path: str) -> None:
         """Weights, EMA, optimizer, scaler, schedule and counters; training continues at the next epoch. The file

@@ -7,7 +7,7 @@ Defaults are the values the original effectively trained with, except where the 
 error (each module's ``NO_EFFECT``).
 """
 import argparse
-from typing import Dict, Iterable, Set
+from typing import Dict, Set
 
 import timm
 import torch
@@ -17,7 +17,16 @@ import distillers
 import models
 import optim
 from models import build
-from vkd.config import OneLineErrorParser, config_origins, flag_name, parse_with_config
+from vkd.config import (
+    REFUSED,
+    NoEffect,
+    OneLineErrorParser,
+    always,
+    config_origins,
+    flag_name,
+    parse_with_config,
+    refuse_flags_without_effect,
+)
 from vkd.errors import BadInput
 from vkd.teachers import unknown_model_line
 
@@ -168,35 +177,28 @@ def _check_models(args) -> None:
 
 
 def _rules_without_effect(args) -> list:
-    """Every (applies, flags, why) rule of the modules, and the chosen method's own (distillers' inert flags)."""
-    rules = [*datasets.NO_EFFECT, *build.NO_EFFECT, *optim.NO_EFFECT]
+    """``vkd.config.NoEffect`` rules: evaluation's, another method's flags, the modules' (``NO_EFFECT`` of datasets,
+    models.build and optim), and the chosen method's own (distillers' inert flags)."""
+    rules = [NoEffect(lambda a: a.eval_student or a.eval, lambda: set(vars(args)) - EVAL_FLAGS, "",
+                      "{flag} has no effect when evaluating (--eval-student / --eval)")]
+    if not args.train_teacher:
+        for dest in sorted({flag.dest for flag in distillers.all_flags()}):
+            owners = distillers.owners_of(dest)
+            if args.distiller not in owners:
+                rules.append(NoEffect(always, {dest}, f"is a flag of --distiller {' / '.join(owners)}; --distiller "
+                                                      f"{args.distiller} does not read it", REFUSED))
+    rules += [*datasets.NO_EFFECT, *build.NO_EFFECT, *optim.NO_EFFECT]
     if not args.train_teacher:
         method = distillers.distiller_class(args.distiller)
-        rules += [(lambda a: True, set(flags), reason) for flags, reason in method.inert_flags(args)]
+        rules += [NoEffect(always, set(flags), reason) for flags, reason in method.inert_flags(args)]
         if not method.needs_teacher(args):
-            rules.append((lambda a: True, build.TEACHER_RUN_FLAGS, f"--distiller {args.distiller} runs no teacher here"))
+            rules.append(NoEffect(always, build.TEACHER_RUN_FLAGS, f"--distiller {args.distiller} runs no teacher here"))
     return rules
 
 
 def _check_flags_take_effect(args, explicit: Set[str]) -> None:
-    """Every flag given (and every key the --config file sets itself) must take effect."""
-    evaluating = args.eval_student or args.eval
-    for dest in sorted(explicit):
-        if evaluating and dest not in EVAL_FLAGS:
-            raise BadInput(f"--{dest.replace('_', '-')} has no effect when evaluating (--eval-student / --eval)")
+    """Every flag given (and every key the --config file sets itself) must take effect (``_rules_without_effect``)."""
     # A training recipe's keys are checked like its flags; evaluating with a recipe file is fine.
-    from_file = () if evaluating else getattr(explicit, "from_file", ())
-    rules = _rules_without_effect(args)
-    for dest in sorted(set(explicit) | set(from_file)):
-        where = f"config {args.config}: {dest.replace('_', '-')}" if dest in from_file else f"--{dest.replace('_', '-')}"
-        owners = distillers.owners_of(dest)
-        if owners and not args.train_teacher and args.distiller not in owners:
-            raise BadInput(f"{where} is a flag of --distiller {' / '.join(owners)}; --distiller {args.distiller} "
-                           f"does not read it")
-        for applies, flags, reason in rules:
-            if dest in _named(flags) and applies(args):
-                raise BadInput(f"{where} has no effect here: {reason}")
-
-
-def _named(flags) -> Iterable[str]:
-    return flags() if callable(flags) else flags
+    from_file = () if args.eval_student or args.eval else getattr(explicit, "from_file", ())
+    refuse_flags_without_effect(args, set(explicit) | set(from_file), _rules_without_effect(args),
+                                config_origins(args.config, explicit))

@@ -10,14 +10,12 @@ the data (``datasets.py``), the model and its criterion (``models/build.py``; th
 """
 import os
 import sys
-import traceback
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import datasets
-from checkpoint import LATEST, TEACHER_FILE, TrainingState
+from checkpoint import LATEST, TEACHER_FILE, TrainingState, checkpoint_saver
 from config import AMP_DTYPES, check_arguments, parse_arguments
 from engine import evaluate, train_one_epoch
 from models import has_distillation_head
@@ -26,9 +24,9 @@ from models.loading import load_student_checkpoint, saved_run_args
 from models.students import TrainingView
 from optim import build_lr_scheduler, build_optimizer, effective_lr
 from runtime import init_runtime
-from vkd.checkpoints import first_line, require_room_for_checkpoints, safe_torch_load, save_atomically
+from vkd.checkpoints import safe_torch_load, save_atomically
 from vkd.cli import entry_point, fail
-from vkd.distributed import Runtime, every_rank, is_communication_failure, main_process_decides, reduce_over_ranks
+from vkd.distributed import Runtime, ending_the_process_group, every_rank, reduce_over_ranks
 from vkd.ema import ModelEMA, linear_momentum
 from vkd.preemption import Preempted, StopRequest, preempted_line
 from vkd.progress import tensorboard_writer
@@ -127,10 +125,7 @@ def run_training(args, runtime: Runtime, argv) -> None:
         return
 
     if args.output_dir:
-        if runtime.is_main:
-            os.makedirs(args.output_dir, exist_ok=True)
-        main_process_decides(lambda: require_room_for_checkpoints(args.output_dir, state.checkpoint_bytes()),
-                             runtime.is_main)
+        checkpoint_saver(args, runtime.is_main).require_room(state.checkpoint_bytes())
     tb_writer = None
     if args.output_dir and runtime.is_main:
         teacher = getattr(criterion, "teacher", None)
@@ -169,8 +164,8 @@ def train_epochs(args, runtime: Runtime, state: TrainingState, trained: nn.Modul
             rank=runtime.rank)
         if "preempted_at" in train_stats:
             partials = every_rank(train_stats["partial"])
-            if args.output_dir and runtime.is_main:
-                state.save_preempted(epoch, partials)
+            if args.output_dir:
+                state.save_preempted(epoch, partials, runtime.is_main)
             raise Preempted(preempted_line(f"epoch {epoch} step {train_stats['preempted_at']}"))
         state.nonfinite_skipped += train_stats["nonfinite_skipped"]
         train_stats.update(teacher_cache_counts(criterion, runtime))
@@ -234,7 +229,7 @@ def main(argv=None) -> None:
     for dest in ("repeated_aug", "dist_eval"):
         if dest in explicit and not runtime.distributed:
             fail(f"--{dest.replace('_', '-')} has no effect with a single process")
-    try:
+    with ending_the_process_group(args.dist_timeout):
         if args.eval_student:
             run_evaluation(args, runtime, args.student_ckpt, "the student network", explicit)
         elif args.eval:
@@ -244,16 +239,6 @@ def main(argv=None) -> None:
             run_evaluation(args, runtime, path, "the network", explicit)
         else:
             run_training(args, runtime, argv)
-    except RuntimeError as error:
-        if not (runtime.distributed and is_communication_failure(error)):
-            raise
-        traceback.print_exc()  # where it failed, for the log; the last line says what it means
-        fail(f"rank {runtime.rank}: distributed communication failed, probably because another process died or "
-             f"hung (collectives give up after --dist-timeout {args.dist_timeout:g} min): {first_line(error)}",
-             exit_code=1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

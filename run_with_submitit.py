@@ -1,10 +1,12 @@
-"""Submit a classification or detection run to Slurm with submitit (DeiT's ``run_with_submitit.py``), requeued
-after a preemption or a time limit until it has finished.
+"""Submit a classification, detection or generation run to Slurm with submitit (DeiT's ``run_with_submitit.py``),
+requeued after a preemption or a time limit until it has finished.
 
     python run_with_submitit.py --nodes 2 --gpus-per-node 8 --timeout-min 2880 --partition PART \\
         -- --config configs/deit_ti_vkd.yaml --data-path /imagenet --output_dir runs/deit_ti_vkd
     python run_with_submitit.py --tree detection --gpus-per-node 8 -- --method vidt --backbone_name swin_nano \\
         --coco_path /coco --output_dir runs/vidt_nano ...
+    python run_with_submitit.py --tree generation --gpus-per-node 1 -- \\
+        --config configs/generation/c10_10pct_vkd_whiten.yaml --data-path /cifar --output-dir runs/c10_10pct ...
     python run_with_submitit.py --local --gpus-per-node 1 -- ...     (the same on this host, without Slurm)
 
 The entry point's flags are checked here before the job is submitted. Each task runs the entry point from the
@@ -25,15 +27,16 @@ from typing import List
 import submitit
 
 from config import check_arguments, parse_arguments
-from vidt.arguments import check_supported, get_args_parser
-from vkd.cli import entry_point
+from generation.arguments import checked_arguments as generation_arguments
+from vidt.arguments import check_supported
+from vidt.arguments import parse_arguments as detection_arguments
+from vkd.cli import ENTRY_POINTS, entry_point
 from vkd.config import OneLineErrorParser
 from vkd.errors import BadInput, RunFailed
 from vkd.preemption import EXIT_PREEMPTED
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-ENTRY_POINTS = {"classification": ["main_distributed.py"], "detection": ["-m", "vidt.main"]}
-OUTPUT_FLAGS = ("--output_dir", "--output-dir")
+OUTPUT_FLAGS = ("--output_dir", "--output-dir")  # every tree accepts both
 
 
 class Trainer(submitit.helpers.Checkpointable):
@@ -79,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def entry_point_command(tree: str, flags: List[str]) -> List[str]:
     if not any(flag in OUTPUT_FLAGS or flag.split("=")[0] in OUTPUT_FLAGS for flag in flags):
-        raise BadInput("the run needs an output folder (--output_dir DIR after '--'): requeued jobs resume from it")
+        raise BadInput(f"the run needs an output folder ({ENTRY_POINTS[tree].output_flag} DIR after '--'): requeued "
+                       f"jobs resume from it")
     resume = [] if any(flag.split("=")[0] == "--resume" for flag in flags) else ["--resume", "auto"]
-    return ENTRY_POINTS[tree] + flags + resume
+    return [*ENTRY_POINTS[tree].program, *flags, *resume]
 
 
 def check_entry_point_flags(tree: str, flags: List[str]) -> None:
@@ -91,8 +95,10 @@ def check_entry_point_flags(tree: str, flags: List[str]) -> None:
         with contextlib.chdir(REPO):
             if tree == "classification":
                 check_arguments(*parse_arguments(flags))
+            elif tree == "detection":
+                check_supported(*detection_arguments(flags))
             else:
-                check_supported(get_args_parser().parse_args(flags))
+                generation_arguments(flags)
     except BadInput as error:
         raise BadInput(f"the {tree} flags after '--': {error}") from None
 
@@ -122,7 +128,7 @@ def main(argv=None) -> None:
     ours, flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args = build_parser().parse_args(ours)
     command = entry_point_command(args.tree, flags)
-    check_entry_point_flags(args.tree, command[len(ENTRY_POINTS[args.tree]):])
+    check_entry_point_flags(args.tree, command[len(ENTRY_POINTS[args.tree].program):])
     job = make_executor(args).submit(Trainer(command))
     print(f"submitted job {job.job_id}: logs in {job.paths.folder}", flush=True)
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
+from vkd.cli import ENTRY_POINTS
 from vkd.config import OneLineErrorParser, config_settings
 from vkd.errors import BadInput, RunFailed
 from vkd.runs import cpu_model, require_writable_folder, write_json
@@ -28,9 +29,6 @@ from vkd.runs import cpu_model, require_writable_folder, write_json
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DONE_MARKER = "job_done.json"
 STOPPED_MARKER = "job_stopped.json"  # the seconds a resumable job ran before the runner stopped it
-# Each entry point: what follows the interpreter, and its flag for the output folder.
-ENTRY_POINTS = {"classification": (["main_distributed.py"], "--output_dir"),
-                "generation": (["-m", "generation.main"], "--output-dir")}
 LOG_TAIL_LINES = 5
 POLL_SECONDS = 0.2
 RESUME = ["--resume", "auto"]  # what a resumable job's command ends with

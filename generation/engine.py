@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from generation.diffaug import diff_augment
+from vkd.distributed import is_distributed, mean_over_ranks
 from vkd.ema import ModelEMA
 
 
@@ -66,17 +66,15 @@ def set_requires_grad(parameters: List[nn.Parameter], flag: bool) -> None:
         parameter.requires_grad_(flag)
 
 
-def average_gradients(parameters: List[nn.Parameter], world_size: int) -> None:
+def average_gradients(parameters: List[nn.Parameter]) -> None:
     """One all-reduce of all the gradients, flattened (one per parameter would pay each collective's latency
     hundreds of times a step)."""
-    if world_size == 1:
+    if not is_distributed():
         return
     grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
     if not grads:
         return
-    flat = torch.cat([grad.reshape(-1) for grad in grads])
-    dist.all_reduce(flat)
-    flat.div_(world_size)
+    flat = mean_over_ranks(torch.cat([grad.reshape(-1) for grad in grads]))
     for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads])):
         grad.copy_(averaged.view_as(grad))
 
@@ -124,7 +122,7 @@ class GanStep:
             terms.update(self.vkd(images, self.discriminator.projector(kd_features), len(fake)))
         loss = terms["d_adv"] + terms.get("lecam", 0.0) + terms.get("vkd", 0.0)  # vkd_real/_fake: unweighted, logged
         loss.backward()
-        average_gradients(self.d_parameters, self.world_size)
+        average_gradients(self.d_parameters)
         self.d_optimizer.step()
         terms["d_real"], terms["d_fake"] = real_logits.detach().mean(), fake_logits.detach().mean()
         return {name: float(value.detach()) for name, value in terms.items()}
@@ -135,7 +133,7 @@ class GanStep:
         logits, _ = self.discriminator(diff_augment(self.generator(z, labels), self.policy), labels)
         loss = hinge_generator_loss(logits)
         loss.backward()
-        average_gradients(self.g_parameters, self.world_size)
+        average_gradients(self.g_parameters)
         self.g_optimizer.step()
         return {"g_adv": float(loss.detach())}
 

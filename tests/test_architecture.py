@@ -1,5 +1,7 @@
-"""The house's rules (ARCHITECTURE.md), checked on the source: one definition of each shared piece, the core
-imports none of the trees, errors become exit codes only in entry points, and no ``sys.path`` edits."""
+"""The house's rules (ARCHITECTURE.md), checked on the source: one definition of each shared piece and one home for
+each concern the three trees share (the feature term, collectives, the resume rule, the checkpoint saver, 'this flag
+has no effect', the map of trees to commands), the core imports none of the trees, detection and generation import
+no classification module, errors become exit codes only in entry points, and no ``sys.path`` edits."""
 import ast
 import os
 import re
@@ -173,3 +175,97 @@ def test_nothing_writes_args_after_parsing():
                     written.append(f"{path}:{node.lineno}")
     # parse_arguments turns the original's "none" into None while it parses.
     assert [place for place in written if not place.startswith("config.py:")] == []
+
+
+EVERYWHERE = ROOT_MODULES + TREES + ("vkd",)
+
+
+def uses(pattern: str, trees=("vkd", "vidt", "generation")):
+    """The files under ``trees`` (folders, or modules without '.py'; vkd and the two trees by default) whose source
+    matches ``pattern``."""
+    return sorted(path for path, text in SOURCES.items() if re.search(pattern, text, flags=re.M)
+                  and any(path.removesuffix(".py") == tree or path.startswith(tree + os.sep) for tree in trees))
+
+
+def test_the_feature_term_has_one_home():
+    """Detection and generation call vkd.losses.feature_distillation_loss; none computes its own distance."""
+    assert uses(r"smooth_l1_loss|mse_loss") == ["vkd/losses.py"]
+    assert uses(r"^def feature_distillation_loss\(") == ["vkd/losses.py"]
+    assert uses(r"^NORMALISATIONS\b") == ["vkd/norms.py"]
+    assert uses(r"\bfeature_distillation_loss\(", ("vidt", "generation")) == [
+        "generation/distillation.py", "vidt/models/criterion.py"]
+
+
+def test_collectives_and_the_end_of_a_process_group_have_one_home():
+    """Every tree reaches the process group through vkd.distributed, and its entry point runs in
+    ``ending_the_process_group``: one wording of a communication failure, one teardown."""
+    assert uses(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|barrier|get_world_size|get_rank|is_initialized|"
+                r"destroy_process_group)\b|is_communication_failure\(", EVERYWHERE) == ["vkd/distributed.py"]
+    assert definitions(r"^def (is_dist_avail_and_initialized|get_world_size|get_rank|reduce_dict)\(") == []
+    for name in ("is_distributed", "reduce_over_ranks", "mean_over_ranks", "every_rank", "is_main_process",
+                 "ending_the_process_group"):
+        assert definitions(rf"^def {name}\(") == ["vkd/distributed.py"], name
+    assert uses(r"with ending_the_process_group\(", EVERYWHERE) == [
+        "generation/main.py", "main_distributed.py", "vidt/main.py"]
+
+
+def test_is_this_resume_the_same_run_has_one_rule():
+    """The three trees refuse a resume of another run with vkd.runs.refuse_a_different_run and a deny list of
+    the flags that define a run; none keeps an allow list of its own."""
+    assert definitions(r"^def refuse_a_different_run\(") == ["vkd/runs.py"]
+    assert uses(r"\brefuse_a_different_run\(", EVERYWHERE) == [
+        "checkpoint.py", "generation/checkpointing.py", "vidt/arguments.py", "vkd/runs.py"]
+    assert uses(r"MAY_CHANGE|check_same_run", EVERYWHERE) == []
+
+
+def test_one_checkpoint_saver_for_the_three_trees():
+    """Each tree names its files for vkd.saver.CheckpointSaver, which alone refuses non-finite weights, checks the
+    room before a run and writes a run's checkpoints (atomically)."""
+    assert definitions(r"^class CheckpointSaver\b") == ["vkd/saver.py"]
+    assert uses(r"\bCheckpointSaver\(", EVERYWHERE) == [
+        "checkpoint.py", "generation/checkpointing.py", "vidt/util/checkpoint.py"]
+    assert uses(r"\b(all_finite|require_room_for_checkpoints)\(", EVERYWHERE) == ["vkd/checkpoints.py", "vkd/saver.py"]
+    assert uses(r"\bsave_atomically\(", ("checkpoint", "generation", os.path.join("vidt", "util"))) == []
+    assert uses(r"\bestimated_checkpoint_bytes\(", EVERYWHERE) == [
+        "checkpoint.py", "generation/main.py", "vidt/main.py", "vkd/saver.py"]
+
+
+def test_this_flag_has_no_effect_is_one_mechanism():
+    """Classification's modules and detection state NoEffect rules; vkd.config.refuse_flags_without_effect alone
+    applies them."""
+    assert definitions(r"^class NoEffect\b") == ["vkd/config.py"]
+    assert definitions(r"^def refuse_flags_without_effect\(") == ["vkd/config.py"]
+    assert uses(r"\brefuse_flags_without_effect\(", EVERYWHERE) == ["config.py", "vidt/arguments.py", "vkd/config.py"]
+    assert definitions(r"^(INERT_FLAGS|UNSUPPORTED_OPTIONS|DASHED_FLAGS|NOT_APPLICABLE)\b") == []
+
+
+def test_the_map_of_trees_to_commands_has_one_home():
+    """vkd.cli.ENTRY_POINTS, read by run_with_submitit.py and experiments' runner: each names an entry point."""
+    from vkd.cli import ENTRY_POINTS
+    assert definitions(r"^ENTRY_POINTS\b") == ["vkd/cli.py"]
+    assert uses(r"\bENTRY_POINTS\b", EVERYWHERE) == [
+        "experiments/runner.py", "run_with_submitit.py", "vkd/cli.py"]
+    for tree, (program, _) in ENTRY_POINTS.items():
+        path = program[0] if program[0].endswith(".py") else program[-1].replace(".", os.sep) + ".py"
+        assert is_entry_point(SOURCES[path]), tree
+
+
+CLASSIFICATION_MODULES = ("checkpoint", "config", "datasets", "distillers", "engine", "main_distributed", "models",
+                          "optim", "runtime", "export", "predict")
+
+
+def classification_imports(text: str):
+    return [name for name in imported_modules(text) if name.split(".")[0] in CLASSIFICATION_MODULES]
+
+
+def test_detection_and_generation_import_no_classification_module():
+    assert classification_imports("import models\nfrom datasets import build_dataset\nfrom vidt.models import build")\
+        == ["models", "datasets"]  # the check sees both forms, and a tree's own models/ is not the root's
+    for path, text in SOURCES.items():
+        if path.split(os.sep)[0] in ("vidt", "generation"):
+            assert classification_imports(text) == [], path
+
+
+def test_files_say_what_they_hold():
+    assert len(SOURCES["generation/main.py"].splitlines()) <= 350
+    assert not [path for path in ("generation/vkd.py", "vidt/util/misc.py") if path in SOURCES]

@@ -24,8 +24,12 @@ def test_the_command_resumes_automatically_and_needs_an_output_folder():
         "-m", "vidt.main", "--output_dir", "out", "--resume", "auto"]
     assert run_with_submitit.entry_point_command("classification", ["--output_dir=out", "--resume", "x.pth"]) == [
         "main_distributed.py", "--output_dir=out", "--resume", "x.pth"]
+    assert run_with_submitit.entry_point_command("generation", ["--output_dir", "out"]) == [
+        "-m", "generation.main", "--output_dir", "out", "--resume", "auto"]
     with pytest.raises(BadInput, match="needs an output folder"):
         run_with_submitit.entry_point_command("classification", ["--epochs", "3"])
+    with pytest.raises(BadInput, match=r"needs an output folder \(--output-dir DIR after '--'\)"):
+        run_with_submitit.entry_point_command("generation", ["--iterations", "3"])
 
 
 def test_without_slurm_a_job_is_refused_unless_local_is_asked(run_entry_point, tmp_path, monkeypatch):
@@ -41,6 +45,7 @@ def test_without_slurm_a_job_is_refused_unless_local_is_asked(run_entry_point, t
     ("classification", ["--epohcs", "3"], "unrecognized arguments: --epohcs 3 (--help lists every flag)"),
     ("detection", ["--coco_path", "/coco", "--batch_size", "3", "--n_iter_to_acc", "2"],
      "--n_iter_to_acc 2 must divide --batch_size 3"),
+    ("generation", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
 ])
 def test_the_entry_point_s_flags_are_checked_before_submitting(tree, flags, message, run_entry_point, tmp_path):
     jobs = tmp_path / "jobs"

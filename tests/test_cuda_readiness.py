@@ -14,8 +14,8 @@ import torch.nn as nn
 from conftest import REPO
 
 from examples.own_loop import distil
+from generation import checkpointing as gan_checkpointing
 from generation import engine as gan_engine
-from generation import main as gan_main
 from generation import teachers
 from vkd import distributed, preemption
 from vkd.errors import BadInput
@@ -210,7 +210,7 @@ def test_each_rank_resumes_its_own_random_generators():
         saved.append(preemption.rng_states())
     expected = torch.rand(3)  # what seed 2 draws next
     torch.manual_seed(0)
-    gan_main.restore_rng({"rng": saved}, rank=1)
+    gan_checkpointing.restore_rng({"rng": saved}, rank=1)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -219,9 +219,9 @@ def test_an_older_checkpoint_gives_rank_0s_generator_to_rank_0_alone():
     saved = torch.get_rng_state()
     torch.manual_seed(6)
     own = torch.get_rng_state()
-    gan_main.restore_rng({"rng": saved, "cuda_rng": None}, rank=1)
+    gan_checkpointing.restore_rng({"rng": saved, "cuda_rng": None}, rank=1)
     assert torch.equal(torch.get_rng_state(), own)
-    gan_main.restore_rng({"rng": saved, "cuda_rng": None}, rank=0)
+    gan_checkpointing.restore_rng({"rng": saved, "cuda_rng": None}, rank=0)
     assert torch.equal(torch.get_rng_state(), saved)
 
 
@@ -250,17 +250,20 @@ def test_two_gan_processes_resumed_train_as_if_never_stopped(tmp_path):
 def test_gan_gradients_are_averaged_in_one_all_reduce(monkeypatch):
     calls = []
 
-    def all_reduce(tensor):  # two ranks with the same gradients: the sum is twice each
+    def all_reduce(tensor, op=dist.ReduceOp.SUM):  # two ranks with the same gradients: the sum is twice each
         calls.append(tensor.numel())
         tensor.mul_(2)
 
-    monkeypatch.setattr(gan_engine.dist, "all_reduce", all_reduce)
+    for module in (distributed, gan_engine):
+        monkeypatch.setattr(module, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
     parameters = [nn.Parameter(torch.zeros(shape)) for shape in [(3, 2), (4,), (2, 2, 2)]]
     for index, parameter in enumerate(parameters):
         parameter.grad = torch.arange(parameter.numel(), dtype=torch.float32).view(parameter.shape) + index
     expected = [parameter.grad.clone() for parameter in parameters]
     parameters.append(nn.Parameter(torch.zeros(5)))  # no gradient (frozen in this step): left out
-    gan_engine.average_gradients(parameters, world_size=2)
+    gan_engine.average_gradients(parameters)
     assert calls == [6 + 4 + 8]
     assert all(torch.equal(parameter.grad, grad) for parameter, grad in zip(parameters, expected))
     assert parameters[-1].grad is None
@@ -332,7 +335,7 @@ def test_gradient_accumulation_all_reduces_once_per_optimizer_step(one_process_g
     from test_vidt import FakeCriterion, ScaledSum
 
     from vidt.engine import train_one_epoch
-    from vidt.util.misc import nested_tensor_from_images
+    from vidt.util.nested_tensor import nested_tensor_from_images
     model = nn.parallel.DistributedDataParallel(ScaledSum())
     reduced = []
 
@@ -354,7 +357,7 @@ def test_gradient_accumulation_all_reduces_once_per_optimizer_step(one_process_g
 def test_vidt_leaves_no_process_group_behind(monkeypatch, tmp_path):
     from vidt import main as vidt_main
 
-    def run(args, argv):
+    def run(args, argv, origins):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
 
     monkeypatch.setattr(vidt_main, "run", run)
@@ -368,11 +371,12 @@ def test_vidt_leaves_no_process_group_behind(monkeypatch, tmp_path):
 
 def test_vidt_loaders_pin_batches_for_a_gpu(monkeypatch):
     from vidt import main as vidt_main
-    from vidt.util.misc import NestedTensor
+    from vidt.util.nested_tensor import NestedTensor
     built = []
     monkeypatch.setattr(vidt_main, "DataLoader", lambda *a, **kwargs: built.append(kwargs["pin_memory"]))
     monkeypatch.setattr(vidt_main, "build_coco", lambda split, args, num_classes: list(range(8)))
-    args = vidt_main.get_args_parser().parse_args(["--batch_size", "2"])
+    from vidt.arguments import get_args_parser
+    args = get_args_parser().parse_args(["--batch_size", "2"])
     args.distributed = False
     vidt_main.make_loaders(args, eval_only=False, pin_memory=True)
     assert built == [True, True]

@@ -11,12 +11,13 @@ from conftest import write_idx
 
 from generation import data as gan_data
 from generation import main as gan_main
+from generation.arguments import parse_arguments
 from generation.biggan import Discriminator, Generator
 from generation.diffaug import cutout, diff_augment, parse_policy, translation
+from generation.distillation import GanVkDLoss
 from generation.engine import LeCam
 from generation.fid import GeneratorEvaluator
 from generation.teachers import FrozenImageNetwork, TimmNetwork
-from generation.vkd import GanVkDLoss
 from vkd import norms
 from vkd.data.fmnist import read_idx
 from vkd.norms import build_normalisation
@@ -343,21 +344,21 @@ def test_every_paper_row_has_a_config_that_resolves():
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "generation")
     rows = sorted(name for name in os.listdir(folder) if name.startswith("c10_"))
     assert len(rows) == 9  # 10%, 20%, 100% x (DiffAugment only, VkD + LayerNorm, VkD + whitening); C100 alike
-    whiten = gan_main.parse_arguments(["--config", os.path.join(folder, "c10_10pct_vkd_whiten.yaml")])
+    whiten = parse_arguments(["--config", os.path.join(folder, "c10_10pct_vkd_whiten.yaml")])
     assert (whiten.dataset, whiten.data_fraction, whiten.iterations, whiten.teacher, whiten.normalisation) == \
         ("C10", 0.1, 125000, "clip", "whiten")
     assert (whiten.batch_size, whiten.num_d_steps, whiten.adam_betas, whiten.diffaug) == \
         (50, 4, [0.0, 0.999], "translation,cutout")
-    baseline = gan_main.parse_arguments(["--config", os.path.join(folder, "c100_100pct_da.yaml"), "--seed", "3"])
+    baseline = parse_arguments(["--config", os.path.join(folder, "c100_100pct_da.yaml"), "--seed", "3"])
     assert (baseline.dataset, baseline.iterations, baseline.teacher, baseline.seed) == ("C100", 500000, "none", 3)
     for name in os.listdir(folder):
-        gan_main.parse_arguments(["--config", os.path.join(folder, name)])
+        parse_arguments(["--config", os.path.join(folder, name)])
 
 
 def test_the_projector_trains_with_d_and_stays_put_when_g_owns_it(tiny_fashion, network_files, tmp_path, capsys):
     key = "projector.parametrizations.weight.original"
     flags = run_flags(tiny_fashion, network_files, tmp_path / "initial", 1)
-    args = gan_main.parse_arguments(flags)
+    args = parse_arguments(flags)
     _, discriminator, _ = gan_main.build_networks(args, 10, gan_main.build_teacher(args, torch.device("cpu")))
     initial = discriminator.state_dict()[key]
     moved = {}

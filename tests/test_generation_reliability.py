@@ -17,9 +17,13 @@ import torch
 from conftest import write_idx
 from test_preemption import interrupted
 
+import vkd.checkpoints
 from generation import main as gan_main
+from generation.arguments import RUN_DEFINING_FLAGS, parse_arguments
+from generation.checkpointing import refuse_another_run
 from generation.engine import GanStep
 from vkd.checkpoints import safe_torch_load
+from vkd.errors import BadInput
 from vkd.preemption import EXIT_PREEMPTED
 
 SAVE_EVERY = 4
@@ -197,20 +201,20 @@ def copy_of(saved_run, tmp_path):
 
 
 @pytest.mark.parametrize("changed, named", [
-    (["--batch-size", 30], "--batch-size 30 here, 8 in the checkpoint"),  # once: empty batches, a non-finite loss
-    (["--g-lr", "1e-3"], "--g-lr 0.001 here, 0.0002 in the checkpoint"),
-    (["--d-lr", "1e-3"], "--d-lr 0.001 here, 0.0002 in the checkpoint"),
-    (["--adam-betas", 0.5, 0.9], "--adam-betas 0.5 0.9 here, 0.0 0.999 in the checkpoint"),
-    (["--num-d-steps", 3], "--num-d-steps 3 here, 2 in the checkpoint"),
-    (["--iterations", 1], "--iterations 1 here, 2 in the checkpoint"),
-    (["--ema-decay", 0.9], "--ema-decay 0.9 here, 0.5 in the checkpoint"),
-    (["--ema-start", 5], "--ema-start 5 here, 1 in the checkpoint"),
-    (["--lecam-weight", 0], "--lecam-weight 0.0 here, 0.3 in the checkpoint"),
-    (["--diffaug", "translation"], "--diffaug translation here, translation,cutout in the checkpoint"),
-    (["--data-fraction", 0.5], "--data-fraction 0.5 here, 1.0 in the checkpoint"),
-    (["--subset-draw", "balanced"], "--subset-draw balanced here, uniform in the checkpoint"),
-    (["--no-hflip"], "--hflip off here, on in the checkpoint"),
-    (["--seed", 1], "--seed 1 here, 0 in the checkpoint"),
+    (["--batch-size", 30], ("--batch-size 30 but", "trained with 8:")),  # once: empty batches, a non-finite loss
+    (["--g-lr", "1e-3"], ("--g-lr 0.001 but", "trained with 0.0002:")),
+    (["--d-lr", "1e-3"], ("--d-lr 0.001 but", "trained with 0.0002:")),
+    (["--adam-betas", 0.5, 0.9], ("--adam-betas 0.5 0.9 but", "trained with 0.0 0.999:")),
+    (["--num-d-steps", 3], ("--num-d-steps 3 but", "trained with 2:")),
+    (["--iterations", 1], ("--iterations 1 but", "trained with 2:")),
+    (["--ema-decay", 0.9], ("--ema-decay 0.9 but", "trained with 0.5:")),
+    (["--ema-start", 5], ("--ema-start 5 but", "trained with 1:")),
+    (["--lecam-weight", 0], ("--lecam-weight 0.0 but", "trained with 0.3:")),
+    (["--diffaug", "translation"], ("--diffaug translation but", "trained with translation,cutout:")),
+    (["--data-fraction", 0.5], ("--data-fraction 0.5 but", "trained with 1.0:")),
+    (["--subset-draw", "balanced"], ("--subset-draw balanced but", "trained with uniform:")),
+    (["--no-hflip"], ("--hflip False but", "trained with True:")),
+    (["--seed", 1], ("--seed 1 but", "trained with 0:")),
 ])
 def test_a_resume_with_flags_that_train_differently_is_refused_in_one_line(fashion, saved_run, tmp_path, capsys,
                                                                            changed, named):
@@ -218,7 +222,7 @@ def test_a_resume_with_flags_that_train_differently_is_refused_in_one_line(fashi
     before = (output_dir / "latest.pth").read_bytes()
     code, out, err = run_main(flags(fashion, output_dir, 2, *changed), capsys)
     line = one_line(err, code, 2)
-    assert named in line and "start a new run" in line and "--output-dir" in line, line
+    assert all(part in line for part in named) and "start a new run" in line and "--output-dir" in line, line
     assert (output_dir / "latest.pth").read_bytes() == before
     assert "Iteration" not in out  # refused before any work
 
@@ -230,15 +234,38 @@ def test_a_changed_flag_in_the_config_file_is_refused_too(fashion, saved_run, tm
     argv = flags(fashion, output_dir, 2)
     del argv[argv.index("--batch-size"):argv.index("--batch-size") + 2]  # the file's value, not the flag's
     code, _, err = run_main(argv + ["--config", str(config)], capsys)
-    assert "--batch-size 30 here, 8 in the checkpoint" in one_line(err, code, 2)
+    line = one_line(err, code, 2)
+    assert "--batch-size 30 but" in line and "trained with 8:" in line, line
 
 
 def test_another_number_of_processes_is_refused():
-    args = gan_main.parse_arguments(["--iterations", "5"])
+    args = parse_arguments(["--iterations", "5"])
     checkpoint = {"args": dict(vars(args)), "processes": 2}
-    with pytest.raises(gan_main.BadInput, match=r"1 process\(es\) here, 2 in the checkpoint.*start a new run"):
-        gan_main.check_same_run(args, checkpoint, "latest.pth", processes=1)
-    assert gan_main.check_same_run(args, checkpoint, "latest.pth", processes=2) is None
+    with pytest.raises(BadInput, match=r"trained on 2 process\(es\), this resume has 1.*start a new run"):
+        refuse_another_run(args, checkpoint, "latest.pth", processes=1)
+    assert refuse_another_run(args, checkpoint, "latest.pth", processes=2) is None
+
+
+# What may change on a resume: where the files are, how often to print, save, sample and evaluate, and the
+# evaluation itself. Every other flag is run-defining: a new flag must be put on one side.
+MAY_CHANGE_ON_RESUME = {
+    "config", "data_path", "download", "teacher_path", "device", "output_dir", "resume", "overwrite", "print_freq",
+    "save_every", "sample_every", "local_rank", "dist_url", "dist_timeout", "fid_extractor", "fid_weights",
+    "fid_model", "fid_input_size", "fid_reference", "eval_samples", "eval_every", "is_splits", "eval_checkpoint",
+    "eval_repeats", "iterations"}
+
+
+def test_every_flag_either_defines_the_run_or_may_change_on_resume():
+    defining = {flag.lstrip("-").replace("-", "_") for flag in RUN_DEFINING_FLAGS}
+    every = set(vars(parse_arguments([])))
+    assert defining | MAY_CHANGE_ON_RESUME == every and not defining & MAY_CHANGE_ON_RESUME
+
+
+def test_where_the_files_are_and_how_often_to_save_may_change(tmp_path):
+    args = parse_arguments(["--iterations", "5", "--download", "--save-every", "7", "--device", "cpu"])
+    saved = dict(vars(parse_arguments(["--iterations", "5", "--save-every", "3", "--output-dir", str(tmp_path)])))
+    assert refuse_another_run(args, {"args": saved, "processes": 1}, "latest.pth", processes=1) is None
+    assert refuse_another_run(parse_arguments(["--iterations", "9"]), {"args": saved}, "latest.pth", processes=1) == 5
 
 
 def test_other_data_under_the_same_flags_is_refused(saved_run, tmp_path, capsys):
@@ -279,6 +306,19 @@ def test_a_count_that_is_not_a_number_is_one_line(capsys):
     assert "--iterations" in line and "'many'" in line and "usage" not in err
 
 
+def test_the_collective_timeout_is_a_flag_like_the_other_trees_and_must_be_positive(monkeypatch, capsys):
+    asked = {}
+
+    def start_processes(device, local_rank, init_method, timeout_minutes):
+        asked["timeout"] = timeout_minutes
+        raise BadInput("stopped here")
+
+    monkeypatch.setattr(gan_main, "start_processes", start_processes)
+    assert run_main(["--dist-timeout", "2.5"], capsys)[0] == 2 and asked == {"timeout": 2.5}
+    code, _, err = run_main(["--dist-timeout", "0"], capsys)
+    assert one_line(err, code, 2) == "error: --dist-timeout must be > 0 minutes, got 0"
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupt_safetensors_clip_file_is_one_line(fashion, tmp_path, capsys, damage):
     from safetensors.torch import save_file
@@ -307,6 +347,14 @@ def test_a_config_key_of_the_wrong_type_is_one_line_before_any_work(fashion, tmp
 
 
 # ============================================================================ a full disk: one line, exit 1
+
+def test_a_folder_too_small_for_two_checkpoints_is_refused_before_training(fashion, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(vkd.checkpoints, "_free_bytes", lambda folder: 2 ** 10)
+    code, out, err = run_main(flags(fashion, tmp_path / "out", 2), capsys)
+    line = one_line(err, code, 2)
+    assert "0 MiB free" in line and "2 checkpoints" in line and "Iteration" not in out
+    assert not (tmp_path / "out" / "latest.pth").exists()
+
 
 def test_a_full_disk_at_the_latest_save_is_one_line_keeping_the_previous_file(saved_run, fashion, tmp_path, capsys,
                                                                               monkeypatch):

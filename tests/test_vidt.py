@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vidt.arguments import check_supported, get_args_parser
+import vidt.main
+from vidt.arguments import check_supported, get_args_parser, parse_arguments
 from vidt.datasets.transforms import make_coco_transforms, resized_shape
 from vidt.engine import train_one_epoch
 from vidt.models.build import build_detector, build_teacher, build_weight_dict, load_student_weights
@@ -26,7 +27,8 @@ from vidt.models.matcher import HungarianMatcher
 from vidt.models.ms_deform_attn import MSDeformAttn, multi_scale_deformable_attention
 from vidt.optim import build_scheduler, param_groups, step_scheduler
 from vidt.tools.make_synthetic_coco import make_synthetic_coco
-from vidt.util.misc import nested_tensor_from_images, setup_for_distributed_printing
+from vidt.util.nested_tensor import nested_tensor_from_images
+from vidt.util.printing import setup_for_distributed_printing
 from vkd.distributed import launcher_ranks
 from vkd.errors import BadInput, CheckpointError
 
@@ -364,6 +366,29 @@ def test_bad_input_is_one_line_on_stderr_and_exit_code_2(tmp_path):
     assert result.stderr == "error: --iou_aware is not supported\n" and not (tmp_path / "run").exists()
     with pytest.raises(BadInput, match="--coco_path is needed"):
         check_supported(parse_args())
+
+
+def test_a_config_file_sets_defaults_under_the_command_line_its_keys_checked_like_flags(tmp_path, run_entry_point):
+    config = tmp_path / "nano.yaml"
+    config.write_text("backbone_name: swin_nano\nbatch-size: 2\naux_loss: true\ntrain_sizes: [96, 112]\n"
+                      "coco_path: coco\n")
+    args, origins = parse_arguments(["--config", str(config), "--batch_size", "4"])
+    assert (args.backbone_name, args.batch_size, args.aux_loss, args.train_sizes) == ("swin_nano", 4, True, [96, 112])
+    assert origins == {"backbone_name": str(config), "aux_loss": str(config), "train_sizes": str(config),
+                       "coco_path": str(config)}
+    check_supported(args, origins)
+    for content, line in [("lr_backbone: 2.0e-5\n", f"config {config}: lr-backbone has no effect here"),
+                          ("iou_aware: true\n", f"config {config}: iou-aware is not supported"),
+                          ("batch_size: two\n", f"config {config}: batch_size: expected an integer, got the string 'two'"),
+                          ("aux_loss: 1\n", f"config {config}: aux_loss: expected True or False, got '1'"),
+                          ("coco-root: coco\n", f"config {config}: unknown key 'coco-root'")]:
+        config.write_text(content)
+        with pytest.raises(BadInput) as refused:
+            check_supported(*parse_arguments(["--config", str(config), "--coco_path", "coco"]))
+        assert str(refused.value).startswith(line), str(refused.value)
+    config.write_text("token_label: true\n")
+    argv = ["--config", config, "--coco_path", "coco", "--device", "cpu", "--output_dir", tmp_path / "run"]
+    assert run_entry_point(vidt.main, argv) == (2, "", f"error: config {config}: token-label is not supported\n")
 
 
 def test_runs_as_a_module_from_the_repository_root():

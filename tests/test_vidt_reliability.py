@@ -31,6 +31,8 @@ from test_vidt import PAPER_FLAGS, SMALL_IMAGE_FLAGS, VIDT_DIR, free_port, parse
 
 import vidt.engine
 import vidt.main
+import vkd.checkpoints
+import vkd.saver
 from vidt.arguments import resumed_epochs
 from vidt.tools.make_synthetic_coco import make_synthetic_coco
 from vkd.errors import BadInput
@@ -301,6 +303,22 @@ def test_a_full_disk_keeps_the_previous_checkpoint(coco_root, reference, tmp_pat
     assert "the previous checkpoint.pth was kept" in err
     assert (run_dir / "checkpoint.pth").read_bytes() == before
     assert not [path.name for path in run_dir.iterdir() if ".tmp" in path.name]
+
+
+def test_a_folder_too_small_for_two_checkpoints_is_refused_before_training(coco_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(vkd.checkpoints, "_free_bytes", lambda folder: 2 ** 20)
+    code, out, err = run_here(run_flags(coco_root, tmp_path / "run", "--epochs", 1))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, out[-2000:] + err[-2000:]
+    assert "1 MiB free" in err and "2 checkpoints" in err and "Epoch:" not in out
+
+
+def test_non_finite_weights_are_not_saved_and_leave_no_log_line(coco_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(vkd.saver, "all_finite", lambda state_dict: False)
+    run_dir = tmp_path / "run"
+    code, out, err = run_here(run_flags(coco_root, run_dir, "--epochs", 1))
+    assert code == 1 and err == ("error: the weights became non-finite after 1 epoch(s); checkpoint.pth was "
+                                 "left as it was\n"), out[-2000:] + err[-2000:]
+    assert not (run_dir / "checkpoint.pth").exists() and not (run_dir / "log.txt").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,13 +7,14 @@ import re
 import pytest
 
 import config
+import generation.arguments
 import generation.main
 import vidt.arguments
 from vkd.config import OneLineErrorParser, parse_with_config
 from vkd.errors import BadInput
 
 TREE_PARSERS = {"classification": config.build_parser, "detection": vidt.arguments.get_args_parser,
-                "generation": generation.main.build_parser}
+                "generation": generation.arguments.build_parser}
 
 
 @pytest.mark.parametrize("tree", sorted(TREE_PARSERS))

@@ -1,14 +1,25 @@
-"""Command-line flags of ViDT/VkD, plus this tree's small-image flags and --student_ckpt.
+"""Command-line flags of ViDT/VkD, plus this tree's small-image flags, --student_ckpt and --config (YAML files of
+defaults under the command line, their keys checked like the flags: ``vkd.config``).
 
 Boolean flags take a value, as in the original (``--eval True``); only 'true'/'false' are accepted.
 Flags that the original defines but never uses are kept so the paper's commands parse; setting one to
-a non-default value is an error (see ``check_supported``) instead of being silently ignored.
+a non-default value is an error (``NO_EFFECT``, applied by ``check_supported``) instead of being silently ignored.
 """
 import argparse
+from typing import Dict, List, Optional, Set, Tuple
 
 from vidt.models.build import TEACHER_BACKBONES
 from vidt.models.swin_ram import SWIN_VARIANTS
-from vkd.config import OneLineErrorParser
+from vkd.config import (
+    REFUSED,
+    NoEffect,
+    OneLineErrorParser,
+    always,
+    config_origins,
+    option_spellings,
+    parse_with_config,
+    refuse_flags_without_effect,
+)
 from vkd.distributed import DEFAULT_TIMEOUT_MINUTES
 from vkd.errors import BadInput
 from vkd.runs import refuse_a_different_run
@@ -113,7 +124,9 @@ def get_args_parser() -> OneLineErrorParser:
     add("--num_workers", default=2, type=int, help="data loader workers per process (default 2)")
 
     # Run control
-    add("--output_dir", default="",
+    add("--config", default=None, metavar="FILE.yaml",
+        help="YAML file of defaults (keys are flag names, '-' or '_'); the command line overrides it")
+    add("--output_dir", "--output-dir", default="",
         help="run folder under logs/ (default, as in the original: <method>-<BACKBONE>-batch-<b>-epoch-<e>)")
     add("--device", default="cuda", help="cuda or cpu (default cuda)")
     add("--seed", default=42, type=int, help="base seed; each process uses seed + rank (default 42)")
@@ -147,33 +160,35 @@ def get_args_parser() -> OneLineErrorParser:
     return parser
 
 
-# (flag, default, reason): accepted for command-line compatibility, but with no effect in ViDT.
-INERT_FLAGS = (
-    ("lr_backbone", 1e-5, "the backbone trains at --lr in ViDT"),
-    ("decay_rate", 0.1, "the cosine runs one cycle and --sched step decays by 0.1, as in the original"),
-    ("position_embedding", "sine", "ViDT has no configurable position embedding"),
-    ("pos_dim", 256, "ViDT uses --reduced_dim as the [DET] position width"),
-    ("dim_feedforward", 1024, "ViDT fixes the decoder FFN at 1024"),
-    ("dice_loss_coef", 1, "there are no mask losses"),
-    ("mask_loss_coef", 1, "there are no mask losses"),
-    ("eos_coef", 0.1, "the focal loss has no no-object weight"),
-    ("lr_linear_proj_names", ["reference_points", "sampling_offsets"], "ViDT applies no reduced lr"),
-    ("lr_linear_proj_mult", 0.1, "ViDT applies no reduced lr"),
-    ("coco_panoptic_path", None, "panoptic data is not used"),
-    ("remove_difficult", False, "it only applies to VOC"),
-    ("iouaware_loss_coef", 2, "--iou_aware is not supported"),
-    ("token_loss_coef", 2, "--token_label is not supported"),
-    ("dist_backend", "nccl", "the process group uses nccl on CUDA and gloo on the CPU"),
-)
-DASHED_FLAGS = {"decay_rate", "dist_backend"}  # spelled with '-' on the command line, as in the original
-UNSUPPORTED_OPTIONS = (
-    ("method", "vidt", "--method vidt_wo_neck is not supported; use --method vidt"),
-    ("dataset_file", "coco", "--dataset_file voc is not supported; use coco"),
-    ("cross_scale_fusion", False,
-     "--cross_scale_fusion is not supported (it also crashes in the original teacher builder)"),
-    ("iou_aware", False, "--iou_aware is not supported"),
-    ("token_label", False, "--token_label is not supported"),
-    ("num_feature_levels", 4, "--num_feature_levels must be 4 (the four Swin levels)"),
+# Flags accepted for the original's commands (``vkd.config.NoEffect`` rules): a value other than the default is
+# refused, since it could not take effect (the paper's commands pass some of these flags at their defaults).
+LEAVE_AT_DEFAULT = "{flag} has no effect here: {reason}; leave it at its default"
+NO_EFFECT = (
+    *(NoEffect(always, {name}, reason, LEAVE_AT_DEFAULT) for name, reason in (
+        ("lr_backbone", "the backbone trains at --lr in ViDT"),
+        ("decay_rate", "the cosine runs one cycle and --sched step decays by 0.1, as in the original"),
+        ("position_embedding", "ViDT has no configurable position embedding"),
+        ("pos_dim", "ViDT uses --reduced_dim as the [DET] position width"),
+        ("dim_feedforward", "ViDT fixes the decoder FFN at 1024"),
+        ("dice_loss_coef", "there are no mask losses"),
+        ("mask_loss_coef", "there are no mask losses"),
+        ("eos_coef", "the focal loss has no no-object weight"),
+        ("lr_linear_proj_names", "ViDT applies no reduced lr"),
+        ("lr_linear_proj_mult", "ViDT applies no reduced lr"),
+        ("coco_panoptic_path", "panoptic data is not used"),
+        ("remove_difficult", "it only applies to VOC"),
+        ("iouaware_loss_coef", "--iou_aware is not supported"),
+        ("token_loss_coef", "--token_label is not supported"),
+        ("dist_backend", "the process group uses nccl on CUDA and gloo on the CPU"),
+    )),
+    *(NoEffect(always, {name}, reason, REFUSED) for name, reason in (
+        ("method", "vidt_wo_neck is not supported; use --method vidt"),
+        ("dataset_file", "voc is not supported; use coco"),
+        ("cross_scale_fusion", "is not supported (it also crashes in the original teacher builder)"),
+        ("iou_aware", "is not supported"),
+        ("token_label", "is not supported"),
+        ("num_feature_levels", "must be 4 (the four Swin levels)"),
+    )),
 )
 
 
@@ -198,15 +213,24 @@ def resumed_epochs(args, saved: dict, world_size: int, path: str):
     return saved["epochs"] if saved.get("epochs", args.epochs) != args.epochs else None
 
 
-def check_supported(args) -> None:
-    """Stop with one clear line for options that cannot take effect here."""
-    for name, default, message in UNSUPPORTED_OPTIONS:
-        if getattr(args, name) != default:
-            raise BadInput(message)
-    for name, default, reason in INERT_FLAGS:
-        if getattr(args, name) != default:
-            flag = "--" + (name.replace("_", "-") if name in DASHED_FLAGS else name)
-            raise BadInput(f"{flag} has no effect ({reason}); leave it at its default {default}")
+def parse_arguments(argv: List[str]) -> Tuple[argparse.Namespace, Dict[str, str]]:
+    """The arguments, with ``--config``'s defaults under the command line, and the config file that set each value
+    not given on the command line (``vkd.config.config_origins``: what an error names)."""
+    args, explicit, _ = parse_with_config(get_args_parser(), argv)
+    return args, config_origins(args.config, explicit)
+
+
+def changed_from_default(args, parser: argparse.ArgumentParser) -> Set[str]:
+    """The destinations whose value is not ``parser``'s default: what detection's rules look at."""
+    defaults = vars(parser.parse_args([]))
+    return {dest for dest, value in vars(args).items() if dest in defaults and value != defaults[dest]}
+
+
+def check_supported(args, origins: Optional[Dict[str, str]] = None) -> None:
+    """Stop with one clear line for options that cannot take effect here; ``origins``: the config file that set
+    each value (``vkd.config.config_origins``), named instead of the flag."""
+    parser = get_args_parser()
+    refuse_flags_without_effect(args, changed_from_default(args, parser), NO_EFFECT, origins, option_spellings(parser))
     if args.backbone_name not in SWIN_VARIANTS:
         raise BadInput(f"--backbone_name {args.backbone_name} is not supported; "
                        f"choose from {sorted(SWIN_VARIANTS)}")

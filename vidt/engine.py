@@ -8,7 +8,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from vidt.datasets.coco_eval import CocoEvaluator
-from vidt.util.misc import is_main_process, reduce_dict
+from vkd.distributed import is_distributed, is_main_process, mean_over_ranks
 from vkd.errors import RunFailed
 from vkd.preemption import StopRequest, rng_states, set_rng_states
 from vkd.progress import Progress, RunningMeans
@@ -29,9 +29,17 @@ def _weighted_sum(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, flo
     return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
 
+def _averaged_over_ranks(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Scalar tensors (the same names on every process) averaged over processes in one all-reduce."""
+    if not is_distributed():
+        return values
+    names = sorted(values)
+    return dict(zip(names, mean_over_ranks(torch.stack([values[name] for name in names]))))
+
+
 def _log_values(loss_dict: Dict[str, torch.Tensor], weight_dict: Dict[str, float]):
     """(total, scaled terms, unscaled terms plus class_error), averaged over processes, for logging."""
-    reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+    reduced = _averaged_over_ranks({k: v.detach() for k, v in loss_dict.items()})
     scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
     unscaled = {f"{k}_unscaled": v for k, v in reduced.items() if k != "class_error"}
     return sum(scaled.values()), scaled, dict(unscaled, class_error=reduced["class_error"])

@@ -14,12 +14,12 @@ if not __package__:
 
 import resource  # noqa: E402
 import time  # noqa: E402
+from typing import Callable, Dict, Optional  # noqa: E402
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler  # noqa: E402
 
-from vidt.arguments import check_supported, get_args_parser, resumed_epochs  # noqa: E402
+from vidt.arguments import check_supported, parse_arguments, resumed_epochs  # noqa: E402
 from vidt.datasets.coco import build_coco  # noqa: E402
 from vidt.datasets.coco_eval import STAT_NAMES, eval_arrays  # noqa: E402
 from vidt.engine import evaluate, train_one_epoch  # noqa: E402
@@ -27,22 +27,22 @@ from vidt.models import build  # noqa: E402
 from vidt.models.build import NUM_CLASSES, load_student_weights  # noqa: E402
 from vidt.models.detector import is_projector_key  # noqa: E402
 from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E402
-from vidt.util.checkpoint import load_checkpoint, model_state_from  # noqa: E402
-from vidt.util.misc import collate_fn, setup_for_distributed_printing  # noqa: E402
-from vkd.checkpoints import first_line, save_atomically  # noqa: E402
+from vidt.util.checkpoint import LATEST, checkpoint_saver, load_checkpoint, model_state_from  # noqa: E402
+from vidt.util.nested_tensor import collate_fn  # noqa: E402
+from vidt.util.printing import setup_for_distributed_printing  # noqa: E402
+from vkd.checkpoints import save_atomically  # noqa: E402
 from vkd.cli import entry_point  # noqa: E402
 from vkd.data.loaders import ignore_stop_signals  # noqa: E402
-from vkd.distributed import Runtime, every_rank, is_communication_failure, start_processes  # noqa: E402
-from vkd.errors import BadInput, RunFailed  # noqa: E402
+from vkd.distributed import Runtime, ending_the_process_group, every_rank, start_processes  # noqa: E402
+from vkd.errors import BadInput  # noqa: E402
 from vkd.preemption import Preempted, StopRequest, preempted_line  # noqa: E402
 from vkd.progress import append_json_line, tensorboard_writer  # noqa: E402
 from vkd.reproducibility import configure_cuda_kernels, epoch_seed, seed_everything  # noqa: E402
 from vkd.runs import LOG, git_state, prepare_output_dir, record_invocation, resolve_resume, trim_log, write_json  # noqa: E402
+from vkd.saver import estimated_checkpoint_bytes  # noqa: E402
 
-LATEST = "checkpoint.pth"  # DETR's name, rewritten every epoch
 OPEN_FILES = 4096  # the original raises the soft limit for its data-loader workers
 EVAL_SNAPSHOT_EVERY = 50  # epochs between kept copies of COCOeval's arrays, as in the original
-EXTRA_CHECKPOINT_EVERY = 100  # besides every --lr_drop epochs, as in the original
 
 
 def raise_open_file_limit() -> None:
@@ -139,9 +139,9 @@ def start_runtime(args) -> Runtime:
     return runtime
 
 
-def run(args, argv) -> None:
+def run(args, argv, origins: Optional[Dict[str, str]] = None) -> None:
     # Set up
-    check_supported(args)
+    check_supported(args, origins)
     raise_open_file_limit()
     runtime = start_runtime(args)
     setup_for_distributed_printing(runtime.is_main)
@@ -198,6 +198,9 @@ def run(args, argv) -> None:
         print(f"| --epochs {args.epochs}: the run was planned for {planned_epochs} epochs; from epoch "
               f"{args.start_epoch} on, the lr follows the {args.sched} schedule of a {args.epochs}-epoch run "
               f"(epoch {args.start_epoch} at lr {optimizer.param_groups[0]['lr']:.3g})")
+    if not args.eval:
+        checkpoint_saver(args, runtime.is_main).require_room(
+            estimated_checkpoint_bytes(optimizer, model_without_ddp.state_dict()))
     if runtime.is_main:
         changes = {"epochs": {"from": planned_epochs, "to": args.epochs}} if planned_epochs is not None else None
         record_invocation(args, argv, runtime.world_size, args.start_epoch, changes=changes)
@@ -255,8 +258,9 @@ def train(args, runtime: Runtime, model, model_without_ddp, criterion, postproce
                 test_stats, coco_eval = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco,
                                                  device, args.print_freq)
                 if runtime.is_main:
-                    record_epoch(output_dir, epoch, train_stats, test_stats, coco_eval, n_parameters, tb_writer)
-                    save_epoch(args, checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch))
+                    save_epoch(args, checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch),
+                               lambda: record_epoch(output_dir, epoch, train_stats, test_stats, coco_eval,
+                                                    n_parameters, tb_writer))
                 if epoch + 1 < args.epochs and may_stop_after_epoch and stop.requested(device):
                     raise Preempted(preempted_line(f"the end of epoch {epoch}"))
     finally:
@@ -271,14 +275,12 @@ def checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch: 
             "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": dict(vars(args))}
 
 
-def save_epoch(args, content: dict) -> None:
-    """checkpoint.pth, and checkpointNNNN.pth every --lr_drop and every 100 epochs. checkpoint.pth is what
-    --resume auto continues, so it is written after the epoch's log line: a run stopped in between redoes
-    the epoch (``trim_log`` drops the line) instead of losing its line."""
-    epoch = content["epoch"]
-    if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % EXTRA_CHECKPOINT_EVERY == 0:
-        save_atomically(content, os.path.join(args.output_dir, f"checkpoint{epoch:04}.pth"))
-    save_atomically(content, os.path.join(args.output_dir, LATEST))
+def save_epoch(args, content: dict, record: Callable[[], None]) -> None:
+    """The epoch's records (``record``), then checkpoint.pth and its kept copies (``checkpoint_saver``).
+    checkpoint.pth is what --resume auto continues, so it is written after the epoch's log line: a run stopped in
+    between redoes the epoch (``trim_log`` drops the line) instead of losing its line. Weights that became
+    non-finite stop the run with neither."""
+    checkpoint_saver(args).save(content, content["epoch"] + 1, [content["model"]], before=record)
 
 
 def save_preempted(args, runtime: Runtime, epoch: int, partial: dict, model_without_ddp, optimizer,
@@ -286,12 +288,10 @@ def save_preempted(args, runtime: Runtime, epoch: int, partial: dict, model_with
     """checkpoint.pth in the middle of ``epoch``: the state after its last finished step, with every rank's
     running sums and random generators (``partial`` of each), so that --resume auto continues at that step."""
     partials = every_rank(partial)
-    if runtime.is_main:
-        content = checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch - 1)
-        content["mid_epoch"] = {"epoch": epoch, "step": partial["step"], "ranks": partials}
-        save_atomically(content, os.path.join(args.output_dir, LATEST))
-    if args.distributed:
-        dist.barrier()  # a launcher stops every process once one has exited: the file must be complete by then
+    content = checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch - 1)
+    content["mid_epoch"] = {"epoch": epoch, "step": partial["step"], "ranks": partials}
+    checkpoint_saver(args, runtime.is_main).save_preempted(content, [content["model"]],
+                                                           f"epoch {epoch} step {partial['step']}")
 
 
 def record_epoch(output_dir: str, epoch: int, train_stats, test_stats, coco_eval, n_parameters: int,
@@ -315,18 +315,9 @@ def record_epoch(output_dir: str, epoch: int, train_stats, test_stats, coco_eval
 @entry_point
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = get_args_parser().parse_args(argv)
-    try:
-        run(args, argv)
-    except RuntimeError as error:
-        if not (args.distributed and is_communication_failure(error)):
-            raise
-        raise RunFailed(f"rank {args.rank}: distributed communication failed, probably because another process "
-                        f"died or hung (collectives give up after --dist_timeout {args.dist_timeout:g} min): "
-                        f"{first_line(error)}") from error
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # nccl warns of a leak, and may hang at exit, without it
+    args, origins = parse_arguments(argv)
+    with ending_the_process_group(args.dist_timeout):
+        run(args, argv, origins)
 
 
 if __name__ == "__main__":

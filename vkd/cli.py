@@ -1,10 +1,10 @@
 """Where errors become exit codes. Library code raises (``vkd.errors``); each entry point's ``main()`` is
 wrapped in ``entry_point``, which turns an error into one ``error:`` line on stderr and the exit code the
 error names (2 bad input, 1 a run that could not go on), a full disk into one line and 1, and Ctrl-C into one
-line and 130."""
+line and 130. ``ENTRY_POINTS`` says how each tree's entry point is run, for the launchers that run them."""
 import functools
 import sys
-from typing import Callable, NoReturn, Optional, TypeVar
+from typing import Callable, NamedTuple, NoReturn, Optional, Tuple, TypeVar
 
 from vkd.errors import OUT_OF_SPACE, VkDError
 
@@ -13,6 +13,20 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 TRAINING_AFTER_FULL_DISK = "then continue with --resume auto (the last checkpoint written is kept)"
 TRAINING_AFTER_INTERRUPT = "the last checkpoint written is kept (resume with --resume auto)"
 Main = TypeVar("Main", bound=Callable)
+
+
+class EntryPoint(NamedTuple):
+    program: Tuple[str, ...]  # what follows the interpreter, from the repository root
+    output_flag: str  # its flag of the output folder (each tree accepts --output_dir and --output-dir)
+
+
+# Each tree's entry point, as run_with_submitit.py and experiments' runner start it in a child process: the one
+# map of trees to commands (data, so that neither imports an entry point, nor the core a tree).
+ENTRY_POINTS = {
+    "classification": EntryPoint(("main_distributed.py",), "--output_dir"),
+    "detection": EntryPoint(("-m", "vidt.main"), "--output_dir"),
+    "generation": EntryPoint(("-m", "generation.main"), "--output-dir"),
+}
 
 
 def fail(message: str, exit_code: int = 2, label: str = "error") -> NoReturn:

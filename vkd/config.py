@@ -2,11 +2,13 @@
 line (timm's way), resolved once. A key in a YAML file is checked as strictly as the flag it names: it must
 exist, have the flag's type (a YAML boolean for a switch, an integer for a count, a list of the right
 length), be one of the flag's choices, and appear once. ``base: FILE.yaml`` (a string, relative to the file)
-supplies defaults that the file overrides, so a family of configs states its shared recipe once."""
+supplies defaults that the file overrides, so a family of configs states its shared recipe once. A flag that
+cannot take effect with the others given is refused, not ignored: each tree states when as ``NoEffect`` rules,
+and ``refuse_flags_without_effect`` applies them."""
 import argparse
 import os
 import reprlib
-from typing import Dict, Optional, Set, Tuple
+from typing import Callable, Collection, Dict, Iterable, NamedTuple, Optional, Set, Tuple, Union
 
 import yaml
 
@@ -97,10 +99,10 @@ def _scalar(action: argparse.Action, value, where: str):
         if not isinstance(value, str):
             raise BadInput(f"{where}: expected a string, got {_shown(value)}")
         return value
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # a custom parser of text
+    if not isinstance(value, (str, int, float)):  # a custom parser of text
         raise BadInput(f"{where}: expected {action.metavar or 'a value'}, got {_shown(value)}")
     try:
-        return kind(str(value))
+        return kind(str(value))  # a YAML boolean as 'True' / 'False', what detection's boolean flags parse
     except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
         raise BadInput(f"{where}: {error}") from None
 
@@ -189,11 +191,54 @@ def config_origins(path: Optional[str], explicit: Set[str]) -> Dict[str, str]:
     return {dest: origin for dest, origin in origins.items() if dest not in explicit}
 
 
-def flag_name(dest: str, origins: Dict[str, str]) -> str:
+def flag_name(dest: str, origins: Dict[str, str], spellings: Optional[Dict[str, str]] = None) -> str:
     """An argument as an error names it: 'config FILE: batch-size' where a config file set its value (see
-    ``config_origins``), '--batch-size' otherwise."""
+    ``config_origins``), else its flag: as ``spellings`` (``option_spellings``) has it, or '--batch-size'."""
     spelled = dest.replace("_", "-")
-    return f"config {origins[dest]}: {spelled}" if dest in origins else f"--{spelled}"
+    if dest in origins:
+        return f"config {origins[dest]}: {spelled}"
+    return (spellings or {}).get(dest, f"--{spelled}")
+
+
+def option_spellings(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """Each destination's flag as the parser spells it first (``--lr_backbone``, ``--decay-rate``)."""
+    spellings: Dict[str, str] = {}
+    for action in parser._actions:
+        if action.option_strings:
+            spellings.setdefault(action.dest, action.option_strings[0])
+    return spellings
+
+
+def always(args: argparse.Namespace) -> bool:
+    return True
+
+
+REFUSED = "{flag} {reason}"  # the line of a rule whose reason says it all ('--iou_aware' 'is not supported')
+
+
+class NoEffect(NamedTuple):
+    """A rule: while ``applies(args)``, a flag of ``flags`` (destinations, or a function returning them) that was
+    given cannot take effect here, because ``reason``. ``line`` is the refusal, with the flag and the reason."""
+    applies: Callable[[argparse.Namespace], bool]
+    flags: Union[Collection[str], Callable[[], Collection[str]]]
+    reason: str
+    line: str = "{flag} has no effect here: {reason}"
+
+    def names(self) -> Collection[str]:
+        return self.flags() if callable(self.flags) else self.flags
+
+
+def refuse_flags_without_effect(args: argparse.Namespace, given: Iterable[str], rules: Iterable[NoEffect],
+                                origins: Optional[Dict[str, str]] = None,
+                                spellings: Optional[Dict[str, str]] = None) -> None:
+    """The first destination of ``given`` (what was set on purpose) that a rule refuses is one ``BadInput`` line,
+    naming it as the config file (``origins``, from ``config_origins``) or the command line (``spellings``) has it;
+    the rules are tried in their order."""
+    rules = [NoEffect(*rule) for rule in rules]
+    for dest in sorted(given):
+        for rule in rules:
+            if dest in rule.names() and rule.applies(args):
+                raise BadInput(rule.line.format(flag=flag_name(dest, origins or {}, spellings), reason=rule.reason))
 
 
 def _parse_with_defaults(parser: argparse.ArgumentParser, argv, defaults: Dict[str, object]) -> argparse.Namespace:

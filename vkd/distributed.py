@@ -7,16 +7,18 @@ Launch forms, all equivalent (the local rank picks the device; the global rank 0
     srun python ENTRY ...      (Slurm: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID)
     python ENTRY ...           (one process, no process group)
 """
+import contextlib
 import datetime
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import Callable, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from vkd.errors import BadInput
+from vkd.checkpoints import first_line
+from vkd.errors import BadInput, RunFailed
 
 DEFAULT_MASTER_PORT = "29500"  # the original's port for Slurm runs without MASTER_PORT
 DEFAULT_TIMEOUT_MINUTES = 30.0  # torch's own default for gloo
@@ -158,6 +160,25 @@ def reduce_over_ranks(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tenso
     return values
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over every process, in place (their sum divided by the number of processes); itself
+    alone."""
+    if is_distributed():
+        reduce_over_ranks(values).div_(dist.get_world_size())
+    return values
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its process group, or runs alone (the one that prints and writes)."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def wait_for_every_rank() -> None:
+    """Every process waits here until all have arrived (alone, nothing to wait for)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def every_rank(value: Result) -> List[Result]:
     """Every process's ``value`` (anything picklable), in rank order, on every process; ``[value]`` alone."""
     if not is_distributed():
@@ -189,3 +210,21 @@ def main_process_decides(check: Callable[[], Result], is_main: bool) -> Result:
 def is_communication_failure(error: BaseException) -> bool:
     """A collective failed because a peer died or went silent (see ``GLOO_TRANSPORT_SOURCE``)."""
     return isinstance(error, dist.DistError) or GLOO_TRANSPORT_SOURCE in str(error).split("\n", 1)[0]
+
+
+@contextlib.contextmanager
+def ending_the_process_group(timeout_minutes: float) -> Iterator[None]:
+    """What each entry point runs its work in. A collective that fails because another process died or went
+    silent becomes one ``RunFailed`` line naming this rank and ``--dist-timeout``; on the way out, however the work
+    ends, the process group is destroyed (nccl warns of a leak, and may hang at exit, without it)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not (is_distributed() and is_communication_failure(error)):
+            raise
+        raise RunFailed(f"rank {dist.get_rank()}: distributed communication failed, probably because another process "
+                        f"died or hung (collectives give up after --dist-timeout {timeout_minutes:g} min): "
+                        f"{first_line(error)}") from error
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """VkD's two distillation terms: the feature term (projected student vs normalised teacher) and the
 logit term (KL on temperature-softened logits), and the (pooled features, logits) of a timm model."""
-from typing import Tuple
+from typing import Callable, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -24,11 +24,20 @@ def get_feature_loss(name: str):
 
 
 def feature_distillation_loss(projected_student: torch.Tensor, teacher: torch.Tensor,
-                              normalisation: str = "layernorm", loss: str = "smooth_l1") -> torch.Tensor:
-    """VkD's feature term: distance between the projected student and the normalised (detached) teacher."""
+                              normalisation: Union[str, Callable[[torch.Tensor], torch.Tensor]] = "layernorm",
+                              loss: str = "smooth_l1", normalise_student: bool = False) -> torch.Tensor:
+    """VkD's feature term, for the three trees: distance between the projected student and the normalised
+    (detached) teacher, in fp32.
+
+    ``normalisation``: a name of ``vkd.norms.NORMALISATIONS``, or the function itself (``build_normalisation``'s
+    whitening with its own eps). ``normalise_student``: the student is normalised the same way (detection
+    standardises both sides, as the original).
+    """
     distance = get_feature_loss(loss)
-    target = get_normalisation(normalisation)(teacher.detach().float())
-    return distance(projected_student.float(), target)
+    normalise = normalisation if callable(normalisation) else get_normalisation(normalisation)
+    target = normalise(teacher.detach().float())
+    student = projected_student.float()
+    return distance(normalise(student) if normalise_student else student, target)
 
 
 def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -8,8 +8,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from vidt.util.misc import is_main_process
-from vkd.distributed import every_rank
+from vkd.distributed import every_rank, is_main_process
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 

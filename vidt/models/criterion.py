@@ -8,14 +8,14 @@ with and without distillation: ``criterion(outputs, targets, samples)``; the tea
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from vidt.util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from vidt.util.misc import NestedTensor, get_world_size, is_dist_avail_and_initialized
+from vidt.util.nested_tensor import NestedTensor
+from vkd.distributed import mean_over_ranks
 from vkd.frozen import TeacherOwner, freeze
-from vkd.norms import batch_standardise
+from vkd.losses import feature_distillation_loss
 
 FOCAL_GAMMA = 2.0
 
@@ -40,15 +40,15 @@ def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def distillation_loss(student_tokens: Dict, teacher_tokens: Dict) -> torch.Tensor:
-    """VkD detection term: sum over the 6 token groups of smooth-L1 between batch-standardised sides.
+    """VkD detection term: sum over the 6 token groups of the core's feature term (smooth-L1) between
+    batch-standardised sides.
 
     Standardisation is per feature over all rows (padded pixels and all decoder levels included),
     unbiased std and no epsilon, as in the original.
     """
     student = student_tokens["patch_token"] + [student_tokens["body_det_token"], student_tokens["neck_det_token"]]
     teacher = teacher_tokens["patch_token"] + [teacher_tokens["body_det_token"], teacher_tokens["neck_det_token"]]
-    return sum(F.smooth_l1_loss(batch_standardise(s.float()), batch_standardise(t.detach().float()))
-               for s, t in zip(student, teacher))
+    return sum(feature_distillation_loss(s, t, "batchstd", normalise_student=True) for s, t in zip(student, teacher))
 
 
 class SetCriterion(TeacherOwner):
@@ -128,6 +128,4 @@ def _matched_positions(indices):
 def _global_num_boxes(targets, device) -> float:
     """Average number of target boxes per process, at least 1 (normalises every box and class loss)."""
     num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    if is_dist_avail_and_initialized():
-        dist.all_reduce(num_boxes)
-    return torch.clamp(num_boxes / get_world_size(), min=1).item()
+    return torch.clamp(mean_over_ranks(num_boxes), min=1).item()

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vidt.models.ms_deform_attn import MSDeformAttn
-from vidt.util.misc import inverse_sigmoid
+from vidt.util.box_ops import inverse_sigmoid
 
 
 class DeformableDecoderLayer(nn.Module):

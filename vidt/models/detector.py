@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from vidt.models.deformable_transformer import DeformableTransformer
 from vidt.models.swin_ram import SwinRAM
-from vidt.util.box_ops import box_cxcywh_to_xyxy
-from vidt.util.misc import NestedTensor, inverse_sigmoid, resize_mask
+from vidt.util.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
+from vidt.util.nested_tensor import NestedTensor, resize_mask
 from vkd.projector import OrthogonalLinear
 
 PATCH_PROJECTORS = ("patch_projector_1", "patch_projector_2", "patch_projector_3", "patch_projector_4")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from vidt.util.checkpoint import load_checkpoint
-from vidt.util.misc import resize_mask
+from vidt.util.nested_tensor import resize_mask
 from vkd.errors import CheckpointError
 
 WINDOW_SIZE = 7

@@ -1,4 +1,5 @@
-"""Box format conversions and the (generalised) IoU used by the matcher and the criterion."""
+"""Box format conversions, the (generalised) IoU used by the matcher and the criterion, and the inverse sigmoid
+of the decoder's normalised box references."""
 import torch
 from torchvision.ops.boxes import box_area
 
@@ -31,3 +32,8 @@ def generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Ten
     hull_wh = (bottom_right - top_left).clamp(min=0)
     hull = hull_wh[..., 0] * hull_wh[..., 1]
     return iou - (hull - union) / hull
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))

@@ -1,4 +1,5 @@
-"""Checkpoint files in DETR's form: {'model', 'optimizer', 'lr_scheduler', 'epoch', 'args'}.
+"""Checkpoint files in DETR's form: {'model', 'optimizer', 'lr_scheduler', 'epoch', 'args'}, their names, and
+how they are read.
 
 Everything is read with ``weights_only=True`` (``vkd.checkpoints.safe_torch_load``). Released NAVER/VkD
 files pickle an ``argparse.Namespace`` under 'args', so that one class is allow-listed; our own files
@@ -14,8 +15,18 @@ import torch
 from vkd.checkpoints import file_sha256, first_line, safe_torch_load
 from vkd.downloads import reachable
 from vkd.errors import CheckpointError
+from vkd.saver import CheckpointSaver
 
 RELEASED_FILE_GLOBALS = (argparse.Namespace,)
+LATEST = "checkpoint.pth"  # DETR's name, rewritten every epoch
+EXTRA_CHECKPOINT_EVERY = 100  # besides every --lr_drop epochs, as in the original
+
+
+def checkpoint_saver(args, is_main: bool = True) -> CheckpointSaver:
+    """Detection's files (``vkd.saver``): checkpoint.pth every epoch, and checkpointNNNN.pth (NNNN the epoch's
+    index) every --lr_drop and every 100 epochs, as in the original."""
+    return CheckpointSaver(args.output_dir, LATEST, kept="checkpoint{last:04}.pth",
+                           keep_every=(args.lr_drop, EXTRA_CHECKPOINT_EVERY), is_main=is_main)
 
 
 def _downloaded(url: str, flag: str) -> str:

@@ -4,6 +4,8 @@ from typing import List, Sequence
 
 import numpy as np
 
+SUBSET_FRACTIONS = {"1PERCENT": 0.01, "10PERCENT": 0.10, "20PERCENT": 0.20}  # --subset's names; FULL keeps all
+
 
 def balanced_subset_indices(targets: Sequence[int], fraction: float, seed: int) -> List[int]:
     """``fraction`` of every class (at least one image each), chosen with ``seed``; sorted."""

@@ -1,8 +1,9 @@
 """VkD's distillation term for GAN discriminators (paper section on data-limited image generation).
 
 The discriminator's KD-head features of the images it judges (real and fake, after DiffAugment) go
-through one orthogonal projector shared by real and fake, and are matched with smooth-L1 to a frozen
-teacher's features of the same images, normalised batch-wise (whitening by default):
+through one orthogonal projector shared by real and fake, and are matched with smooth-L1 (the core's feature
+term, ``vkd.losses.feature_distillation_loss``) to a frozen teacher's features of the same images, normalised
+batch-wise (whitening by default):
 
     L_VkD = weight * ( rho(P s_real, N(t_real)) + rho(P s_fake, N(t_fake)) )
 
@@ -14,11 +15,10 @@ from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from generation.teachers import FrozenImageNetwork
+from vkd.losses import feature_distillation_loss
 
-NORMALISATIONS = ("whiten", "layernorm", "batchstd", "none")
 PAIRINGS = ("separate", "joint")
 
 
@@ -50,7 +50,8 @@ class GanVkDLoss(nn.Module):
     def forward(self, images: torch.Tensor, projected_student: torch.Tensor, num_fake: int) -> Dict[str, torch.Tensor]:
         """``images``: the augmented D input (fake rows first); ``projected_student``: P applied to D's features."""
         fake_target, real_target = self.targets(images, num_fake)
-        fake_term = F.smooth_l1_loss(projected_student[:num_fake].float(), fake_target)
-        real_term = F.smooth_l1_loss(projected_student[num_fake:].float(), real_target)
+        # The targets are normalised already, over the batch the pairing chooses.
+        fake_term = feature_distillation_loss(projected_student[:num_fake], fake_target, normalisation="none")
+        real_term = feature_distillation_loss(projected_student[num_fake:], real_target, normalisation="none")
         return {"vkd_fake": fake_term.detach(), "vkd_real": real_term.detach(),
                 "vkd": self.weight * (fake_term + real_term)}
