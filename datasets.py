@@ -30,7 +30,7 @@ from vkd.data.fmnist import DEFAULT_FMNIST_ROOT, FMNIST_CLASSES
 from vkd.data.folders import UnreadableImageError
 from vkd.data.loaders import collate_skipping_unreadable
 from vkd.data.mixup import mixup_active
-from vkd.data.subsets import balanced_subset_indices
+from vkd.data.subsets import SUBSET_FRACTIONS, balanced_subset_indices
 from vkd.data.transforms import (
     EVAL_CROP_RATIO,
     IMAGENET_MEAN,
@@ -51,7 +51,6 @@ __all__ = [
 
 DATA_SETS = ("IMNET", "CIFAR", "C100", "FOLDER", "DIGITS", "FMNIST")
 CIFAR_100_NAMES = ("CIFAR", "C100")  # the paper's name here, and generation's
-SUBSET_FRACTIONS = {"1PERCENT": 0.01, "10PERCENT": 0.10, "20PERCENT": 0.20}
 IMAGENET_CLASSES = 1000
 CIFAR_CLASSES = 100
 # Fixed, independent of --seed: the teacher and every student seed train on the same subset, and

@@ -26,6 +26,7 @@ from optim import build_lr_scheduler, build_optimizer, effective_lr
 from runtime import init_runtime
 from vkd.checkpoints import safe_torch_load, save_atomically
 from vkd.cli import entry_point, fail
+from vkd.config import NoEffect, refuse_flags_without_effect
 from vkd.distributed import Runtime, ending_the_process_group, every_rank, reduce_over_ranks
 from vkd.ema import ModelEMA, linear_momentum
 from vkd.preemption import Preempted, StopRequest, preempted_line
@@ -226,9 +227,10 @@ def main(argv=None) -> None:
     args, explicit = parse_arguments(argv)
     check_arguments(args, explicit)
     runtime = init_runtime(args, explicit)
-    for dest in ("repeated_aug", "dist_eval"):
-        if dest in explicit and not runtime.distributed:
-            fail(f"--{dest.replace('_', '-')} has no effect with a single process")
+    # Known once the launcher has said how many processes there are.
+    refuse_flags_without_effect(args, explicit, [NoEffect(lambda _: not runtime.distributed,
+                                                          {"repeated_aug", "dist_eval"}, "", "{flag} has no effect "
+                                                          "with a single process")])
     with ending_the_process_group(args.dist_timeout):
         if args.eval_student:
             run_evaluation(args, runtime, args.student_ckpt, "the student network", explicit)
