@@ -496,17 +496,17 @@ def test_gradient_accumulation_steps_after_every_k_micro_batches():
 def test_loaders_split_the_batch_before_padding(coco_root):
     from vidt.main import make_loaders
     args = parse_args(*SMALL_IMAGE_FLAGS, "--batch_size", "4", "--n_iter_to_acc", "2", "--coco_path", str(coco_root))
-    args.distributed = False
     loader_train, loader_val, _ = make_loaders(args, eval_only=False)
     assert loader_train.batch_sampler.batch_size == 2 and loader_val.batch_size == 2
     assert len(loader_train) == 2  # 4 training images in micro-batches of 2, each padded on its own
 
 
-def test_default_run_folder_is_the_originals_name():
-    from vidt.main import run_folder
+def test_default_run_folder_is_the_originals_name(tmp_path):
+    from vidt.util.checkpoint import run_folder
     assert run_folder(parse_args("--backbone_name", "swin_nano", "--batch_size", "2")) == \
         os.path.join("logs", "vidt-SWIN_NANO-batch-2-epoch-50")
     assert run_folder(parse_args("--output_dir", "swin_nano")) == os.path.join("logs", "swin_nano")
+    assert run_folder(parse_args("--output_dir", str(tmp_path))) == str(tmp_path)
 
 
 def test_slurm_exports_what_env_init_needs(monkeypatch, tmp_path):
@@ -532,14 +532,16 @@ def test_slurm_exports_what_env_init_needs(monkeypatch, tmp_path):
     assert os.environ["MASTER_PORT"] == "31000"  # a port chosen by the job is kept
 
 
-def test_plain_cpu_run_records_gloo_and_no_process_group(monkeypatch):
+def test_a_plain_cpu_run_has_no_process_group_and_leaves_the_arguments_as_asked(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
         monkeypatch.delenv(name, raising=False)
-    from vidt.main import start_runtime
+    from vidt.main import process_group_backend, start_runtime
     args = parse_args("--device", "cpu")
+    asked = dict(vars(args))
     runtime = start_runtime(args)
-    assert (args.distributed, args.dist_backend, args.dist_url) == (False, "gloo", "env://")
-    assert (runtime.rank, runtime.world_size, runtime.device) == (0, 1, torch.device("cpu"))
+    assert (runtime.rank, runtime.world_size, runtime.distributed, runtime.device) == (0, 1, False, torch.device("cpu"))
+    assert process_group_backend(runtime.device) == "gloo" and process_group_backend(torch.device("cuda", 1)) == "nccl"
+    assert vars(args) == asked
 
 
 def test_paper_scripts_pass_nodes_and_master_port_to_the_launcher(tmp_path):
@@ -557,12 +559,12 @@ def test_paper_scripts_pass_nodes_and_master_port_to_the_launcher(tmp_path):
 GROUP_MEMBER = """
 import torch, torch.distributed as dist
 from vidt.arguments import get_args_parser
-from vidt.main import start_runtime
+from vidt.main import process_group_backend, start_runtime
 args = get_args_parser().parse_args(["--device", "cpu"])
-start_runtime(args)
-total = torch.tensor([float(args.rank + 1)])
+runtime = start_runtime(args)
+total = torch.tensor([float(runtime.rank + 1)])
 dist.all_reduce(total)
-print(args.rank, args.world_size, args.dist_backend, args.dist_url, int(total.item()))
+print(runtime.rank, runtime.world_size, process_group_backend(runtime.device), args.dist_url, int(total.item()))
 dist.destroy_process_group()
 """
 
@@ -668,9 +670,13 @@ def test_fine_tuning_a_plain_vidt_file_distilled_from_a_student_trained_here(nan
     checkpoint = torch.load(out_dir / "checkpoint.pth", weights_only=True)  # our args are a plain dict
     assert state_manifest(checkpoint["model"]) == read_manifest("vidt_swin_nano")
     assert checkpoint["epoch"] == 0 and checkpoint["args"]["distil_model"] == "vidt_nano"
+    assert checkpoint["world_size"] == 1 and "gpu" not in checkpoint["args"]
     run = json.loads((out_dir / "args.json").read_text())
     assert len(run["git_commit"]) == 40 and "--distil_model_path" in run["command"]
-    assert run["args"]["dist_backend"] == "gloo" and run["args"]["output_dir"] == str(out_dir)
+    assert (run["backend"], run["processes"], run["args"]["output_dir"]) == ("gloo", 1, str(out_dir))
+    # The arguments as asked: the file resumed, the first epoch and the hidden --dist-backend as given.
+    assert (run["args"]["resume"], run["args"]["start_epoch"], run["args"]["dist_backend"]) == (str(plain_path), 0,
+                                                                                                "nccl")
     log = json.loads((out_dir / "log.txt").read_text().splitlines()[0])
     assert len(log["test_coco_eval_bbox"]) == 12 and log["train_loss_distil"] > 0
     latest = load_eval_arrays(out_dir / "eval" / "latest.pth")

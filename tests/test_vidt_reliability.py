@@ -33,7 +33,7 @@ import vidt.engine
 import vidt.main
 import vkd.checkpoints
 import vkd.saver
-from vidt.arguments import resumed_epochs
+from vidt.arguments import parse_arguments, resumed_epochs
 from vidt.tools.make_synthetic_coco import make_synthetic_coco
 from vkd.errors import BadInput
 from vkd.preemption import EXIT_PREEMPTED
@@ -199,6 +199,27 @@ def test_more_epochs_rebuild_the_schedule_for_the_new_end(coco_root, reference, 
     assert last["changes"] == {"epochs": {"from": 2, "to": 4}} and last["start_epoch"] == 2
 
 
+def test_a_resume_leaves_the_arguments_as_asked(coco_root, reference, tmp_path, monkeypatch):
+    """The run folder, the file --resume auto found and the epoch the run goes on from are derived, not written
+    into the arguments: what the run was asked stays as parsed."""
+    run_dir = copy_of(reference, tmp_path)
+    parsed = []
+
+    def parse_and_keep(argv):
+        args, origins = parse_arguments(argv)
+        parsed.append((args, dict(vars(args))))
+        return args, origins
+
+    monkeypatch.setattr(vidt.main, "parse_arguments", parse_and_keep)
+    code, out, err = run_here(run_flags(coco_root, run_dir, "--resume", "auto"))
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert f"| resumed from {run_dir / 'checkpoint.pth'}" in out and "Epoch:" not in out  # nothing left to train
+    [(args, asked)] = parsed
+    assert vars(args) == asked
+    assert (args.resume, args.start_epoch, args.output_dir, args.world_size) == ("auto", 0, str(run_dir), 1)
+    assert json.loads((run_dir / "args.json").read_text())["invocations"][-1]["start_epoch"] == EPOCHS
+
+
 def test_a_changed_lr_is_refused_and_the_way_named_works(coco_root, reference, tmp_path):
     run_dir = copy_of(reference, tmp_path)
     checkpoint = run_dir / "checkpoint.pth"
@@ -228,9 +249,22 @@ def test_a_changed_lr_is_refused_and_the_way_named_works(coco_root, reference, t
 ])
 def test_each_run_defining_flag_is_compared(flags, saved, message):
     with pytest.raises(BadInput, match="^" + message.replace("(", r"\(").replace(")", r"\)")) as raised:
-        resumed_epochs(parse_args(*flags), dict(saved, epochs=50), 1, "ckpt")
+        resumed_epochs(parse_args(*flags), {"args": dict(saved, epochs=50)}, 1, "ckpt")
     assert str(raised.value).endswith("start a new run: --student_ckpt ckpt --output_dir NEW")
-    assert resumed_epochs(parse_args(*flags), {"epochs": 50}, 1, "ckpt") is None  # flags the file lacks pass
+    assert resumed_epochs(parse_args(*flags), {"args": {"epochs": 50}}, 1, "ckpt") is None  # flags the file lacks pass
+
+
+def test_the_processes_that_trained_a_file_are_its_world_size_else_its_arguments():
+    """Our files keep the number of processes beside the arguments as asked (--world_size 1 lets the launcher
+    decide); files written before hold the launcher's count in their arguments."""
+    two_processes = {"world_size": 2, "args": {"world_size": 1, "epochs": 50}}
+    assert resumed_epochs(parse_args(), two_processes, 2, "ckpt") is None
+    with pytest.raises(BadInput, match="^ckpt was trained on 2 process"):
+        resumed_epochs(parse_args(), two_processes, 1, "ckpt")
+    written_before = {"args": {"world_size": 2, "epochs": 50}}
+    assert resumed_epochs(parse_args(), written_before, 2, "ckpt") is None
+    with pytest.raises(BadInput, match="^ckpt was trained on 2 process"):
+        resumed_epochs(parse_args(), written_before, 1, "ckpt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +378,8 @@ def test_a_rank_that_reaches_the_run_folder_late_joins_the_run(coco_root, tmp_pa
     result = launch_worker(run_flags(coco_root, run_dir, "--epochs", 1), VIDT_RANK1_DELAY_S="4")
     assert result.returncode == 0, result.stdout[-3000:]
     assert "already holds a run" not in result.stdout
-    assert load(run_dir / "checkpoint.pth")["args"]["world_size"] == 2
+    saved = load(run_dir / "checkpoint.pth")
+    assert (saved["world_size"], saved["args"]["world_size"]) == (2, 1)  # the processes, and the flag as asked
 
 
 @pytest.mark.slow

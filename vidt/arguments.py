@@ -203,11 +203,16 @@ RUN_DEFINING_FLAGS = (
 )
 
 
-def resumed_epochs(args, saved: dict, world_size: int, path: str):
-    """Refuse to continue ``path`` (trained with the arguments ``saved``) with other settings, in one line
-    naming the flag, both values and how to start a new run from its weights instead. Returns the end of
-    the run the checkpoint was planned for when --epochs moved it, else None."""
-    refuse_a_different_run(args, saved, RUN_DEFINING_FLAGS, saved.get("world_size"), world_size, path,
+def resumed_epochs(args, checkpoint: dict, world_size: int, path: str):
+    """Refuse to continue ``path`` (``checkpoint``, its arguments a dict) with other settings or another number of
+    processes, in one line naming the flag, both values and how to start a new run from its weights instead.
+    Returns the end of the run the checkpoint was planned for when --epochs moved it, else None.
+
+    The processes that trained it are the file's 'world_size'; files written before it was kept there have the
+    launcher's count in their arguments' world_size instead (main.py then overwrote the flag with it)."""
+    saved = checkpoint["args"]
+    saved_processes = checkpoint.get("world_size", saved.get("world_size"))
+    refuse_a_different_run(args, saved, RUN_DEFINING_FLAGS, saved_processes, world_size, path,
                            f"to train its weights with other settings, start a new run: --student_ckpt {path} "
                            f"--output_dir NEW")
     return saved["epochs"] if saved.get("epochs", args.epochs) != args.epochs else None

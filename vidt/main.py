@@ -12,9 +12,11 @@ if not __package__:
     # not import as a package and vidt/models would shadow the root's models/. Put the repository root there.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import argparse  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
-from typing import Callable, Dict, Optional  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable, Dict, Optional, Tuple  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler  # noqa: E402
@@ -27,7 +29,7 @@ from vidt.models import build  # noqa: E402
 from vidt.models.build import NUM_CLASSES, load_student_weights  # noqa: E402
 from vidt.models.detector import is_projector_key  # noqa: E402
 from vidt.optim import build_scheduler, param_groups, step_scheduler  # noqa: E402
-from vidt.util.checkpoint import LATEST, checkpoint_saver, load_checkpoint, model_state_from  # noqa: E402
+from vidt.util.checkpoint import LATEST, checkpoint_saver, load_checkpoint, model_state_from, run_folder  # noqa: E402
 from vidt.util.nested_tensor import collate_fn  # noqa: E402
 from vidt.util.printing import setup_for_distributed_printing  # noqa: E402
 from vkd.checkpoints import save_atomically  # noqa: E402
@@ -52,28 +54,31 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def run_folder(args) -> str:
-    """logs/<--output_dir>, or the original's name for the run when it is empty."""
-    name = args.output_dir or f"{args.method}-{args.backbone_name.upper()}-batch-{args.batch_size}-epoch-{args.epochs}"
-    return os.path.join("logs", name)
+@dataclass(frozen=True)
+class RunState:
+    """Where this invocation's training starts, decided at start-up (``args`` keeps what was asked): the run folder,
+    the first epoch to train and, when the run resumes inside that epoch, its checkpoint's ``mid_epoch`` record."""
+    folder: str
+    start_epoch: int
+    mid_epoch: Optional[dict] = None
 
 
-def make_loaders(args, eval_only: bool, pin_memory: bool = False):
+def make_loaders(args, eval_only: bool, pin_memory: bool = False, distributed: bool = False):
     """(train loader or None, val loader, val dataset), both splits checked (``build_coco``). With
     --n_iter_to_acc k both load batch_size / k images per process, as in the original (which divides
-    --batch_size). ``pin_memory``: batches in page-locked memory, for faster copies to a GPU."""
+    --batch_size). ``pin_memory``: batches in page-locked memory, for faster copies to a GPU; ``distributed``:
+    each process loads its shard."""
     batch_size = args.batch_size // args.n_iter_to_acc
     num_classes = NUM_CLASSES[args.dataset_file]
     dataset_val = build_coco("val", args, num_classes)
-    sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
-                   else SequentialSampler(dataset_val))
+    sampler_val = DistributedSampler(dataset_val, shuffle=False) if distributed else SequentialSampler(dataset_val)
     loader_val = DataLoader(dataset_val, batch_size, sampler=sampler_val, drop_last=False,
                             collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=pin_memory,
                             worker_init_fn=ignore_stop_signals)
     if eval_only:
         return None, loader_val, dataset_val
     dataset_train = build_coco("train", args, num_classes)
-    sampler_train = DistributedSampler(dataset_train) if args.distributed else RandomSampler(dataset_train)
+    sampler_train = DistributedSampler(dataset_train) if distributed else RandomSampler(dataset_train)
     batch_sampler = BatchSampler(sampler_train, batch_size, drop_last=True)
     if len(batch_sampler) == 0:
         raise BadInput(f"{len(dataset_train)} training images are fewer than one batch of "
@@ -90,37 +95,40 @@ def continues_a_run(checkpoint: dict) -> bool:
             and any(is_projector_key(k) for k in checkpoint.get("model") or {}))
 
 
-def resume(args, model, optimizer, lr_scheduler, checkpoint: dict):
-    """Strict load of the model; when training on from the file, also its optimizer and where the run stands.
-    Returns the file's ``mid_epoch`` record when the run stopped inside an epoch, else None."""
-    plain_vidt = load_student_weights(model, model_state_from(checkpoint, args.resume), f"--resume {args.resume}")
-    mid_epoch = None
+def resume(args, path: str, model, optimizer, lr_scheduler, checkpoint: dict) -> Tuple[int, Optional[dict]]:
+    """Strict load of the model from ``checkpoint`` (the file ``path``); when training on from the file, also its
+    optimizer and where the run stands. Returns the first epoch to train (--start_epoch unless the run goes on) and
+    the file's ``mid_epoch`` record when the run stopped inside an epoch, else None."""
+    plain_vidt = load_student_weights(model, model_state_from(checkpoint, path), f"--resume {path}")
+    start_epoch, mid_epoch = args.start_epoch, None
     if args.eval:
         pass
     elif plain_vidt:
-        print(f"| fine-tuning from the plain ViDT weights: new optimizer and schedule from epoch {args.start_epoch}")
+        print(f"| fine-tuning from the plain ViDT weights: new optimizer and schedule from epoch {start_epoch}")
     elif continues_a_run(checkpoint):
         optimizer.load_state_dict(checkpoint["optimizer"])
         mid_epoch = checkpoint.get("mid_epoch")
-        args.start_epoch = mid_epoch["epoch"] if mid_epoch else checkpoint["epoch"] + 1
+        start_epoch = mid_epoch["epoch"] if mid_epoch else checkpoint["epoch"] + 1
         # The schedule is a function of the epoch alone, so it is not read from the file but rebuilt from the
         # flags (the same ones, or a new --epochs, whose curve then applies from here) and put where the run is.
-        if args.start_epoch > 0:
-            step_scheduler(lr_scheduler, args.start_epoch - 1)
-    print(f"| resumed from {args.resume}")
-    return mid_epoch
+        if start_epoch > 0:
+            step_scheduler(lr_scheduler, start_epoch - 1)
+    print(f"| resumed from {path}")
+    return start_epoch, mid_epoch
 
 
 def named_stats(stats):
     return dict(zip(STAT_NAMES, stats))
 
 
-def start_runtime(args) -> Runtime:
-    """This process's rank and device, joining the process group when the launcher started several.
+def process_group_backend(device: torch.device) -> str:
+    """The backend ``vkd.distributed.join_process_group`` takes on ``device`` (--dist-backend is not read)."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
-    Fills in what the loops and args.json read: args.distributed, args.rank, args.world_size, args.gpu and
-    args.dist_backend (the backend used).
-    """
+
+def start_runtime(args) -> Runtime:
+    """This process's rank and device, joining the process group when the launcher started several; the
+    arguments keep what was asked."""
     configure_cuda_kernels(fixed_shapes=False)  # each batch is padded to its own largest image
     # 1, the original's default, leaves the number of processes to the launcher.
     runtime = start_processes(args.device, args.local_rank, args.dist_url, args.dist_timeout,
@@ -130,12 +138,9 @@ def start_runtime(args) -> Runtime:
                        "main.py ..., python -m torch.distributed.launch --use_env ..., or srun")
     if args.rank != 0 and not runtime.distributed:
         raise BadInput("--rank is set by the launcher; start the run with torchrun or srun")
-    args.distributed, args.rank, args.world_size = runtime.distributed, runtime.rank, runtime.world_size
-    args.gpu = runtime.device.index if runtime.device.type == "cuda" else None
-    args.dist_backend = "nccl" if runtime.device.type == "cuda" else "gloo"
     if runtime.distributed:
-        print(f"| distributed init (rank {runtime.rank} of {runtime.world_size}, {args.dist_backend}): "
-              f"{args.dist_url}", flush=True)
+        print(f"| distributed init (rank {runtime.rank} of {runtime.world_size}, "
+              f"{process_group_backend(runtime.device)}): {args.dist_url}", flush=True)
     return runtime
 
 
@@ -147,34 +152,36 @@ def run(args, argv, origins: Optional[Dict[str, str]] = None) -> None:
     setup_for_distributed_printing(runtime.is_main)
     device = runtime.device
     seed_everything(args.seed + runtime.rank)
-    args.output_dir = run_folder(args)
+    folder = run_folder(args)
     # An evaluation writes no checkpoint, only its results (the paper's commands evaluate in the default run folder).
-    moved_to = prepare_output_dir(args.output_dir, resume="auto" if args.eval else args.resume,
-                                  overwrite=args.overwrite, is_main=runtime.is_main)
+    moved_to = prepare_output_dir(folder, resume="auto" if args.eval else args.resume, overwrite=args.overwrite,
+                                  is_main=runtime.is_main)
     if moved_to:
-        print(f"| the previous run in {args.output_dir} was moved to {moved_to}")
-    if args.resume == "auto":
-        args.resume = resolve_resume(args, LATEST) or ""
-        if args.eval and not args.resume:
-            raise BadInput(f"--eval True --resume auto: no {LATEST} in {args.output_dir}")
-    print(f"| git commit {git_state()['git_commit']}; run folder {args.output_dir}")
+        print(f"| the previous run in {folder} was moved to {moved_to}")
+    # vkd.runs reads the run folder from output_dir: it gets a copy of the arguments that names it.
+    in_folder = argparse.Namespace(**{**vars(args), "output_dir": folder})
+    resume_path = resolve_resume(in_folder, LATEST) or ""
+    if args.eval and args.resume == "auto" and not resume_path:
+        raise BadInput(f"--eval True --resume auto: no {LATEST} in {folder}")
+    print(f"| git commit {git_state()['git_commit']}; run folder {folder}")
     # What could stop the run is checked before anything is built or written: the files to start from,
     # the resumed run's settings, then both data splits.
-    checkpoint = load_checkpoint(args.resume, "--resume") if args.resume else None
+    checkpoint = load_checkpoint(resume_path, "--resume") if resume_path else None
     initial = (load_checkpoint(args.student_ckpt, "--student_ckpt") if args.student_ckpt and checkpoint is None
                else None)
     continuing = checkpoint is not None and not args.eval and continues_a_run(checkpoint)
     planned_epochs = None
     if continuing and isinstance(checkpoint.get("args"), dict):  # released files hold a Namespace: not compared
-        planned_epochs = resumed_epochs(args, checkpoint["args"], runtime.world_size, args.resume)
-    loader_train, loader_val, dataset_val = make_loaders(args, eval_only=args.eval, pin_memory=device.type == "cuda")
+        planned_epochs = resumed_epochs(args, checkpoint, runtime.world_size, resume_path)
+    loader_train, loader_val, dataset_val = make_loaders(args, eval_only=args.eval, pin_memory=device.type == "cuda",
+                                                         distributed=runtime.distributed)
 
     # Build
     model, criterion, postprocessors = build(args)
     model.to(device)
     criterion.to(device)
     model_without_ddp = model
-    if args.distributed:
+    if runtime.distributed:
         # Some parameters never get gradients (level_embed, the unused merge/norm layers, the
         # projectors without a teacher), hence find_unused_parameters. The teacher is not wrapped.
         model = torch.nn.parallel.DistributedDataParallel(
@@ -184,51 +191,52 @@ def run(args, argv, origins: Optional[Dict[str, str]] = None) -> None:
     optimizer = torch.optim.AdamW(param_groups(model_without_ddp, args.weight_decay), lr=args.lr,
                                   weight_decay=args.weight_decay)
     lr_scheduler = build_scheduler(optimizer, args)
-    mid_epoch = None
+    start_epoch, mid_epoch = args.start_epoch, None
     if checkpoint is not None:
-        mid_epoch = resume(args, model_without_ddp, optimizer, lr_scheduler, checkpoint)
+        start_epoch, mid_epoch = resume(args, resume_path, model_without_ddp, optimizer, lr_scheduler, checkpoint)
         del checkpoint  # its tensors are in the model and optimizer now
     elif initial is not None:
         load_student_weights(model_without_ddp, model_state_from(initial, args.student_ckpt),
                              f"--student_ckpt {args.student_ckpt}")
         del initial
         print(f"| a new run from the weights of {args.student_ckpt}: new optimizer and schedule from epoch "
-              f"{args.start_epoch}")
+              f"{start_epoch}")
     if planned_epochs is not None:
         print(f"| --epochs {args.epochs}: the run was planned for {planned_epochs} epochs; from epoch "
-              f"{args.start_epoch} on, the lr follows the {args.sched} schedule of a {args.epochs}-epoch run "
-              f"(epoch {args.start_epoch} at lr {optimizer.param_groups[0]['lr']:.3g})")
+              f"{start_epoch} on, the lr follows the {args.sched} schedule of a {args.epochs}-epoch run "
+              f"(epoch {start_epoch} at lr {optimizer.param_groups[0]['lr']:.3g})")
     if not args.eval:
         checkpoint_saver(args, runtime.is_main).require_room(
             estimated_checkpoint_bytes(optimizer, model_without_ddp.state_dict()))
     if runtime.is_main:
         changes = {"epochs": {"from": planned_epochs, "to": args.epochs}} if planned_epochs is not None else None
-        record_invocation(args, argv, runtime.world_size, args.start_epoch, changes=changes)
+        record_invocation(in_folder, argv, runtime.world_size, start_epoch, changes=changes,
+                          backend=process_group_backend(device))
         if not args.eval:
             # A run stopped between an epoch's log line and its checkpoint redoes that epoch: one line each.
-            trim_log(os.path.join(args.output_dir, LOG), args.start_epoch)
+            trim_log(os.path.join(folder, LOG), start_epoch)
 
     # Run
     if args.eval:
         _, coco_eval = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco, device,
                                 args.print_freq)
         if runtime.is_main:
-            save_atomically(eval_arrays(coco_eval), os.path.join(args.output_dir, "eval.pth"))
-            write_json(os.path.join(args.output_dir, "eval_stats.json"),
-                      {"checkpoint": args.resume, "stats": named_stats(coco_eval.stats.tolist())})
+            save_atomically(eval_arrays(coco_eval), os.path.join(folder, "eval.pth"))
+            write_json(os.path.join(folder, "eval_stats.json"),
+                       {"checkpoint": resume_path, "stats": named_stats(coco_eval.stats.tolist())})
         return
-    train(args, runtime, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
-          loader_val, dataset_val, n_parameters, mid_epoch)
+    train(args, runtime, RunState(folder, start_epoch, mid_epoch), model, model_without_ddp, criterion, postprocessors,
+          optimizer, lr_scheduler, loader_train, loader_val, dataset_val, n_parameters)
 
 
-def train(args, runtime: Runtime, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
-          loader_train, loader_val, dataset_val, n_parameters, mid_epoch) -> None:
+def train(args, runtime: Runtime, state: RunState, model, model_without_ddp, criterion, postprocessors, optimizer,
+          lr_scheduler, loader_train, loader_val, dataset_val, n_parameters) -> None:
     """The epoch loop: train, step the schedule, evaluate on val, log (log.txt, tensorboard), save.
 
     SIGTERM or SIGUSR1 (``StopRequest``) stops the run with ``Preempted``: inside an epoch at the next step,
     with a mid-epoch checkpoint.pth; during evaluation once the epoch is logged and saved.
     """
-    output_dir, device = args.output_dir, runtime.device
+    output_dir, device, mid_epoch = state.folder, runtime.device, state.mid_epoch
     tb_writer = None
     if runtime.is_main:
         tb_writer = tensorboard_writer(output_dir)
@@ -240,11 +248,11 @@ def train(args, runtime: Runtime, model, model_without_ddp, criterion, postproce
     may_stop_after_epoch = len(loader_train) % args.n_iter_to_acc == 0
     try:
         with StopRequest() as stop:
-            for epoch in range(args.start_epoch, args.epochs):
+            for epoch in range(state.start_epoch, args.epochs):
                 # The epoch's random numbers depend on (seed, rank, epoch) alone, so a resumed run draws those
                 # of an uninterrupted one.
                 seed_everything(epoch_seed(args.seed, runtime.rank, epoch))
-                if args.distributed:
+                if runtime.distributed:
                     loader_train.batch_sampler.sampler.set_epoch(epoch)
                 resumed = mid_epoch["ranks"][runtime.rank] if mid_epoch and epoch == mid_epoch["epoch"] else None
                 train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
@@ -258,7 +266,8 @@ def train(args, runtime: Runtime, model, model_without_ddp, criterion, postproce
                 test_stats, coco_eval = evaluate(model, criterion, postprocessors, loader_val, dataset_val.coco,
                                                  device, args.print_freq)
                 if runtime.is_main:
-                    save_epoch(args, checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch),
+                    content = checkpoint_content(args, runtime, model_without_ddp, optimizer, lr_scheduler, epoch)
+                    save_epoch(args, content,
                                lambda: record_epoch(output_dir, epoch, train_stats, test_stats, coco_eval,
                                                     n_parameters, tb_writer))
                 if epoch + 1 < args.epochs and may_stop_after_epoch and stop.requested(device):
@@ -269,10 +278,12 @@ def train(args, runtime: Runtime, model, model_without_ddp, criterion, postproce
     print(f"Training time {time.time() - start_time:.0f}s")
 
 
-def checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch: int) -> dict:
-    """DETR's form, after ``epoch`` (the last finished one); our args as a plain dict."""
+def checkpoint_content(args, runtime: Runtime, model_without_ddp, optimizer, lr_scheduler, epoch: int) -> dict:
+    """DETR's form, after ``epoch`` (the last finished one); our args as a plain dict (as asked), and the number of
+    processes that trained it, which a resume compares (``resumed_epochs``)."""
     return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": dict(vars(args))}
+            "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": dict(vars(args)),
+            "world_size": runtime.world_size}
 
 
 def save_epoch(args, content: dict, record: Callable[[], None]) -> None:
@@ -288,7 +299,7 @@ def save_preempted(args, runtime: Runtime, epoch: int, partial: dict, model_with
     """checkpoint.pth in the middle of ``epoch``: the state after its last finished step, with every rank's
     running sums and random generators (``partial`` of each), so that --resume auto continues at that step."""
     partials = every_rank(partial)
-    content = checkpoint_content(args, model_without_ddp, optimizer, lr_scheduler, epoch - 1)
+    content = checkpoint_content(args, runtime, model_without_ddp, optimizer, lr_scheduler, epoch - 1)
     content["mid_epoch"] = {"epoch": epoch, "step": partial["step"], "ranks": partials}
     checkpoint_saver(args, runtime.is_main).save_preempted(content, [content["model"]],
                                                            f"epoch {epoch} step {partial['step']}")

@@ -1,5 +1,5 @@
-"""Checkpoint files in DETR's form: {'model', 'optimizer', 'lr_scheduler', 'epoch', 'args'}, their names, and
-how they are read.
+"""Checkpoint files in DETR's form: {'model', 'optimizer', 'lr_scheduler', 'epoch', 'args'} (ours add 'world_size'),
+the run folder they go to, their names, and how they are read.
 
 Everything is read with ``weights_only=True`` (``vkd.checkpoints.safe_torch_load``). Released NAVER/VkD
 files pickle an ``argparse.Namespace`` under 'args', so that one class is allow-listed; our own files
@@ -22,10 +22,16 @@ LATEST = "checkpoint.pth"  # DETR's name, rewritten every epoch
 EXTRA_CHECKPOINT_EVERY = 100  # besides every --lr_drop epochs, as in the original
 
 
+def run_folder(args) -> str:
+    """logs/<--output_dir>, or the original's name for the run when it is empty (an absolute path stays as it is)."""
+    name = args.output_dir or f"{args.method}-{args.backbone_name.upper()}-batch-{args.batch_size}-epoch-{args.epochs}"
+    return os.path.join("logs", name)
+
+
 def checkpoint_saver(args, is_main: bool = True) -> CheckpointSaver:
-    """Detection's files (``vkd.saver``): checkpoint.pth every epoch, and checkpointNNNN.pth (NNNN the epoch's
-    index) every --lr_drop and every 100 epochs, as in the original."""
-    return CheckpointSaver(args.output_dir, LATEST, kept="checkpoint{last:04}.pth",
+    """Detection's files (``vkd.saver``) in the run folder: checkpoint.pth every epoch, and checkpointNNNN.pth (NNNN
+    the epoch's index) every --lr_drop and every 100 epochs, as in the original."""
+    return CheckpointSaver(run_folder(args), LATEST, kept="checkpoint{last:04}.pth",
                            keep_every=(args.lr_drop, EXTRA_CHECKPOINT_EVERY), is_main=is_main)
 
 
