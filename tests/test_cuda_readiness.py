@@ -377,7 +377,6 @@ def test_vidt_loaders_pin_batches_for_a_gpu(monkeypatch):
     monkeypatch.setattr(vidt_main, "build_coco", lambda split, args, num_classes: list(range(8)))
     from vidt.arguments import get_args_parser
     args = get_args_parser().parse_args(["--batch_size", "2"])
-    args.distributed = False
     vidt_main.make_loaders(args, eval_only=False, pin_memory=True)
     assert built == [True, True]
     assert callable(NestedTensor.pin_memory)  # what the loader calls on a batch of padded images

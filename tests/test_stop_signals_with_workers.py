@@ -45,7 +45,6 @@ def test_the_loaders_workers_ignore_the_stop_signals():
 def test_the_detection_loaders_ignore_the_stop_signals_in_their_workers(tmp_path):
     coco = make_synthetic_coco(tmp_path, num_train=2, num_val=1, size=(64, 48))
     args = parse_args(*SMALL_IMAGE_FLAGS, "--coco_path", str(coco), "--batch_size", "1")
-    args.distributed = False
     train, val, _ = vidt.main.make_loaders(args, eval_only=False)
     assert train.worker_init_fn is val.worker_init_fn is loaders.ignore_stop_signals
 
