@@ -67,3 +67,34 @@ def test_a_signal_to_the_process_group_with_workers_stops_the_run_as_without(tra
         assert saved["mid_epoch"]["epoch"] == 0 and saved["mid_epoch"]["ranks"][0]["step"] in (1, 2, 3)
     else:  # Ctrl-C keeps the last checkpoint written, the end of epoch 0
         assert saved["epoch"] == 0 and "mid_epoch" not in saved
+
+
+EXITS_WITH_A_LIVE_WORKER = """
+import torch
+from vkd.data import loaders
+
+class Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return torch.tensor([index]), 0
+
+loader = loaders.val_loader(Numbers(), batch_size=2, num_workers=1, pin_memory=False, sharded=False)
+iterator = iter(loader)
+next(iterator)
+KEPT = iterator  # alive at exit, as when an error's traceback still holds the loop that iterated
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_that_exits_with_a_live_worker_is_not_held_by_it(tmp_path):
+    # At exit multiprocessing ends its daemonic children (the workers) with SIGTERM, which they ignore: the
+    # process must end them otherwise, or wait for them forever.
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    result = subprocess.run([sys.executable, "-c", EXITS_WITH_A_LIVE_WORKER], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout == "exiting\n", result.stderr[-2000:]

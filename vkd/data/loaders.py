@@ -8,7 +8,10 @@ So B can be below the batch size, and is 0 only if every image of a batch is unr
 the training step must then still run (e.g. a zero loss), as skipping it on one rank alone would
 hang the others.
 """
+import atexit
 import functools
+import multiprocessing
+import os
 import signal
 from typing import Sized
 
@@ -43,6 +46,17 @@ def ignore_stop_signals(worker_id: int) -> None:
     kill a worker under the main process, which stops the run at a step boundary and then ends its workers."""
     for number in STOP_SIGNALS + (signal.SIGINT,):
         signal.signal(number, signal.SIG_IGN)
+
+
+@atexit.register
+def _end_workers_at_exit() -> None:
+    """At exit multiprocessing ends its daemonic children, the loaders' workers among them, with SIGTERM and waits
+    for them; workers ignore it (``ignore_stop_signals``), so a process leaving with a live one (an error's
+    traceback still holding the loop that iterated) would wait forever. They are ended first, with SIGKILL.
+    Registered after multiprocessing's own handler, so run before it."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            os.kill(child.pid, signal.SIGKILL)
 
 
 def train_sampler(dataset: Sized, seed: int, distributed: bool, rank: int = 0, world_size: int = 1,
