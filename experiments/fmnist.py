@@ -138,6 +138,18 @@ def add_study_wall_seconds(seconds: float) -> None:
     write_json(WALL_RECORD, {"seconds": round(study_wall_seconds() + seconds, 1)})
 
 
+def study_jobs(rows: list) -> list:
+    """Every row's run for every seed, seed by seed, the rows of the newer questions (DeiT's distillation, the CNN
+    student, and VkD beside them) first: an interrupted study holds complete pairs for them soonest."""
+    newer = {name for first, second, _ in DEIT_PAIRS + CNN_PAIRS for name in (first, second)}
+    ordered = [row for row in rows if row["name"] in newer] + [row for row in rows if row["name"] not in newer]
+    first = [row_job(row, seed, OUT, threads=THREADS, resumable=True) for seed in SEEDS for row in ordered
+             if row["name"] in newer]
+    rest = [row_job(row, seed, OUT, threads=THREADS, resumable=True) for seed in SEEDS for row in ordered
+            if row["name"] not in newer]
+    return first + rest
+
+
 def build_report(rows: list, teacher: dict) -> dict:
     summaries, all_runs = [], []
     for row in rows:
@@ -433,8 +445,8 @@ def main(argv=None) -> None:
             os.remove(WALL_RECORD)
         started = time.time()
         try:
-            run_jobs([row_job(row, seed, OUT, threads=THREADS, resumable=True) for seed in SEEDS for row in rows],
-                     force, workers=WORKERS, describe=lambda job: f"top-1 {epoch_log(job.output_dir)[-1]['val_acc1']:.2f}")
+            run_jobs(study_jobs(rows), force, workers=WORKERS,
+                     describe=lambda job: f"top-1 {epoch_log(job.output_dir)[-1]['val_acc1']:.2f}")
         finally:
             add_study_wall_seconds(time.time() - started)
     record = TEACHER.done_record()
