@@ -1,8 +1,10 @@
 """`make fmnist` (``python -m experiments.fmnist``): does VkD's projector beat the alternatives, with and
-without logit KD beside it, and does the original's collapse matter?
+without logit KD beside it; does the original's collapse matter; does VkD beat DeiT's own distillation (the
+paper's DeiT⚗ baseline); and for a CNN student, does it beat logit KD and FitNets?
 
 Trains the resnet10t teacher of ``configs/fmnist/teacher.yaml`` on a class-balanced training subset of
-Fashion-MNIST, then every row of ``configs/fmnist/`` for five seeds with identical budgets, seed by seed
+Fashion-MNIST, then every row of ``configs/fmnist/`` (DeiT-Ti students in rows 1-9, a regnetx_002 CNN in rows
+10-14) for five seeds with identical budgets, seed by seed
 (all rows of seed 0 first), two runs side by side, so that an interrupted study still holds complete pairs.
 The rows of a seed share one teacher-output cache. Finished runs are reused (``FORCE=1`` reruns them) and an
 interrupted one continues where it stopped (``--resume auto``); each finished run prints an ETA. Writes
@@ -20,7 +22,8 @@ from typing import Optional
 import torch
 
 import datasets
-from experiments.rows import finished_runs, row_configs, row_job, summarise, trained_student
+import models
+from experiments.rows import finished_runs, row_arguments, row_configs, row_job, summarise, trained_student
 from experiments.runner import (
     ROOT,
     Job,
@@ -35,6 +38,7 @@ from experiments.runner import (
 from experiments.stats import binomial_standard_error, paired_comparison
 from vkd.cli import entry_point
 from vkd.errors import BadInput
+from vkd.losses import feature_width
 from vkd.runs import write_json
 
 CONFIGS = os.path.join("configs", "fmnist")
@@ -65,6 +69,20 @@ FEATURE_PAIRS = ((FEATURES_ONLY, LINEAR_FEATURES_ONLY,
                  (FEATURES_ONLY, "row1_no_distillation", "do the orthogonal projector's features alone teach?"))
 COLLAPSE_PAIR = ("row5_original_recipe", "row2_logit_kd")
 COLLAPSE_QUESTION = "did the collapsed projector's feature term teach anything beyond logit KD?"
+# The paper's Table 1 baseline, DeiT's own distillation through the distillation token, against VkD.
+DEIT_HARD, DEIT_SOFT = "row8_deit_hard", "row9_deit_soft"
+DEIT_PAIRS = ((VKD, DEIT_HARD, "does VkD beat DeiT's hard distillation (DeiT⚗)?"),
+              (VKD, DEIT_SOFT, "does VkD beat DeiT's soft distillation?"))
+# A CNN student (rows 10-14): VkD against logit KD and FitNets.
+CNN_STUDENT = "regnetx_002"
+CNN_NONE, CNN_KD, CNN_FITNET, CNN_VKD, CNN_VKD_FEATURES = (
+    "row10_cnn_none", "row11_cnn_kd", "row12_cnn_fitnet", "row13_cnn_vkd", "row14_cnn_vkd_features")
+CNN_PAIRS = ((CNN_VKD, CNN_NONE, "for a CNN student, does VkD beat no distillation?"),
+             (CNN_VKD, CNN_KD, "for a CNN student, does VkD beat logit KD?"),
+             (CNN_VKD, CNN_FITNET, "for a CNN student, does VkD beat FitNets?"),
+             (CNN_VKD_FEATURES, CNN_FITNET,
+              "without logit KD, does the orthogonal projector with LayerNorm beat FitNets' linear one?"),
+             (CNN_FITNET, CNN_NONE, "do FitNets' hints teach the CNN?"))
 # ||W||_F / sqrt(width) below this is a projector that weight decay shrank to zero.
 COLLAPSED_BELOW = 1e-6
 
@@ -72,10 +90,10 @@ COLLAPSED_BELOW = 1e-6
 @torch.no_grad()
 def projector_scale(row: dict, run: dict) -> Optional[float]:
     """||W||_F / sqrt(student width) of the trained projector: 1 for an isometry, 0 after the collapse."""
-    if row["settings"]["alpha"] == 0:
-        return None
     student = trained_student(row, run["output_dir"], len(datasets.FMNIST_CLASSES))
-    return (student.projector.weight.norm() / math.sqrt(student.embed_dim)).item()
+    if getattr(student, "projector", None) is None:
+        return None
+    return (student.projector.weight.norm() / math.sqrt(feature_width(student))).item()
 
 
 def paired(rows_by_name: dict, first: str, second: str) -> dict:
@@ -90,7 +108,9 @@ def comparisons(rows_by_name: dict) -> list:
     """VkD against each row of PAIRS, the FEATURE_PAIRS, then the collapse pair, each with its question."""
     found = [dict(paired(rows_by_name, VKD, other), question=question) for other, question in PAIRS]
     found += [dict(paired(rows_by_name, first, second), question=question) for first, second, question in FEATURE_PAIRS]
-    return found + [dict(paired(rows_by_name, *COLLAPSE_PAIR), question=COLLAPSE_QUESTION)]
+    found.append(dict(paired(rows_by_name, *COLLAPSE_PAIR), question=COLLAPSE_QUESTION))
+    return found + [dict(paired(rows_by_name, first, second), question=question)
+                    for first, second, question in DEIT_PAIRS + CNN_PAIRS]
 
 
 def outcome(comparison: dict) -> str:
@@ -127,13 +147,27 @@ def add_study_wall_seconds(seconds: float) -> None:
     write_json(WALL_RECORD, {"seconds": round(study_wall_seconds() + seconds, 1)})
 
 
+def study_jobs(rows: list) -> list:
+    """Every row's run for every seed, seed by seed, the rows of the newer questions (DeiT's distillation, the CNN
+    student, and VkD beside them) first: an interrupted study holds complete pairs for them soonest."""
+    newer = {name for first, second, _ in DEIT_PAIRS + CNN_PAIRS for name in (first, second)}
+    ordered = [row for row in rows if row["name"] in newer] + [row for row in rows if row["name"] not in newer]
+    first = [row_job(row, seed, OUT, threads=THREADS, resumable=True) for seed in SEEDS for row in ordered
+             if row["name"] in newer]
+    rest = [row_job(row, seed, OUT, threads=THREADS, resumable=True) for seed in SEEDS for row in ordered
+            if row["name"] not in newer]
+    return first + rest
+
+
 def build_report(rows: list, teacher: dict) -> dict:
     summaries, all_runs = [], []
     for row in rows:
         runs = finished_runs(row, SEEDS, OUT)
         all_runs += runs
+        args = row_arguments(row)
         summaries.append(summarise(row, runs, projector_scale=[projector_scale(row, run) for run in runs],
-                                   eval_head=row["settings"].get("eval_head", "mean")))
+                                   eval_head=args.eval_head, student_model=args.student_model,
+                                   distiller=args.distiller))
     missing = [f"{row['name']} seed {seed}" for row, summary in zip(rows, summaries) for seed in SEEDS
                if seed not in summary["seeds"]]
     settings = rows[0]["settings"]
@@ -144,6 +178,7 @@ def build_report(rows: list, teacher: dict) -> dict:
             "comparisons": comparisons({summary["row"]: summary for summary in summaries}), "missing": missing,
             "budget": {key: settings[key] for key in ("subset", "input_size", "epochs", "batch_size", "lr",
                                                      "student_model", "teacher", "crop_scale_min", "eval_freq")},
+            "cnn_student": cnn_student_description(settings["teacher"]),
             "training_images": TRAINING_IMAGES, "test_images": TEST_IMAGES,
             "threads": settings["threads"], "deterministic": settings["deterministic"], "workers": WORKERS,
             "teacher_cache": dict(cache, hit_rate=cache["hits"] / max(cache["hits"] + cache["misses"], 1)),
@@ -152,22 +187,39 @@ def build_report(rows: list, teacher: dict) -> dict:
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "hardware": hardware_description()}
 
 
+def parameter_count(architecture: str) -> int:
+    model = models.create_student(architecture, num_classes=len(datasets.FMNIST_CLASSES), img_size=32)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def cnn_student_description(teacher: str) -> dict:
+    """The CNN student of rows 10-14 beside the teacher: both parameter counts (10 classes) and why it was chosen."""
+    return {"student": CNN_STUDENT, "student_params": parameter_count(CNN_STUDENT), "teacher": teacher,
+            "teacher_params": parameter_count(teacher),
+            "why": "timm's smallest RegNet: a CNN of another family than the ResNet teacher, with under half its "
+                   "parameters, whose 368-wide feature is narrower than the teacher's 512 (VkD's orthonormal-columns "
+                   "case), and which learns at 32 px (its stride-32 body ends on a 1x1 map, as the teacher's does)"}
+
+
 def plot(report: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, (rows_axes, pairs_axes) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    figure, (rows_axes, pairs_axes) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [3, 2]})
     rows = [row for row in report["rows"] if row["acc1_per_seed"]]
     positions = range(len(rows))
     rows_axes.bar(positions, [r["acc1_mean"] for r in rows], yerr=[r["acc1_std"] or 0 for r in rows], capsize=4,
-                  color=["tab:orange" if r["row"] == VKD else "tab:blue" for r in rows])
+                  color=[("tab:orange" if r["distiller"] == "vkd" else "tab:blue") if r["student_model"] != CNN_STUDENT
+                         else ("tab:red" if r["distiller"] == "vkd" else "tab:green") for r in rows])
     for position, row in zip(positions, rows):
         rows_axes.scatter([position] * len(row["acc1_per_seed"]), row["acc1_per_seed"], color="black", s=8, zorder=3)
     rows_axes.axhline(report["teacher_acc1"], color="tab:red", linestyle="--", label="teacher")
-    rows_axes.set_xticks(list(positions), [r["row"].split("_", 1)[1].replace("_", "\n") for r in rows], fontsize=8)
+    rows_axes.set_xticks(list(positions), [r["row"].replace("_", "\n", 1).replace("_", " ") for r in rows], fontsize=6,
+                         rotation=90)
     values = [a for r in rows for a in r["acc1_per_seed"]] + [report["teacher_acc1"]]
     rows_axes.set_ylim(min(values) - 2, max(values) + 1)
-    rows_axes.set(ylabel="test top-1 (%)", title="Fashion-MNIST, DeiT-Ti: mean ± std (dots: seeds)")
+    rows_axes.set(ylabel="test top-1 (%)", title=f"Fashion-MNIST: DeiT-Ti (blue, VkD orange), {CNN_STUDENT} "
+                                                 "(green, VkD red); mean ± std, dots: seeds")
     rows_axes.legend(loc="lower right")
     shown = [c for c in report["comparisons"] if c["differences"]]
     for index, comparison in enumerate(shown):
@@ -199,7 +251,7 @@ TABLE_VERDICTS = {"too few seeds": "too few seeds to tell", "within the noise": 
 
 
 def conclusion(report: dict) -> list:
-    """Plain-language answers to the three questions, each sentence chosen by the numbers."""
+    """Plain-language answers to the five questions, each sentence chosen by the numbers."""
     by_pair = {(c["first"], c["second"]): c for c in report["comparisons"]}
     rows = {row["row"]: row for row in report["rows"]}
 
@@ -248,14 +300,62 @@ def conclusion(report: dict) -> list:
                    "Keeping the projector an isometry (VkD against row 5) " + against_vkd(
                        "row5_original_recipe", "improves the result", "lowers the result",
                        "does not change the result measurably") + ".")
+    deit_hard, deit_soft = by_pair[(VKD, DEIT_HARD)], by_pair[(VKD, DEIT_SOFT)]
+    answers.append(
+        "**4. VkD against DeiT's own distillation** (the paper's Table 1 compares VkD with DeiT⚗, DeiT's hard-label "
+        "distillation through the distillation token; here both train the same conv-stem DeiT-Ti at this budget). "
+        "VkD " + said(deit_hard, "beats DeiT's hard distillation", "is worse than DeiT's hard distillation",
+                      "is within the noise of DeiT's hard distillation") + f" {numbers(deit_hard)}, and "
+        + said(deit_soft, "beats its soft distillation", "is worse than its soft distillation",
+               "is within the noise of its soft distillation") + f" {numbers(deit_soft)}.")
+    cnn_student = report["cnn_student"]
+
+    def cnn_said(first, second, better, worse, tie):
+        comparison = by_pair[(first, second)]
+        return f"{said(comparison, better, worse, tie)} {numbers(comparison)}"
+
+    answers.append(
+        f"**5. A CNN student** ({cnn_student['student']}, {cnn_student['student_params'] / 1e6:.2f} M parameters, "
+        f"distilled from the {cnn_student['teacher_params'] / 1e6:.2f} M-parameter {cnn_student['teacher']}). VkD "
+        + cnn_said(CNN_VKD, CNN_NONE, "beats no distillation", "is worse than no distillation",
+                   "is within the noise of no distillation") + "; against logit KD alone it "
+        + cnn_said(CNN_VKD, CNN_KD, "is better, so its feature term adds to the KL term",
+                   "is worse, so its feature term costs accuracy here",
+                   "is within the noise, so at this budget its feature term adds nothing measurable") + "; against "
+        "FitNets it " + cnn_said(CNN_VKD, CNN_FITNET, "is better", "is worse", "is within the noise")
+        + ". Without logit KD on either side, the orthogonal projector with LayerNorm against FitNets' linear "
+        "projector on raw features " + cnn_said(CNN_VKD_FEATURES, CNN_FITNET, "is better", "is worse",
+                                                "is within the noise")
+        + "; FitNets' hints against no distillation " + cnn_said(
+            CNN_FITNET, CNN_NONE, "teach: the student is better", "hurt: the student is worse",
+            "make no measurable difference") + ".")
     best = max(rows.values(), key=lambda row: row["acc1_mean"] if row["acc1_mean"] is not None else -1)
     if best["acc1_mean"] is not None:
         epochs = report["budget"]["epochs"]
         answers.append(f"**Scope.** After {epochs} epochs on {report['training_images']:,} images the best row "
                        f"({best['title'].split('. ', 1)[-1].rstrip('.')}) reaches {best['acc1_mean']:.2f}% against the teacher's "
-                       f"{report['teacher_acc1']:.2f}%: these answers hold for DeiT-Ti students at this budget on "
+                       f"{report['teacher_acc1']:.2f}%: these answers hold for these students at this budget on "
                        "32 px Fashion-MNIST, not for converged students or for ImageNet.")
     return answers
+
+
+def students_text(rows: list) -> str:
+    """Which student each group of rows trains, at which learning rate (``rows`` in order)."""
+    groups = []
+    for row in rows:
+        student, lr = row["student_model"], row["settings"].get("lr")
+        number = row["row"].split("_")[0][3:]
+        if groups and groups[-1][:2] == (student, lr):
+            groups[-1][2].append(number)
+        else:
+            groups.append((student, lr, [number]))
+    return "; ".join(f"{student} students in rows {numbers[0]}-{numbers[-1]} at lr {lr:g}"
+                     for student, lr, numbers in groups)
+
+
+def cnn_text(cnn: dict) -> str:
+    return (f"{cnn['student']} ({cnn['student_params']:,} parameters against the teacher {cnn['teacher']}'s "
+            f"{cnn['teacher_params']:,}): {cnn['why']}")
 
 
 def evaluated_epochs(epochs: int, eval_freq: int) -> list:
@@ -271,7 +371,8 @@ def results_page(report: dict) -> str:
     cache = report["teacher_cache"]
     curve = report["teacher_curve"]
     lines = [
-        "# Fashion-MNIST: the projector, with and without logit KD, and the collapse", "",
+        "# Fashion-MNIST: the projector, with and without logit KD, the collapse, DeiT's distillation and a CNN "
+        "student", "",
         f"Made by `make fmnist` (`.venv/bin/python -m experiments.fmnist`) on {report['date']}: {report['hardware']}, "
         f"torch {report['torch']}, {threads} thread{'s' if threads > 1 else ''} per run and deterministic kernels, "
         f"{report['workers']} runs side by side under `nice -n 19`. The student runs took "
@@ -282,8 +383,8 @@ def results_page(report: dict) -> str:
         "`common.yaml` gives the throughput it was sized on): a class-balanced training subset of "
         f"{report['training_images']:,} of the 60,000 training images (`{budget['subset']}`, drawn once with seed 0, "
         f"the same for every run), the full {report['test_images']:,}-image test set, input {budget['input_size']} px "
-        f"(the 28 px gray images copied to 3 channels and resized), {budget['student_model']} students for "
-        f"{budget['epochs']} epochs at batch {budget['batch_size']}, lr {budget['lr']:g}, random-resized crops keeping "
+        f"(the 28 px gray images copied to 3 channels and resized), {students_text(rows)}, each for "
+        f"{budget['epochs']} epochs at batch {budget['batch_size']}, random-resized crops keeping "
         f"at least {budget['crop_scale_min']:.0%} of the image, no mixup, evaluated after epochs "
         f"{' and '.join(map(str, evaluated_epochs(budget['epochs'], budget['eval_freq'])))}; teacher {budget['teacher']} trained on the same subset for "
         f"{report['teacher_epochs']} epochs ({report['teacher_acc1']:.2f}% test top-1; after each epoch: "
@@ -295,13 +396,15 @@ def results_page(report: dict) -> str:
         f"({100 * cache['hit_rate']:.1f}%), which gives the numbers of computing them.", "",
         f"{finished} of {len(rows) * len(report['seeds'])} student runs finished"
         + (f"; missing: {', '.join(report['missing'])}." if report["missing"] else "."), "",
-        "| row | top-1 mean ± std | per seed | evaluated on | ‖W‖_F/√192 | config |", "|---|---|---|---|---|---|",
+        f"The CNN student: {cnn_text(report['cnn_student'])}.", "",
+        "| row | top-1 mean ± std | per seed | evaluated on | ‖W‖_F/√width | config |", "|---|---|---|---|---|---|",
     ]
     for row in rows:
         scales = [s for s in row["projector_scale"] if s is not None]
         scale_text = ", ".join(f"{s:.3g}" for s in scales) if scales else "—"
         per_seed = ", ".join(f"{a:.2f}" for a in row["acc1_per_seed"]) or "—"
-        head = "cls head" if row["eval_head"] == "cls" else "mean of both heads"
+        head = ("its one head" if row["student_model"] == CNN_STUDENT else
+                "cls head" if row["eval_head"] == "cls" else "mean of both heads")
         lines.append(f"| {row['title']} | {_mean_std(row)} | {per_seed} | {head} | {scale_text} | "
                      f"[`{os.path.basename(row['config'])}`](../../{row['config']}) |")
     means = [row["acc1_mean"] for row in rows if row["acc1_mean"] is not None]
@@ -352,8 +455,8 @@ def main(argv=None) -> None:
             os.remove(WALL_RECORD)
         started = time.time()
         try:
-            run_jobs([row_job(row, seed, OUT, threads=THREADS, resumable=True) for seed in SEEDS for row in rows],
-                     force, workers=WORKERS, describe=lambda job: f"top-1 {epoch_log(job.output_dir)[-1]['val_acc1']:.2f}")
+            run_jobs(study_jobs(rows), force, workers=WORKERS,
+                     describe=lambda job: f"top-1 {epoch_log(job.output_dir)[-1]['val_acc1']:.2f}")
         finally:
             add_study_wall_seconds(time.time() - started)
     record = TEACHER.done_record()

@@ -28,7 +28,18 @@ EXPECTED_ROWS = {
                                  "projector_weight_decay": False, "eval_head": "cls"},
     "row7_features_linear": {"alpha": 1.0, "gamma": 0.0, "projector": "linear", "normalisation": "layernorm",
                              "projector_weight_decay": False, "eval_head": "cls"},
+    "row8_deit_hard": {"distiller": "deit-hard", "distillation_alpha": 0.5, "eval_head": "mean"},
+    "row9_deit_soft": {"distiller": "deit-soft", "distillation_alpha": 0.5, "distillation_tau": 1.0, "eval_head": "mean"},
+    "row10_cnn_none": {"distiller": "none", "student_model": "regnetx_002"},
+    "row11_cnn_kd": {"distiller": "kd", "gamma": 1.0, "temperature": 1.0, "student_model": "regnetx_002"},
+    "row12_cnn_fitnet": {"distiller": "fitnet", "alpha": 1.0, "student_model": "regnetx_002"},
+    "row13_cnn_vkd": {"distiller": "vkd", "alpha": 1.0, "gamma": 1.0, "projector": "orthogonal",
+                      "normalisation": "layernorm", "projector_weight_decay": False, "student_model": "regnetx_002"},
+    "row14_cnn_vkd_features": {"distiller": "vkd", "alpha": 1.0, "gamma": 0.0, "projector": "orthogonal",
+                               "normalisation": "layernorm", "projector_weight_decay": False,
+                               "student_model": "regnetx_002"},
 }
+ROW_ORDER = sorted(EXPECTED_ROWS, key=lambda name: int(name.split("_")[0][3:]))
 
 
 def recorded_report() -> dict:
@@ -38,13 +49,16 @@ def recorded_report() -> dict:
 
 def test_rows_resolve_through_the_entry_point_with_identical_budgets():
     rows = row_configs(fmnist.CONFIGS)
-    assert [row["name"] for row in rows] == sorted(EXPECTED_ROWS)
+    assert [row["name"] for row in rows] == ROW_ORDER
     budgets = set()
     for row in rows:
         with open(row["path"]) as handle:
             stated = yaml.safe_load(handle)
-        # Stated in every row file: the distillation settings are not left to the flags' defaults.
-        assert {"alpha", "gamma"} <= set(stated) and ("projector_weight_decay" in stated) == (stated["alpha"] > 0)
+        # Stated in every row file: the method and its settings are not left to the flags' defaults (rows 1-7,
+        # from before --distiller, are vkd's by its alpha and gamma).
+        assert "distiller" in stated or {"alpha", "gamma"} <= set(stated)
+        if stated.get("distiller", "vkd") == "vkd":
+            assert ("projector_weight_decay" in stated) == (stated["alpha"] > 0)
         args, explicit = parse_arguments(["--config", row["path"]])
         check_arguments(args, explicit)
         for key, value in EXPECTED_ROWS[row["name"]].items():
@@ -54,7 +68,10 @@ def test_rows_resolve_through_the_entry_point_with_identical_budgets():
         budgets.add((args.epochs, args.eval_freq, args.batch_size, args.lr, args.input_size, args.subset,
                      args.student_model, args.teacher_path, args.teacher_cache, args.crop_scale_min, args.mixup,
                      args.cutmix, args.seed))
-    assert budgets == {(10, 5, 64, 5e-4, 32, "10PERCENT", "deit_ti_distilled", "runs/fmnist/teacher/teacher.pth",
+    shared = (32, "10PERCENT")
+    assert budgets == {(10, 5, 64, 5e-4, *shared, "deit_ti_distilled", "runs/fmnist/teacher/teacher.pth",
+                        "runs/fmnist/teacher_cache", 0.35, 0.0, 0.0, 0),
+                       (10, 5, 64, 2e-3, *shared, fmnist.CNN_STUDENT, "runs/fmnist/teacher/teacher.pth",
                         "runs/fmnist/teacher_cache", 0.35, 0.0, 0.0, 0)}
     assert len(fmnist.SEEDS) >= 5
 
@@ -70,8 +87,11 @@ def test_teacher_trains_on_the_students_subset():
 
 
 def row(name, accuracies, seeds=(0, 1, 2), scale=None):
-    return {"row": name, "title": f"{name[3]}. {name}", "config": f"configs/fmnist/{name}.yaml",
-            "eval_head": EXPECTED_ROWS.get(name, {}).get("eval_head", "mean"),
+    expected = EXPECTED_ROWS.get(name, {})
+    return {"row": name, "title": f"{name.split('_')[0][3:]}. {name}", "config": f"configs/fmnist/{name}.yaml",
+            "eval_head": expected.get("eval_head", "mean"), "distiller": expected.get("distiller", "vkd"),
+            "student_model": expected.get("student_model", "deit_ti_distilled"),
+            "settings": {"lr": 2e-3 if "cnn" in name else 5e-4},
             "seeds": list(seeds), "acc1_per_seed": list(accuracies),
             "acc1_mean": sum(accuracies) / len(accuracies) if accuracies else None,
             "acc1_std": 0.5 if len(accuracies) > 1 else None, "seconds": 100.0 * len(accuracies),
@@ -81,14 +101,16 @@ def row(name, accuracies, seeds=(0, 1, 2), scale=None):
 def report_for(vkd, others, collapsed=0.0):
     """A report with VkD's per-seed accuracies ``vkd`` and every other row at ``others``."""
     rows = [row(name, vkd if name == fmnist.VKD else others,
-                scale=None if EXPECTED_ROWS[name]["alpha"] == 0 else (collapsed if "row5" in name else 1.0))
-            for name in sorted(EXPECTED_ROWS)]
+                scale=None if EXPECTED_ROWS[name].get("alpha", 0) == 0 else (collapsed if "row5" in name else 1.0))
+            for name in ROW_ORDER]
     return {"rows": rows, "comparisons": fmnist.comparisons({r["row"]: r for r in rows}), "teacher_acc1": 91.0,
             "teacher_curve": [80.0, 91.0], "teacher_epochs": 2, "teacher_seconds": 120.0, "seeds": [0, 1, 2],
             "missing": [], "teacher_command": "python main_distributed.py --config configs/fmnist/teacher.yaml",
             "budget": {"subset": "10PERCENT", "input_size": 32, "epochs": 10, "batch_size": 64, "lr": 5e-4,
                        "student_model": "deit_ti_distilled", "teacher": "resnet10t", "crop_scale_min": 0.35,
                        "eval_freq": 5},
+            "cnn_student": {"student": "regnetx_002", "student_params": 2319482, "teacher": "resnet10t",
+                            "teacher_params": 4928010, "why": "a test's reason"},
             "training_images": 6000, "test_images": 10000, "threads": 1, "deterministic": True, "workers": 2,
             "teacher_cache": {"hits": 3, "misses": 1, "bytes_written": 10, "hit_rate": 0.75},
             "students_wall_seconds": 1800.0, "date": "2026-11-30", "torch": "2",
@@ -103,7 +125,8 @@ def test_comparisons_are_vkd_against_each_pair_then_the_collapse():
     report = report_for([90.0, 91.0, 92.5], [89.0, 89.5, 90.5])
     pairs = [(c["first"], c["second"]) for c in report["comparisons"]]
     assert pairs == ([(fmnist.VKD, other) for other, _ in fmnist.PAIRS]
-                     + [(first, second) for first, second, _ in fmnist.FEATURE_PAIRS] + [fmnist.COLLAPSE_PAIR])
+                     + [(first, second) for first, second, _ in fmnist.FEATURE_PAIRS] + [fmnist.COLLAPSE_PAIR]
+                     + [(first, second) for first, second, _ in fmnist.DEIT_PAIRS + fmnist.CNN_PAIRS])
     vkd_vs_row1 = report["comparisons"][0]
     assert vkd_vs_row1["differences"] == pytest.approx([1.0, 1.5, 2.0]) and vkd_vs_row1["exceeds_noise"] is True
     assert vkd_vs_row1["question"] == fmnist.PAIRS[0][1]
@@ -145,7 +168,7 @@ def test_the_recorded_comparisons_come_back_from_the_per_seed_numbers():
         assert again["differences"] == pytest.approx(comparison["differences"])
         assert again["ci95"] == pytest.approx(comparison["ci95"])
         assert again["exceeds_noise"] == comparison["exceeds_noise"]
-    assert [row["row"] for row in report["rows"]] == sorted(EXPECTED_ROWS)
+    assert [row["row"] for row in report["rows"]] == ROW_ORDER
     # Weight decay zeroes the original recipe's projector; VkD's stays an isometry (checked once each row ran).
     for name, collapsed in (("row5_original_recipe", True), (fmnist.VKD, False)):
         if rows[name]["seeds"]:
@@ -157,14 +180,14 @@ def test_a_page_with_missing_runs_names_them_and_no_machine_path():
     report["rows"][0] = row("row1_no_distillation", [90.0], seeds=(0,))
     report["missing"] = ["row1_no_distillation seed 1", "row1_no_distillation seed 2"]
     text = fmnist.results_page(report)
-    assert "19 of 21 student runs finished; missing: row1_no_distillation seed 1, row1_no_distillation seed 2." in text
+    assert "40 of 42 student runs finished; missing: row1_no_distillation seed 1, row1_no_distillation seed 2." in text
     assert "3 of 4 teacher batches were read back (75.0%)" in text and "evaluated after epochs 5 and 10" in text
     assert not re.search(r"[\s`(]/[A-Za-z]", text)  # no absolute path: commands run from the repository root
 
 
 def test_write_report_and_plot_before_any_student_run_finished(tmp_path):
     report = report_for([91.0, 92.0, 93.5], [90.0, 90.5, 91.5])
-    report["rows"] = [row(name, [], seeds=()) for name in sorted(EXPECTED_ROWS)]
+    report["rows"] = [row(name, [], seeds=()) for name in ROW_ORDER]
     report["comparisons"] = fmnist.comparisons({r["row"]: r for r in report["rows"]})
     assert {fmnist.outcome(c) for c in report["comparisons"]} == {"too few seeds"}
     write_report(str(tmp_path), "fmnist.json", report, fmnist.results_page, fmnist.plot)
