@@ -209,8 +209,8 @@ def plot(report: dict, path: str) -> None:
     rows = [row for row in report["rows"] if row["acc1_per_seed"]]
     positions = range(len(rows))
     rows_axes.bar(positions, [r["acc1_mean"] for r in rows], yerr=[r["acc1_std"] or 0 for r in rows], capsize=4,
-                  color=[("tab:orange" if r["distiller"] == "vkd" else "tab:blue") if r["student_model"] != CNN_STUDENT
-                         else ("tab:red" if r["distiller"] == "vkd" else "tab:green") for r in rows])
+                  color=[{VKD: "tab:orange", CNN_VKD: "tab:red"}.get(
+                      r["row"], "tab:green" if r["student_model"] == CNN_STUDENT else "tab:blue") for r in rows])
     for position, row in zip(positions, rows):
         rows_axes.scatter([position] * len(row["acc1_per_seed"]), row["acc1_per_seed"], color="black", s=8, zorder=3)
     rows_axes.axhline(report["teacher_acc1"], color="tab:red", linestyle="--", label="teacher")

@@ -335,3 +335,25 @@ def test_the_registry_refuses_a_flag_declared_twice(monkeypatch):
     monkeypatch.setitem(distillers.DISTILLERS, "twice", Twice)
     with pytest.raises(TypeError, match="declares its own --toy-weight"):
         distillers.all_flags()
+
+
+@pytest.mark.slow
+def test_a_timm_student_keeps_an_ema_starts_from_its_checkpoint_and_exports_to_every_format(
+        run_main, run_entry_point, digits_root, digits_teacher, tmp_path):
+    import export
+    import predict
+    flags = digits_flags(digits_root, digits_teacher, "resnet18", "kd", tmp_path / "first")
+    code, _, err = run_main(flags + ["--epochs", 1, "--student-ema"])
+    assert code == 0, err[-3000:]
+    assert safe_torch_load(str(tmp_path / "first" / "latest.pth.tar"))["student_ema"] is not None
+    code, out, err = run_main(digits_flags(digits_root, digits_teacher, "resnet18", "kd", tmp_path / "second")
+                              + ["--epochs", 1, "--student-ckpt", tmp_path / "first" / "latest.pth.tar"])
+    assert code == 0 and "Student initialised from" in out, err[-3000:]
+    image = os.path.join(digits_root, "val", "7", sorted(os.listdir(os.path.join(digits_root, "val", "7")))[0])
+    for fmt, suffix, trust in (("safetensors", "safetensors", []), ("torch-export", "pt2", ["--trust-pt2"])):
+        exported = tmp_path / f"student.{suffix}"
+        code, _, err = run_entry_point(export, ["--checkpoint", tmp_path / "second" / "latest.pth.tar", "--format", fmt,
+                                                "--out", exported])
+        assert code == 0, err[-3000:]
+        code, out, err = run_entry_point(predict, ["--checkpoint", exported, image, "--topk", 1, *trust])
+        assert code == 0 and out.startswith(image), err[-3000:]
