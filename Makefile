@@ -36,6 +36,6 @@ ablation: $(STAMP)
 demo-gen: $(STAMP)
 	$(PY) -m experiments.demo_gen
 
-# Fashion-MNIST (Debian's dataset-fashion-mnist): teacher + 7 rows x 5 seeds, resumable; niced, one thread a run, two side by side.
+# Fashion-MNIST (Debian's dataset-fashion-mnist): teacher + 14 rows x 5 seeds, resumable; niced, one thread a run, two side by side.
 fmnist: $(STAMP)
 	nice -n 19 $(PY) -m experiments.fmnist

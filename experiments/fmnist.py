@@ -256,10 +256,14 @@ def conclusion(report: dict) -> list:
     rows = {row["row"]: row for row in report["rows"]}
 
     def said(comparison, better: str, worse: str, tie: str) -> str:
+        if comparison["mean"] is None:
+            return "could not be compared"
         return {"too few seeds": "cannot be told from the finished runs", "within the noise": tie,
                 "better": better, "worse": worse}[outcome(comparison)]
 
     def numbers(comparison) -> str:
+        if comparison["mean"] is None:
+            return "(no seed where both rows finished)"
         if comparison["ci95"] is None:
             return f"({_signed(comparison['mean'])} points)"
         low, high = comparison["ci95"]
@@ -294,9 +298,10 @@ def conclusion(report: dict) -> list:
                   f"({'collapsed to zero' if projector_collapsed(collapsed_row) else 'not all collapsed'}; "
                   "VkD's stay at 1). " if scales else "")
     collapse = by_pair[COLLAPSE_PAIR]
-    answers.append("**3. The collapse.** " + scale_text +
-                   f"Row 5 against logit KD alone {numbers(collapse)}: "
-                   f"{said(collapse, 'they differ beyond the noise, which the collapse claim does not predict', 'they differ beyond the noise, which the collapse claim does not predict', 'equal within the noise, as the collapse claim predicts')}. "
+    collapse_text = (f"Row 5 against logit KD alone could not be compared {numbers(collapse)}. "
+                     if collapse["mean"] is None else f"Row 5 against logit KD alone {numbers(collapse)}: "
+                     f"{said(collapse, 'they differ beyond the noise, which the collapse claim does not predict', 'they differ beyond the noise, which the collapse claim does not predict', 'equal within the noise, as the collapse claim predicts')}. ")
+    answers.append("**3. The collapse.** " + scale_text + collapse_text +
                    "Keeping the projector an isometry (VkD against row 5) " + against_vkd(
                        "row5_original_recipe", "improves the result", "lowers the result",
                        "does not change the result measurably") + ".")
@@ -329,7 +334,9 @@ def conclusion(report: dict) -> list:
         + "; FitNets' hints against no distillation " + cnn_said(
             CNN_FITNET, CNN_NONE, "teach: the student is better", "hurt: the student is worse",
             "make no measurable difference") + ".")
-    best = max(rows.values(), key=lambda row: row["acc1_mean"] if row["acc1_mean"] is not None else -1)
+    # The best of the rows that finished every seed (of all rows while none has): one lucky seed is no row's mean.
+    complete = [row for row in rows.values() if len(row["seeds"]) == len(report["seeds"])] or list(rows.values())
+    best = max(complete, key=lambda row: row["acc1_mean"] if row["acc1_mean"] is not None else -1)
     if best["acc1_mean"] is not None:
         epochs = report["budget"]["epochs"]
         answers.append(f"**Scope.** After {epochs} epochs on {report['training_images']:,} images the best row "

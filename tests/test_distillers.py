@@ -303,6 +303,7 @@ def distil_resume_evaluate_export_predict(run_main, run_entry_point, digits_root
     assert code == 0 and out.startswith(image), err[-3000:]
 
 
+@pytest.mark.slow
 def test_a_cnn_student_distilled_with_vkd_trains_resumes_evaluates_exports_and_predicts(
         run_main, run_entry_point, digits_root, digits_teacher, tmp_path):
     distil_resume_evaluate_export_predict(run_main, run_entry_point, digits_root, digits_teacher, "resnet18", "vkd",

@@ -195,3 +195,11 @@ def test_write_report_and_plot_before_any_student_run_finished(tmp_path):
         assert json.load(handle) == report
     assert (tmp_path / "fmnist.png").stat().st_size > 1000
     assert (tmp_path / "README.md").read_text() == fmnist.results_page(report)
+    assert "VkD could not be compared (no seed where both rows finished)" in fmnist.results_page(report)
+
+
+def test_the_scope_names_the_best_row_that_finished_every_seed():
+    report = report_for([91.0, 92.0, 93.5], [90.0, 90.5, 91.5])
+    report["rows"][ROW_ORDER.index("row4_linear_layernorm")] = row("row4_linear_layernorm", [99.0], seeds=(0,))
+    text = fmnist.results_page(report)
+    assert "reaches 92.17% against the teacher's 91.00%" in text and "reaches 99.00%" not in text

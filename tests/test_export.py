@@ -64,6 +64,7 @@ def expected_logits(files, inputs):
     return files.student(inputs)
 
 
+@pytest.mark.slow
 def test_onnx_runs_in_onnxruntime_like_pytorch(run_entry_point, tiny_student_files, inputs, tmp_path):
     exported = export_both_layouts(run_entry_point, tiny_student_files, "onnx", ".onnx", tmp_path)
     expected = expected_logits(tiny_student_files, inputs)
@@ -87,6 +88,7 @@ torch.save(outputs, sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_torch_export_program_runs_without_the_repository(run_entry_point, tiny_student_files, inputs, tmp_path):
     exported = export_both_layouts(run_entry_point, tiny_student_files, "torch-export", ".pt2", tmp_path)
     torch.save(inputs, tmp_path / "inputs.pt")

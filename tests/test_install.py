@@ -84,6 +84,7 @@ def timm_student_checkpoint(tmp_path_factory) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_timm_folders_load_with_only_the_installed_package(site_packages, tiny_student_files, timm_student_checkpoint,
                                                           tmp_path):
     """The DeiT student of our checkpoint and of the released layout, and a plain timm student: timm gives the

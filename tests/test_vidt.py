@@ -391,6 +391,7 @@ def test_a_config_file_sets_defaults_under_the_command_line_its_keys_checked_lik
     assert run_entry_point(vidt.main, argv) == (2, "", f"error: config {config}: token-label is not supported\n")
 
 
+@pytest.mark.slow
 def test_runs_as_a_module_from_the_repository_root():
     """``python -m vidt.main`` from the root: --help lists the paper's flags; a bad flag is one line, exit 2."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -648,6 +649,7 @@ def tensorboard_tags(folder):
     return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_fine_tuning_a_plain_vidt_file_distilled_from_a_student_trained_here(nano, coco_root, tmp_path):
     """Item by item: a plain ViDT file fine-tunes with fresh projectors, our own student file is the
     teacher, and the run folder holds args.json, tensorboard scalars, log.txt and COCOeval's arrays."""
@@ -713,6 +715,7 @@ def test_two_process_gloo_training_and_evaluation(coco_root, tmp_path):
     assert (out_dir / "checkpoint.pth").exists()
 
 
+@pytest.mark.slow
 def test_a_run_folder_holding_a_run_is_refused_or_moved_aside(tmp_path):
     """A new detection run never destroys an old one: refused, or with --overwrite moved aside."""
     run_dir = tmp_path / "run"

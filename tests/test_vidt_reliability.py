@@ -136,6 +136,7 @@ def copy_of(run_dir, tmp_path):
 # Preemption
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_then_resume_auto_ends_like_an_uninterrupted_run(coco_root, reference, tmp_path,
                                                                           monkeypatch):
     run_dir = tmp_path / "run"
@@ -158,6 +159,7 @@ def test_sigterm_mid_epoch_then_resume_auto_ends_like_an_uninterrupted_run(coco_
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_during_evaluation_keeps_the_epoch_then_stops(coco_root, reference, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     signal_after(monkeypatch, "Test:", 1)
@@ -185,6 +187,7 @@ def cosine_lr(epoch, epochs, base=1e-4, floor=1e-7):
     return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * t / epochs))
 
 
+@pytest.mark.slow
 def test_more_epochs_rebuild_the_schedule_for_the_new_end(coco_root, reference, tmp_path):
     run_dir = copy_of(reference, tmp_path)
     code, out, err = run_here(run_flags(coco_root, run_dir, "--resume", "auto", "--epochs", 4))
