@@ -67,6 +67,7 @@ def test_every_16_bit_grey_mode_is_scaled(mode):
 LIST_IMAGES = "import json, sys; from models.inference import image_files; print(json.dumps(image_files(sys.argv[1])))"
 
 
+@pytest.mark.slow
 def test_a_folder_whose_links_loop_lists_each_image_once(tmp_path):
     root = tmp_path / "images"
     for folder in (root / "a", root / "b"):

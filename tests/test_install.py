@@ -43,6 +43,7 @@ def run_installed(site_packages: str, code: str, cwd, *arguments) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_an_install_puts_only_vkd_into_site_packages(site_packages, tmp_path):
     top_level = {name for name in os.listdir(site_packages) if not name.endswith(".dist-info")}
     assert top_level == {"vkd"}

@@ -59,6 +59,7 @@ def test_a_resume_on_another_number_of_processes_is_refused(run_main, run_flags,
         trainer._refuse_a_different_run(saved, "latest.pth.tar")
 
 
+@pytest.mark.slow
 def test_extending_epochs_follows_the_schedule_of_the_longer_run(run_main, run_flags, tmp_path):
     fresh, extended = tmp_path / "fresh", tmp_path / "extended"
     assert run_main(run_flags + ["--epochs", "4", "--output_dir", fresh])[0] == 0

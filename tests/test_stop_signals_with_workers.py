@@ -50,7 +50,8 @@ def test_the_detection_loaders_ignore_the_stop_signals_in_their_workers(tmp_path
 
 
 @pytest.mark.parametrize("signal_number, exit_code", [
-    (signal.SIGTERM, EXIT_PREEMPTED), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
+    pytest.param(signal.SIGTERM, EXIT_PREEMPTED, marks=pytest.mark.slow),
+    pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)])
 def test_a_signal_to_the_process_group_with_workers_stops_the_run_as_without(train_flags, tmp_path, signal_number,
                                                                               exit_code):
     output_dir = tmp_path / "run"

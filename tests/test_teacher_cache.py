@@ -139,6 +139,7 @@ def write_entries(folder, start):
         look_up(cache, teacher, samples)
 
 
+@pytest.mark.slow
 def test_two_processes_writing_the_same_entries_leave_them_valid(tmp_path):
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(2)
