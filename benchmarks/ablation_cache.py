@@ -43,10 +43,10 @@ import time
 
 import timm
 import torch
-from train_step import TrainStep
-from train_step import parse_args as parse_step_args
 
 import datasets
+from benchmarks.train_step import TrainStep
+from benchmarks.train_step import parse_args as parse_step_args
 from vkd.checkpoints import safe_torch_load
 from vkd.data.digits import DIGITS_CLASSES, export_digits
 from vkd.runs import cpu_model

@@ -14,12 +14,14 @@ import statistics
 import subprocess
 import sys
 
-TRAIN_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLEMENTATIONS = ("fast", "torch")
 
 
 def run_train_step(flags):
-    output = subprocess.run([sys.executable, TRAIN_STEP] + flags, check=True, capture_output=True, text=True).stdout
+    # As a module from the repository root, as the documentation runs it: it imports the repository's packages.
+    output = subprocess.run([sys.executable, "-m", "benchmarks.train_step"] + flags, cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 

@@ -18,9 +18,9 @@ import sys
 import time
 
 import torch
-from train_step import LR, WEIGHT_DECAY, TrainStep, synchronize
-from train_step import parse_args as parse_step_args
 
+from benchmarks.train_step import LR, WEIGHT_DECAY, TrainStep, synchronize
+from benchmarks.train_step import parse_args as parse_step_args
 from optim import parameter_groups
 
 VARIANTS = {

@@ -21,10 +21,12 @@ def test_inference_benchmark_sets_each_student_beside_its_teacher():
     assert "imagenet: deit_ti_distilled vs regnety_160 at 32 px, 1000 classes" in result.stderr  # progress
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"pairs", "seconds", "cpu", "threads", "torch", "onnxruntime", "timm", "date"} <= set(report)
-    assert set(report["pairs"]) == {"imagenet", "fmnist"} and report["threads"] == 1
-    for name, teacher in (("imagenet", "regnety_160"), ("fmnist", "resnet10t")):
+    assert set(report["pairs"]) == {"imagenet", "fmnist", "fmnist-cnn"} and report["threads"] == 1
+    for name, student, teacher in (("imagenet", "deit_ti_distilled", "regnety_160"),
+                                   ("fmnist", "deit_ti_distilled", "resnet10t"),
+                                   ("fmnist-cnn", "regnetx_002", "resnet10t")):
         pair = report["pairs"][name]
-        assert (pair["student_model"], pair["teacher_model"], pair["input_size"]) == ("deit_ti_distilled", teacher, 32)
+        assert (pair["student_model"], pair["teacher_model"], pair["input_size"]) == (student, teacher, 32)
         for role in ("student", "teacher"):
             figures = pair[role]
             assert figures["parameters"] > 0 and figures["flops"] > 0 and figures["onnx_export_s"] > 0

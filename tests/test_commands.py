@@ -159,3 +159,16 @@ def test_generation_takes_classification_s_subset_names_for_its_data_fraction(su
     args = parse_arguments(["--subset", subset])
     assert args.data_fraction == fraction and "subset" not in vars(args)
     assert parse_arguments(["--data-fraction", "0.5", "--subset", subset]).data_fraction == fraction  # the last wins
+
+
+def test_every_benchmark_imports_as_a_module_from_the_repository_root():
+    """The benchmarks run as ``python -m benchmarks.NAME`` from the root, without PYTHONPATH: each imports there
+    (a sibling imported by its bare name, as when they ran as scripts, would not)."""
+    names = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(REPO, "benchmarks", "*.py"))
+                   if not path.endswith("__init__.py"))
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    script = "import importlib, sys\nfor name in sys.argv[1:]: importlib.import_module('benchmarks.' + name)"
+    result = subprocess.run([sys.executable, "-c", script, *names], cwd=REPO, env=environment, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {"ablation_cache", "projector_ratio", "speedups", "train_step"} <= set(names)
