@@ -36,8 +36,11 @@ def assert_same_final_weights(reference_dir, output_dir):
 
 def interrupted(command, output_dir, after: str, signal_number, env=SUBPROCESS_ENV):
     """Runs ``command``, sends ``signal_number`` once a line matches ``after``; returns (code, output)."""
+    # SIGINT's default restored: a shell starts background jobs with it ignored, which Python then keeps, and
+    # the test stands for a Ctrl-C at a terminal however the suite itself was started.
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         wait_for_output(process, after, seen)
