@@ -2,7 +2,9 @@
 process of a job step) reaches its DataLoader workers too: they ignore it and leave it to the main process,
 which stops at a step boundary with a mid-epoch checkpoint (SIGTERM, SIGUSR1: exit 124) or one line (SIGINT:
 exit 130), instead of failing on a worker killed under it."""
+import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -21,14 +23,16 @@ SIGNALS_LEFT_TO_THE_MAIN_PROCESS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGIN
 
 
 class HandlerOfEachSignal(torch.utils.data.Dataset):
-    """Each item: whether the process reading it ignores each stop signal, and a class index."""
+    """Each item: whether the process reading it ignores each stop signal and quiets its batch server's
+    failures, and a class index."""
 
     def __len__(self):
         return 4
 
     def __getitem__(self, index):
         ignored = [signal.getsignal(number) == signal.SIG_IGN for number in SIGNALS_LEFT_TO_THE_MAIN_PROCESS]
-        return torch.tensor(ignored), 0
+        quieted = getattr(sys.excepthook, "func", None) is loaders._quiet_when_a_batch_receiver_leaves
+        return torch.tensor(ignored + [quieted]), 0
 
 
 def test_the_loaders_workers_ignore_the_stop_signals():
@@ -38,15 +42,35 @@ def test_the_loaders_workers_ignore_the_stop_signals():
                                  pin_memory=False, keep_even=False)
     for loader in (val, train):
         ignored = torch.cat([samples for samples, _, _ in loader])
-        assert ignored.shape == (4, 3) and bool(ignored.all())
+        assert ignored.shape == (4, 4) and bool(ignored.all())
     assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN  # this process still handles them
+    assert sys.excepthook is sys.__excepthook__
+
+
+def raised_in(filename: str, error: type):
+    """The ``sys.excepthook`` arguments for ``error`` raised by code compiled as ``filename``."""
+    try:
+        exec(compile(f"raise {error.__name__}()", filename, "exec"))
+    except error as caught:
+        return error, caught, caught.__traceback__
+
+
+@pytest.mark.parametrize("filename, error, printed", [
+    (os.path.join("lib", "multiprocessing", "resource_sharer.py"), EOFError, False),
+    (os.path.join("lib", "multiprocessing", "resource_sharer.py"), ConnectionResetError, False),
+    (os.path.join("lib", "multiprocessing", "resource_sharer.py"), ValueError, True),
+    (os.path.join("lib", "multiprocessing", "connection.py"), EOFError, True)])
+def test_a_worker_drops_only_the_failure_of_its_batch_server_on_a_closed_connection(filename, error, printed):
+    seen = []
+    loaders._quiet_when_a_batch_receiver_leaves(lambda *arguments: seen.append(arguments), *raised_in(filename, error))
+    assert len(seen) == int(printed)
 
 
 def test_the_detection_loaders_ignore_the_stop_signals_in_their_workers(tmp_path):
     coco = make_synthetic_coco(tmp_path, num_train=2, num_val=1, size=(64, 48))
     args = parse_args(*SMALL_IMAGE_FLAGS, "--coco_path", str(coco), "--batch_size", "1")
     train, val, _ = vidt.main.make_loaders(args, eval_only=False)
-    assert train.worker_init_fn is val.worker_init_fn is loaders.ignore_stop_signals
+    assert train.worker_init_fn is val.worker_init_fn is loaders.init_worker
 
 
 @pytest.mark.parametrize("signal_number, exit_code", [
@@ -61,7 +85,7 @@ def test_a_signal_to_the_process_group_with_workers_stops_the_run_as_without(tra
     after = r"^Epoch: \[0\] \[1/4\]" if signal_number == signal.SIGTERM else r"^Epoch: \[1\] \[1/4\]"
     code, output = interrupted(main_command(flags), output_dir, after, signal_number)
     assert code == exit_code, output[-3000:]
-    assert "Traceback" not in output and "DataLoader worker" not in output
+    assert "Traceback" not in output and "DataLoader worker" not in output, output[-4000:]
     assert len([line for line in output.splitlines() if line.startswith("stopped: ")]) == 1
     saved = safe_torch_load(str(output_dir / "latest.pth.tar"))
     if signal_number == signal.SIGTERM:  # stopped at a later step of epoch 0, which it saved

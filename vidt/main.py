@@ -34,7 +34,7 @@ from vidt.util.nested_tensor import collate_fn  # noqa: E402
 from vidt.util.printing import setup_for_distributed_printing  # noqa: E402
 from vkd.checkpoints import save_atomically  # noqa: E402
 from vkd.cli import entry_point  # noqa: E402
-from vkd.data.loaders import ignore_stop_signals  # noqa: E402
+from vkd.data.loaders import init_worker  # noqa: E402
 from vkd.distributed import Runtime, ending_the_process_group, every_rank, start_processes  # noqa: E402
 from vkd.errors import BadInput  # noqa: E402
 from vkd.preemption import Preempted, StopRequest, preempted_line  # noqa: E402
@@ -74,7 +74,7 @@ def make_loaders(args, eval_only: bool, pin_memory: bool = False, distributed: b
     sampler_val = DistributedSampler(dataset_val, shuffle=False) if distributed else SequentialSampler(dataset_val)
     loader_val = DataLoader(dataset_val, batch_size, sampler=sampler_val, drop_last=False,
                             collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=pin_memory,
-                            worker_init_fn=ignore_stop_signals)
+                            worker_init_fn=init_worker)
     if eval_only:
         return None, loader_val, dataset_val
     dataset_train = build_coco("train", args, num_classes)
@@ -84,7 +84,7 @@ def make_loaders(args, eval_only: bool, pin_memory: bool = False, distributed: b
         raise BadInput(f"{len(dataset_train)} training images are fewer than one batch of "
                        f"{batch_size} per process; lower --batch_size or add images")
     loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
-                              num_workers=args.num_workers, pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
+                              num_workers=args.num_workers, pin_memory=pin_memory, worker_init_fn=init_worker)
     return loader_train, loader_val, dataset_val
 
 

@@ -13,6 +13,8 @@ import functools
 import multiprocessing
 import os
 import signal
+import sys
+import traceback
 from typing import Sized
 
 import torch
@@ -24,6 +26,7 @@ from vkd.errors import DatasetError
 from vkd.preemption import STOP_SIGNALS
 
 REPEATED_AUG_REPEATS = 3
+FD_SERVER_FILE = os.path.join("multiprocessing", "resource_sharer.py")
 
 
 def collate_skipping_unreadable(batch, keep_even: bool = False):
@@ -40,18 +43,32 @@ def collate_skipping_unreadable(batch, keep_even: bool = False):
     return samples, targets, num_unreadable
 
 
-def ignore_stop_signals(worker_id: int) -> None:
+def init_worker(worker_id: int) -> None:
     """The ``worker_init_fn`` of every DataLoader of the three trees. A stop signal sent to the whole process
     group (a scheduler signalling each process of a job step, ``timeout``, ``kill -- -PGID``, Ctrl-C) must not
     kill a worker under the main process, which stops the run at a step boundary and then ends its workers."""
     for number in STOP_SIGNALS + (signal.SIGINT,):
         signal.signal(number, signal.SIG_IGN)
+    sys.excepthook = functools.partial(_quiet_when_a_batch_receiver_leaves, sys.excepthook)
+
+
+def _quiet_when_a_batch_receiver_leaves(print_otherwise, error_type, error, error_traceback) -> None:
+    """A worker hands each batch's shared memory to the main process over a connection that multiprocessing
+    serves in a thread, which reports its failures through ``sys.excepthook`` and goes on serving. Ctrl-C can
+    end the main process in the middle of that exchange; the thread then fails on the closed connection and
+    would print a traceback under the run's one "stopped:" line. The receiving side raises its own error
+    whenever such an exchange fails, so the worker's is dropped."""
+    codes = [frame.f_code for frame, _ in traceback.walk_tb(error_traceback)]
+    if (issubclass(error_type, (EOFError, ConnectionError))
+            and any(code.co_filename.endswith(FD_SERVER_FILE) for code in codes)):
+        return
+    print_otherwise(error_type, error, error_traceback)
 
 
 @atexit.register
 def _end_workers_at_exit() -> None:
     """At exit multiprocessing ends its daemonic children, the loaders' workers among them, with SIGTERM and waits
-    for them; workers ignore it (``ignore_stop_signals``), so a process leaving with a live one (an error's
+    for them; workers ignore it (``init_worker``), so a process leaving with a live one (an error's
     traceback still holding the loop that iterated) would wait forever. They are ended first, with SIGKILL.
     Registered after multiprocessing's own handler, so run before it."""
     for child in multiprocessing.active_children():
@@ -82,7 +99,7 @@ def train_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_worker
         raise DatasetError(f"the training set has {len(sampler)} images per process, fewer than one "
                            f"batch of {batch_size} (batches are full-size only)")
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, worker_init_fn=ignore_stop_signals,
+                      pin_memory=pin_memory, drop_last=True, worker_init_fn=init_worker,
                       collate_fn=functools.partial(collate_skipping_unreadable, keep_even=keep_even))
 
 
@@ -94,4 +111,4 @@ def val_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: 
                else SequentialSampler(dataset))
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=False, collate_fn=collate_skipping_unreadable,
-                      worker_init_fn=ignore_stop_signals)
+                      worker_init_fn=init_worker)
