@@ -46,7 +46,8 @@ def collate_skipping_unreadable(batch, keep_even: bool = False):
 def init_worker(worker_id: int) -> None:
     """The ``worker_init_fn`` of every DataLoader of the three trees. A stop signal sent to the whole process
     group (a scheduler signalling each process of a job step, ``timeout``, ``kill -- -PGID``, Ctrl-C) must not
-    kill a worker under the main process, which stops the run at a step boundary and then ends its workers."""
+    kill a worker under the main process, which stops the run at a step boundary and then ends its workers; and
+    the worker stays quiet when the main process leaves mid-batch (``_quiet_when_a_batch_receiver_leaves``)."""
     for number in STOP_SIGNALS + (signal.SIGINT,):
         signal.signal(number, signal.SIG_IGN)
     sys.excepthook = functools.partial(_quiet_when_a_batch_receiver_leaves, sys.excepthook)
@@ -58,9 +59,9 @@ def _quiet_when_a_batch_receiver_leaves(print_otherwise, error_type, error, erro
     end the main process in the middle of that exchange; the thread then fails on the closed connection and
     would print a traceback under the run's one "stopped:" line. The receiving side raises its own error
     whenever such an exchange fails, so the worker's is dropped."""
-    codes = [frame.f_code for frame, _ in traceback.walk_tb(error_traceback)]
     if (issubclass(error_type, (EOFError, ConnectionError))
-            and any(code.co_filename.endswith(FD_SERVER_FILE) for code in codes)):
+            and any(frame.f_code.co_filename.endswith(FD_SERVER_FILE)
+                    for frame, _ in traceback.walk_tb(error_traceback))):
         return
     print_otherwise(error_type, error, error_traceback)
 
