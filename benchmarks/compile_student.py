@@ -11,6 +11,7 @@ folder, so every compilation is measured cold.
     .venv/bin/python -m benchmarks.compile_student --threads 2
 """
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import tempfile
 import time
 
 CACHE = tempfile.mkdtemp(prefix="inductor-cache-")
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)  # also after --help, an error or an import
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = CACHE  # read when torch is imported: cold compiles only
 
 import torch  # noqa: E402
@@ -110,7 +112,6 @@ def main(argv=None):
     print(f"eager step {eager_ms:.0f} ms, compiled {compiled_ms:.0f} ms; compiling: first step {first_s:.1f} s, "
           f"last partial batch {last_batch_s:.1f} s, eval mode {eval_s:.1f} s")
     print(json.dumps(report))
-    shutil.rmtree(CACHE, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The house's rules (ARCHITECTURE.md), checked on the source: one definition of each shared piece and one home for
 each concern the three trees share (the feature term, collectives, the resume rule, the checkpoint saver, 'this flag
 has no effect', the map of trees to commands), the core imports none of the trees, detection and generation import
-no classification module, errors become exit codes only in entry points, and no ``sys.path`` edits."""
+no classification module, errors become exit codes only in entry points, no ``sys.path`` edits, and the test suite
+keeps only failed tests' folders."""
 import ast
 import os
 import re
@@ -276,3 +277,9 @@ def test_detection_and_generation_import_no_classification_module():
 def test_files_say_what_they_hold():
     assert len(SOURCES["generation/main.py"].splitlines()) <= 350
     assert not [path for path in ("generation/vkd.py", "vidt/util/misc.py") if path in SOURCES]
+
+
+def test_the_suite_keeps_only_failed_tests_folders(pytestconfig):
+    """Many tests write real checkpoints: keeping every test's tmp_path (pytest's default, for three sessions) filled
+    the disk of a CI machine with 8 GB a session, and the next tier failed on 'No space left on device'."""
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
